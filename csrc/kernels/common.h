@@ -1,0 +1,73 @@
+// Shared by the C++ and CUDA kernels: element types and the few helpers they need.
+// No torch header here, on purpose: kernels build and test without torch, and nvcc
+// compiles a .cu that includes only this and cuda_runtime.h in seconds.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+namespace fastmix {
+
+// Element type of the floating-point inputs. Results are float32 for f32/bf16/f16
+// inputs and float64 for f64 inputs; accumulation is float32 or wider.
+enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };
+
+inline float bf16_bits_to_float(uint16_t bits) {
+  uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+inline float f16_bits_to_float(uint16_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+  uint32_t exponent = (bits >> 10) & 0x1fu;
+  uint32_t mantissa = bits & 0x3ffu;
+  uint32_t word;
+  if (exponent == 0x1fu) {  // inf or nan
+    word = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {  // normal
+    word = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {  // signed zero
+    word = sign;
+  } else {  // subnormal: normalise the mantissa
+    exponent = 113u;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    word = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  }
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
+}
+
+// Widens `count` elements of `src` (of type `dtype`, not f64) into float.
+inline void widen_to_float(DType dtype, const void* src, int64_t count, float* dst) {
+  switch (dtype) {
+    case DType::f32:
+      std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(float));
+      return;
+    case DType::bf16: {
+      const auto* bits = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < count; ++i) dst[i] = bf16_bits_to_float(bits[i]);
+      return;
+    }
+    case DType::f16: {
+      const auto* bits = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < count; ++i) dst[i] = f16_bits_to_float(bits[i]);
+      return;
+    }
+    case DType::f64: {
+      const auto* values = static_cast<const double*>(src);
+      for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(values[i]);
+      return;
+    }
+  }
+}
+
+inline int64_t element_size(DType dtype) {
+  return dtype == DType::f64 ? 8 : dtype == DType::f32 ? 4 : 2;
+}
+
+}  // namespace fastmix

@@ -1,0 +1,21 @@
+// The fastmix operator library: schemas of every op, and the Python module `fastmix._C`
+// whose import loads the registrations. Implementations are registered per dispatch key
+// beside their bindings (alignment.cpp for CPU, alignment_cuda.cpp for CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fastmix._C runs the static registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastmix, m) {
+  // r_n = a_n · (m @ b_n); per row, or summed per segment (ids outside [0, num_segments)
+  // are skipped). float32 result (float64 for float64 inputs).
+  m.def("rowwise_bilinear(Tensor a, Tensor m, Tensor b, Tensor? segment_ids, int num_segments) -> Tensor");
+  // s_i = Σ_{seg(n)=i} Σ_t (x_n · target_x_t)(grad_out_n · target_grad_out_t)
+  m.def("ghost_dots(Tensor x, Tensor grad_out, Tensor target_x, Tensor target_grad_out, Tensor segment_ids, int num_segments) -> Tensor");
+}

@@ -1,0 +1,29 @@
+"""fastmix: fast online data mixing for language-model training (DGA and Chameleon)."""
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names -> the module that defines them. Imported on first use so that
+# `import fastmix` stays cheap and a missing optional piece never breaks it.
+_LAZY = {
+    "ops": "fastmix.ops",
+    "mixing": "fastmix.mixing",
+    "data": "fastmix.data",
+    "model": "fastmix.model",
+    "train": "fastmix.train",
+    "AlignmentProbe": "fastmix.probe",
+    "chameleon_weights": "fastmix.chameleon",
+    "domain_embeddings": "fastmix.chameleon",
+    "EmbeddingAccumulator": "fastmix.chameleon",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fastmix' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if _LAZY[name] == f"fastmix.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,79 @@
+"""Which backend runs an op: loading the compiled library, availability, and the choice.
+
+Backends: "cpu" (C++), "cuda" (CUDA C++), "triton", "reference" (pure torch, always there).
+`backend=None` takes the first available in the device's preference order; a compiled
+library that is missing or fails to load costs one warning, never an error.
+"""
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+
+
+class BackendWarning(UserWarning):
+    """A compiled backend is unavailable and fastmix uses the next one."""
+
+
+def _load_compiled():
+    try:
+        from fastmix import _C  # noqa: F401  (the import registers torch.ops.fastmix.*)
+    except Exception as error:  # noqa: BLE001 - any failure to load means "not there"
+        warnings.warn(
+            f"fastmix: the compiled extension fastmix._C could not be loaded ({error}); "
+            "ops use the triton/reference backends. Rebuild with "
+            "`pip install --no-build-isolation -e .`, and see `python -m fastmix info`.",
+            BackendWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+COMPILED = _load_compiled()
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted():
+    """True when Triton kernels run on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def has_kernel(op, dispatch_key):
+    """Whether fastmix::op has a compiled kernel for dispatch_key ("CPU" or "CUDA")."""
+    return COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmix::{op}", dispatch_key)
+
+
+def available(op, backend, device_type):
+    """Whether `backend` can run `op` on tensors of `device_type`."""
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu" and has_kernel(op, "CPU")
+    if backend == "cuda":
+        return device_type == "cuda" and has_kernel(op, "CUDA")
+    if backend == "triton":
+        return TRITON_INSTALLED and (device_type == "cuda" or triton_interpreted())
+    return False
+
+
+def choose(op, device, backend=None):
+    """The backend that runs `op` on `device`: `backend` if given (checked), else the
+    first available one in the device's preference order."""
+    device_type = torch.device(device).type
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if not available(op, backend, device_type):
+            raise ValueError(
+                f"backend={backend!r} cannot run {op} on {device_type} tensors here "
+                "(see `python -m fastmix info`)"
+            )
+        return backend
+    for name in PREFERENCE.get(device_type, ("reference",)):
+        if available(op, name, device_type):
+            return name
+    return "reference"

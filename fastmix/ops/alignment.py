@@ -1,0 +1,187 @@
+"""Per-domain gradient inner products without per-domain backward passes.
+
+For a linear layer with inputs x_n and output gradients δ_n, the gradient of the rows of
+domain i is G_i = Σ_{n∈i} δ_n x_nᵀ, so against a target gradient V:
+
+    ⟨G_i, V⟩ = Σ_{n∈i} δ_nᵀ V x_n          (one GEMM, a row dot, a segment sum)
+
+and when V = Δ_tᵀ X_t comes from few target rows, the "ghost" form
+⟨G_i, V⟩ = Σ_{n∈i} Σ_t (x_n·x_t)(δ_n·δ_t) costs N·M·(d_in+d_out) instead of N·d_in·d_out.
+"""
+import torch
+
+from fastmix.ops import _backends, reference
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------- argument checks
+def _check_float(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_same(name, t, like_name, like):
+    _check_float(name, t)
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+
+
+def _check_rows(name, t, like_name, like):
+    """`t` (..., d) must share the leading dims of `like` (..., d')."""
+    _check_same(name, t, like_name, like)
+    if t.dim() < 1 or t.shape[:-1] != like.shape[:-1]:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}; its leading dims must match "
+            f"{like_name}'s {tuple(like.shape[:-1])}"
+        )
+
+
+def _check_matrix(name, t, shape, like_name, like):
+    _check_same(name, t, like_name, like)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _flat_segment_ids(segment_ids, num_segments, leading_shape, device, validate_ids):
+    """segment_ids of the leading shape, or of its first dim (one id per sequence,
+    broadcast over the rest), as a flat int64 tensor of one id per row."""
+    if not isinstance(segment_ids, torch.Tensor):
+        raise TypeError(f"segment_ids must be a torch.Tensor, got {type(segment_ids).__name__}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+        raise TypeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+    if segment_ids.device != device:
+        raise ValueError(f"segment_ids is on {segment_ids.device} but the data is on {device}")
+    if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
+        raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
+    leading = tuple(leading_shape)
+    ids_shape = tuple(segment_ids.shape)
+    if ids_shape != leading:
+        if len(leading) < 1 or ids_shape != leading[:1]:
+            raise ValueError(
+                f"segment_ids must have shape {leading} (one id per row) or {leading[:1]} "
+                f"(one id per sequence), got {ids_shape}"
+            )
+        segment_ids = segment_ids.reshape(ids_shape + (1,) * (len(leading) - 1)).expand(leading)
+    ids = segment_ids.reshape(-1).to(torch.int64)
+    if validate_ids and ids.numel() > 0:
+        largest = int(ids.max())  # a host sync on GPUs: validate_ids=False skips it
+        if largest >= num_segments:
+            raise ValueError(
+                f"segment_ids contains {largest}, but num_segments is {num_segments} "
+                "(ids must be < num_segments; negative ids mark padding)"
+            )
+    return ids
+
+
+# ---------------------------------------------------------------- backend calls
+def _run_rowwise_bilinear(a, m, b, ids, num_segments, backend):
+    """a (N, p), m (p, q), b (N, q) checked and flat; ids (N,) int64 or None."""
+    name = _backends.choose("rowwise_bilinear", a.device, backend)
+    if name == "reference":
+        return reference.rowwise_bilinear(a, m, b, ids, num_segments)
+    if name == "triton":
+        from fastmix.ops.triton.rowwise_bilinear import rowwise_bilinear_triton
+
+        return rowwise_bilinear_triton(a, m, b, ids, num_segments)
+    return torch.ops.fastmix.rowwise_bilinear(a, m, b, ids, num_segments)
+
+
+def _run_ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments, backend):
+    name = _backends.choose("ghost_dots", x.device, backend)
+    if name == "reference":
+        return reference.ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments)
+    if name == "triton":
+        from fastmix.ops.triton.ghost_dots import ghost_dots_triton
+
+        return ghost_dots_triton(x, grad_out, target_x, target_grad_out, ids, num_segments)
+    return torch.ops.fastmix.ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments)
+
+
+def ghost_is_cheaper(n_rows, n_target_rows, d_in, d_out):
+    """FLOPs of the ghost form vs forming V once and running the GEMM form."""
+    ghost = n_rows * n_target_rows * (d_in + d_out)
+    dense = n_target_rows * d_in * d_out + n_rows * d_in * d_out
+    return ghost < dense
+
+
+# ---------------------------------------------------------------- public ops
+def rowwise_bilinear(a, m, b, segment_ids=None, num_segments=None, *, backend=None,
+                     validate_ids=True):
+    """r_n = a_n · (m @ b_n) for a (..., p), m (p, q), b (..., q).
+
+    Returns float32 (float64 for float64 inputs) of shape (N,) with N the number of rows,
+    or, with `segment_ids` (the leading shape, or its first dim) and `num_segments`, the
+    per-segment sums (num_segments,). Negative ids are padding; ids >= num_segments
+    raise (`validate_ids=False` skips that check and its GPU sync; such rows are dropped).
+    """
+    _check_float("a", a)
+    _check_rows("b", b, "a", a)
+    _check_matrix("m", m, (a.shape[-1], b.shape[-1]), "a", a)
+    ids = None
+    if segment_ids is not None or num_segments is not None:
+        if segment_ids is None or num_segments is None:
+            raise ValueError("segment_ids and num_segments must be given together")
+        ids = _flat_segment_ids(segment_ids, num_segments, a.shape[:-1], a.device, validate_ids)
+    return _run_rowwise_bilinear(a.reshape(-1, a.shape[-1]), m, b.reshape(-1, b.shape[-1]),
+                                 ids, num_segments or 0, backend)
+
+
+def domain_grad_dots(x, grad_out, segment_ids, num_segments, target, *, backend=None,
+                     validate_ids=True):
+    """Per-domain ⟨G_i, target⟩ for a linear layer: s_i = Σ_{rows r of domain i}
+    grad_out[r] · (target @ x[r]).
+
+    x (..., d_in), grad_out (..., d_out), target (d_out, d_in); segment_ids gives each
+    row's domain (leading shape, or first dim for one id per sequence; negative = padding).
+    Returns float32 (float64 for float64 inputs) of shape (num_segments,).
+    """
+    _check_float("x", x)
+    _check_rows("grad_out", grad_out, "x", x)
+    _check_matrix("target", target, (grad_out.shape[-1], x.shape[-1]), "x", x)
+    ids = _flat_segment_ids(segment_ids, num_segments, x.shape[:-1], x.device, validate_ids)
+    return _run_rowwise_bilinear(grad_out.reshape(-1, grad_out.shape[-1]), target,
+                                 x.reshape(-1, x.shape[-1]), ids, num_segments, backend)
+
+
+def domain_grad_dots_ghost(x, grad_out, segment_ids, num_segments, target_x, target_grad_out,
+                           *, backend=None, validate_ids=True):
+    """domain_grad_dots with target = target_grad_outᵀ @ target_x, given by its rows
+    target_x (..., d_in) and target_grad_out (..., d_out). Uses the ghost form (the target
+    never formed, nor any N x M product written) when it needs fewer FLOPs, else forms
+    the target once and runs the GEMM form."""
+    _check_float("x", x)
+    _check_rows("grad_out", grad_out, "x", x)
+    _check_same("target_x", target_x, "x", x)
+    _check_rows("target_grad_out", target_grad_out, "target_x", target_x)
+    if target_x.shape[-1] != x.shape[-1] or target_grad_out.shape[-1] != grad_out.shape[-1]:
+        raise ValueError(
+            f"target_x (..., {target_x.shape[-1]}) and target_grad_out "
+            f"(..., {target_grad_out.shape[-1]}) must end in x's d_in={x.shape[-1]} "
+            f"and grad_out's d_out={grad_out.shape[-1]}"
+        )
+    ids = _flat_segment_ids(segment_ids, num_segments, x.shape[:-1], x.device, validate_ids)
+    x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    tx, tg = target_x.reshape(-1, x.shape[-1]), target_grad_out.reshape(-1, grad_out.shape[-1])
+    if ghost_is_cheaper(x2.shape[0], tx.shape[0], x2.shape[1], g2.shape[1]):
+        return _run_ghost_dots(x2, g2, tx, tg, ids, num_segments, backend)
+    acc = reference.accumulation_dtype(x.dtype)
+    target = (tg.to(acc).T @ tx.to(acc)).to(x.dtype)
+    return _run_rowwise_bilinear(g2, target, x2, ids, num_segments, backend)
+
+
+# ---------------------------------------------------------------- torch.compile support
+if _backends.COMPILED:
+
+    @torch.library.register_fake("fastmix::rowwise_bilinear")
+    def _(a, m, b, segment_ids, num_segments):
+        length = a.shape[0] if segment_ids is None else num_segments
+        return a.new_empty(length, dtype=reference.accumulation_dtype(a.dtype))
+
+    @torch.library.register_fake("fastmix::ghost_dots")
+    def _(x, grad_out, target_x, target_grad_out, segment_ids, num_segments):
+        return x.new_empty(num_segments, dtype=reference.accumulation_dtype(x.dtype))

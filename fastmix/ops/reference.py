@@ -1,0 +1,31 @@
+"""Pure-torch ground truth for every op: always available, and what the fast backends
+are tested against. Inputs are the 2-D, already-checked forms the backends receive."""
+import torch
+
+
+def accumulation_dtype(dtype):
+    """float64 for float64 inputs, else float32: the dtype of results and accumulation."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def segment_sum(rows, segment_ids, num_segments):
+    """Σ of `rows` per segment id; ids outside [0, num_segments) are dropped (no host sync)."""
+    keep = (segment_ids >= 0) & (segment_ids < num_segments)
+    ids = torch.where(keep, segment_ids, 0)
+    values = torch.where(keep, rows, 0)
+    return torch.zeros(num_segments, dtype=rows.dtype, device=rows.device).index_add_(0, ids, values)
+
+
+def rowwise_bilinear(a, m, b, segment_ids=None, num_segments=0):
+    """r_n = a_n · (m @ b_n), per row or summed per segment."""
+    acc = accumulation_dtype(a.dtype)
+    rows = (a.to(acc) * (b.to(acc) @ m.to(acc).T)).sum(-1)
+    return rows if segment_ids is None else segment_sum(rows, segment_ids, num_segments)
+
+
+def ghost_dots(x, grad_out, target_x, target_grad_out, segment_ids, num_segments):
+    """s_i = Σ_{seg(n)=i} Σ_t (x_n · target_x_t)(grad_out_n · target_grad_out_t)."""
+    acc = accumulation_dtype(x.dtype)
+    x_dots = x.to(acc) @ target_x.to(acc).T
+    g_dots = grad_out.to(acc) @ target_grad_out.to(acc).T
+    return segment_sum((x_dots * g_dots).sum(-1), segment_ids, num_segments)
