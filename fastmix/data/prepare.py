@@ -1,0 +1,170 @@
+"""`fastmix prepare`: build a DomainStore from text files, directories of them, or .jsonl.
+
+One document is a text file, or one line of a .jsonl file (its `text_field`). Documents are
+tokenized in parallel worker processes, each followed by the end-of-document token, streamed
+to the domain's token file, and the last `val_fraction` of each domain's tokens is held out.
+"""
+import json
+import math
+import multiprocessing
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from fastmix.data.corpus import build_builtin
+from fastmix.data.store import DomainStore, StoreWriter, token_dtype
+from fastmix.data.tokenizer import BPETokenizer, ByteTokenizer
+
+BUILTIN_VERSION = 1
+_CHUNK_BYTES = 8 << 20  # .jsonl files are split into chunks of whole lines this large
+
+
+def list_files(path):
+    """A file, or every non-hidden file under a directory (sorted, recursively)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
+    if not files:
+        raise FileNotFoundError(f"{path}: directory has no files")
+    return files
+
+
+def _chunks(path):
+    """(path, start, end) byte ranges: whole text files, or .jsonl split at line boundaries."""
+    size = os.path.getsize(path)
+    if not path.endswith(".jsonl") or size <= _CHUNK_BYTES:
+        return [(path, 0, size)]
+    ranges, start = [], 0
+    with open(path, "rb") as f:
+        while start < size:
+            f.seek(min(start + _CHUNK_BYTES, size))
+            f.readline()
+            end = min(f.tell(), size)
+            ranges.append((path, start, end))
+            start = end
+    return ranges
+
+
+def _documents(path, start, end, text_field):
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start).decode("utf-8", errors="replace")
+    if not path.endswith(".jsonl"):
+        yield data
+        return
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            yield record[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: a line near byte {start} has no text field {text_field!r} "
+                             f"(use --text-field): {type(e).__name__}: {e}") from None
+
+
+def _encode_chunk(task):
+    tokenizer, (path, start, end), text_field = task
+    parts = []
+    for doc in _documents(path, start, end, text_field):
+        parts.append(tokenizer.encode(doc))
+        if tokenizer.eos_id is not None:
+            parts.append(np.array([tokenizer.eos_id], dtype=np.uint32))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
+def _make_tokenizer(tokenizer, sources, text_field, bpe_vocab_size):
+    if tokenizer == "byte":
+        return ByteTokenizer()
+    if tokenizer == "bpe":
+        texts = (doc for _, paths in sources for p in paths for c in _chunks(p) for doc in _documents(*c, text_field))
+        return BPETokenizer.train(texts, bpe_vocab_size)
+    return BPETokenizer.from_file(tokenizer)
+
+
+def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, text_field="text",
+            val_fraction=0.05, workers=None, overwrite=False, quiet=False):
+    """Build a store at `out`.
+
+    domains, targets: (name, path) pairs (or dicts name -> path); path is a text file, a
+    .jsonl file or a directory. tokenizer: "byte" (default), "bpe" (trained here on the
+    data, needs `tokenizers`) or the path of a tokenizer.json file.
+    """
+    named = [(n, p, False) for n, p in dict(domains).items()] + [(n, p, True) for n, p in dict(targets).items()]
+    if not named:
+        raise ValueError("give at least one domain (NAME=PATH)")
+    sources = [(name, list_files(path)) for name, path, _ in named]
+    tok = _make_tokenizer(tokenizer, sources, text_field, bpe_vocab_size)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    tasks = [(i, c) for i, (_, paths) in enumerate(sources) for p in paths for c in _chunks(p)]
+    total_bytes = sum(end - start for _, (_, start, end) in tasks)
+    dtype = token_dtype(tok.vocab_size)
+
+    with StoreWriter(out, tok.spec(), overwrite=overwrite) as writer:
+        if isinstance(tok, BPETokenizer):
+            tok.save(writer.tmp)
+        files = [open(writer.token_path(name, "train"), "wb") for name, _, _ in named]
+        counts = [0] * len(named)
+        try:
+            # fork keeps workers cheap to start; results arrive in order, so output is deterministic.
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+            with ctx.Pool(workers) if workers > 1 and len(tasks) > 1 else _InlinePool() as pool, \
+                    tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet) as bar:
+                work = ((tok, chunk, text_field) for _, chunk in tasks)
+                for (domain, (_, start, end)), tokens in zip(tasks, pool.imap(_encode_chunk, work)):
+                    tokens.astype(dtype).tofile(files[domain])
+                    counts[domain] += tokens.size
+                    bar.update(end - start)
+        finally:
+            for f in files:
+                f.close()
+        for (name, _, is_target), n in zip(named, counts):
+            n_val = _split_off_val(writer, name, n, dtype, val_fraction)
+            writer.register(name, n - n_val, n_val, target=is_target)
+    return DomainStore(out)
+
+
+def _split_off_val(writer, name, n, dtype, val_fraction):
+    """Move the last val_fraction of a domain's tokens from its train file to its val file."""
+    n_val = math.ceil(n * val_fraction)
+    train_path = writer.token_path(name, "train")
+    tail = np.fromfile(train_path, dtype=dtype, offset=(n - n_val) * dtype.itemsize)
+    tail.tofile(writer.token_path(name, "val"))
+    os.truncate(train_path, (n - n_val) * dtype.itemsize)
+    return n_val
+
+
+class _InlinePool:
+    """Stands in for a process pool when one worker is enough."""
+
+    def imap(self, fn, items):
+        return map(fn, items)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def cache_dir():
+    return os.environ.get("FASTMIX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastmix")
+
+
+def builtin_store(seed=0):
+    """The built-in corpus for `seed`, built once into the cache directory ($FASTMIX_CACHE)."""
+    path = os.path.join(cache_dir(), f"builtin-v{BUILTIN_VERSION}-seed{seed}")
+    if not os.path.exists(path):
+        try:
+            build_builtin(path, seed=seed)
+        except (FileExistsError, OSError):
+            if not os.path.exists(path):  # not a concurrent build of the same store: a real error
+                raise
+    return DomainStore(path)

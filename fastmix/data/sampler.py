@@ -1,0 +1,173 @@
+"""MixtureSampler: training batches whose rows are allocated to domains by mixture weights.
+
+Every draw is a pure function of (seed, stream, counter, weights): no hidden RNG state. That is
+what makes it exactly resumable (the state is a few counters), lets it prefetch the next batch
+in the background (a prefetched batch is thrown away if the weights change before it is used),
+and gives each torch.distributed rank a disjoint share of one global batch.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+# Stream ids keep the random numbers of training, balanced and target batches independent.
+_TRAIN, _BALANCED, _TARGET = 0, 1, 2
+
+
+class MixtureSampler:
+    """Batches `(x, y, domain_ids)` of shape (batch_size, block_size), int64, on the CPU.
+
+    allocation="stratified" (default) allocates rows by systematic sampling: every domain gets
+    floor or ceil of `weight * rows`, so the batch follows the weights with the least noise.
+    allocation="multinomial" draws each row's domain independently.
+
+    Under torch.distributed (or with explicit `rank`/`world_size`) one global batch of
+    `batch_size * world_size` rows is drawn, and rank r takes rows r, r + world_size, ...:
+    ranks see disjoint rows, each a stratified share of the global mixture. All ranks must
+    hold the same weights.
+
+    Cost per batch is O(batch_size · log k): the weights' cumulative sum is computed once
+    when they change, not per batch.
+    """
+
+    def __init__(self, store, weights=None, batch_size=16, block_size=64, seed=0,
+                 allocation="stratified", prefetch=True, rank=None, world_size=None):
+        if allocation not in ("stratified", "multinomial"):
+            raise ValueError(f"allocation must be 'stratified' or 'multinomial', got {allocation!r}")
+        self.store = store
+        self.batch_size = int(batch_size)
+        self.block_size = int(block_size)
+        self.seed = int(seed)
+        self.allocation = allocation
+        if rank is None or world_size is None:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if distributed else 0
+            world_size = torch.distributed.get_world_size() if distributed else 1
+        self.rank, self.world_size = int(rank), int(world_size)
+        # Windows of block_size + 1 tokens (x and y shifted by one) can start at n - block_size places.
+        self._starts = store.train_tokens - self.block_size
+        too_short = np.flatnonzero(self._starts < 1)
+        if too_short.size:
+            names = ", ".join(store.domains[i] for i in too_short[:5])
+            raise ValueError(f"{too_short.size} domain(s) have fewer than block_size + 1 = "
+                             f"{self.block_size + 1} training tokens: {names}")
+        self.step = 0
+        self._balanced_draws = 0
+        self._target_draws = 0
+        self._version = 0
+        self.set_weights(np.full(store.num_domains, 1.0 / store.num_domains) if weights is None else weights)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastmix-prefetch") if prefetch else None
+        self._pending = None  # (step, weights version, future)
+
+    # weights ---------------------------------------------------------------------------
+    @property
+    def weights(self):
+        return self._weights.copy()
+
+    def set_weights(self, weights):
+        """Use `weights` (k non-negative numbers, normalised here) from the next batch on."""
+        w = torch.as_tensor(weights, dtype=torch.float64).cpu().numpy() if torch.is_tensor(weights) \
+            else np.asarray(weights, dtype=np.float64)
+        if w.shape != (self.store.num_domains,):
+            raise ValueError(f"weights must have shape ({self.store.num_domains},), got {w.shape}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError("weights must be finite, non-negative and not all zero")
+        w = w / w.sum()
+        if hasattr(self, "_weights") and np.array_equal(w, self._weights):
+            return
+        self._weights = w
+        cdf = np.cumsum(w)
+        self._cdf = cdf / cdf[-1]
+        self._version += 1
+
+    # training batches ------------------------------------------------------------------
+    def _rng(self, stream, counter):
+        return np.random.default_rng([self.seed, stream, counter])
+
+    def _allocate(self, rng, rows, cdf):
+        """Domain of each of `rows` rows, sorted (grouped by domain)."""
+        u = rng.random(1) + np.arange(rows) if self.allocation == "stratified" else np.sort(rng.random(rows) * rows)
+        ids = np.searchsorted(cdf, u / rows, side="right")
+        return np.minimum(ids, self.store.num_domains - 1)
+
+    def _read(self, names_or_ids, starts, split="train"):
+        windows = np.empty((len(starts), self.block_size + 1), dtype=np.int64)
+        for row, (name, start) in enumerate(zip(names_or_ids, starts)):
+            windows[row] = self.store.tokens(int(name) if not isinstance(name, str) else name, split)[
+                start:start + self.block_size + 1]
+        x = torch.from_numpy(windows[:, :-1].copy())
+        y = torch.from_numpy(windows[:, 1:].copy())
+        return x, y
+
+    def _draw(self, step, cdf):
+        rng = self._rng(_TRAIN, step)
+        global_rows = self.batch_size * self.world_size
+        ids = self._allocate(rng, global_rows, cdf)
+        starts = (rng.random(global_rows) * self._starts[ids]).astype(np.int64)
+        mine = slice(self.rank, global_rows, self.world_size)
+        x, y = self._read(ids[mine], starts[mine])
+        return x, y, torch.from_numpy(ids[mine].astype(np.int64))
+
+    def next_batch(self):
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[:2] == (self.step, self._version):
+            batch = pending[2].result()
+        else:
+            batch = self._draw(self.step, self._cdf)
+        self.step += 1
+        if self._executor is not None:
+            self._pending = (self.step, self._version, self._executor.submit(self._draw, self.step, self._cdf))
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.next_batch()
+
+    # batches for mixers and evaluation ----------------------------------------------------
+    def balanced_batch(self, rows_per_domain):
+        """`rows_per_domain` rows of every domain, grouped by domain: (x, y, domain_ids)."""
+        rng = self._rng(_BALANCED, self._balanced_draws)
+        self._balanced_draws += 1
+        ids = np.repeat(np.arange(self.store.num_domains), rows_per_domain)
+        starts = (rng.random(ids.size) * self._starts[ids]).astype(np.int64)
+        x, y = self._read(ids, starts)
+        return x, y, torch.from_numpy(ids)
+
+    def target_batch(self, name, rows):
+        """`rows` training windows of target task `name`: (x, y)."""
+        rng = self._rng(_TARGET, self._target_draws)
+        self._target_draws += 1
+        return self._read([name] * rows, _window_starts(rng, self.store.num_tokens(name), rows, self.block_size, name))
+
+    def eval_batches(self, name, num_batches, seed=0):
+        """Fixed held-out batches of a domain or target (the same at every call): list of (x, y)."""
+        rng = np.random.default_rng([seed, 0xE7A1, *name.encode()])
+        n = self.store.num_tokens(name, "val")
+        starts = _window_starts(rng, n, num_batches * self.batch_size, self.block_size, f"{name} (val)")
+        return [self._read([name] * self.batch_size, starts[i::num_batches], "val") for i in range(num_batches)]
+
+    # state -------------------------------------------------------------------------------
+    def state_dict(self):
+        return {"step": self.step, "balanced_draws": self._balanced_draws, "target_draws": self._target_draws,
+                "weights": self._weights.copy(), "seed": self.seed, "allocation": self.allocation}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+        self._balanced_draws = int(state["balanced_draws"])
+        self._target_draws = int(state["target_draws"])
+        self.set_weights(state["weights"])
+        self._pending = None
+
+    def close(self):
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+            self._pending = None
+
+
+def _window_starts(rng, num_tokens, rows, block_size, what):
+    if num_tokens < block_size + 1:
+        raise ValueError(f"{what} has {num_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
+    return (rng.random(rows) * (num_tokens - block_size)).astype(np.int64)

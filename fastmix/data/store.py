@@ -1,0 +1,222 @@
+"""DomainStore: a directory of token files, one per domain and split, described by meta.json.
+
+Layout (format version 1):
+
+    STORE/meta.json               format, version, dtype, vocab size, tokenizer, names, token counts
+    STORE/tokens/NAME.train.bin   raw tokens (uint16, or uint32 when the vocabulary needs it)
+    STORE/tokens/NAME.val.bin     held-out tokens of the same domain
+
+Training domains and target tasks share this format; target tasks are listed in
+`meta["targets"]` and are never sampled for training, only used by mixers and evaluation.
+`meta["relations"]` (optional) maps a target to the domains known to help it.
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+FORMAT = "fastmix-domain-store"
+VERSION = 1
+SPLITS = ("train", "val")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# Memmaps kept open at once: each costs a kernel mapping, and Linux allows ~65k per process.
+_OPEN_MEMMAPS = 1024
+
+
+class StoreError(ValueError):
+    """A store that is missing, corrupt, truncated or of an unknown format."""
+
+
+def token_dtype(vocab_size):
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _token_path(root, name, split):
+    return os.path.join(root, "tokens", f"{name}.{split}.bin")
+
+
+class DomainStore:
+    """Opens and validates a store; hands out memory-mapped token arrays by name or index."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        meta_path = os.path.join(self.path, "meta.json")
+        if not os.path.isdir(self.path):
+            raise StoreError(f"{path}: no such store directory (build one with `fastmix prepare`)")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: not a fastmix store (meta.json is missing)") from None
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{meta_path}: corrupt meta.json ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise StoreError(f"{meta_path}: not a fastmix store (format is not {FORMAT!r})")
+        if meta.get("version") != VERSION:
+            raise StoreError(f"{meta_path}: store format version {meta.get('version')!r}, "
+                             f"this fastmix reads version {VERSION}")
+        try:
+            self.domains = list(meta["domains"])
+            self.targets = list(meta.get("targets", []))
+            self.vocab_size = int(meta["vocab_size"])
+            self.dtype = np.dtype(meta["dtype"])
+            self.tokenizer = dict(meta["tokenizer"])
+            counts = meta["tokens"]
+            self._counts = {name: {s: int(counts[name][s]) for s in SPLITS}
+                            for name in self.domains + self.targets}
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{meta_path}: corrupt meta.json (bad or missing entry {e})") from None
+        self.relations = dict(meta.get("relations", {}))
+        self.meta = meta
+        if self.dtype != token_dtype(self.vocab_size):
+            raise StoreError(f"{meta_path}: dtype {self.dtype} does not match vocab size {self.vocab_size}")
+        if not self.domains:
+            raise StoreError(f"{meta_path}: the store has no domains")
+        self._validate_files()
+        self.train_tokens = np.array([self._counts[n]["train"] for n in self.domains], dtype=np.int64)
+        self.val_tokens = np.array([self._counts[n]["val"] for n in self.domains], dtype=np.int64)
+        self._index = {name: i for i, name in enumerate(self.domains)}
+        self._memmaps = OrderedDict()
+        self._lock = threading.Lock()  # the sampler's prefetch thread reads too
+
+    def _validate_files(self):
+        itemsize = self.dtype.itemsize
+        for name, counts in self._counts.items():
+            for split in SPLITS:
+                path = _token_path(self.path, name, split)
+                try:
+                    size = os.path.getsize(path)
+                except OSError:
+                    raise StoreError(f"{path}: token file is missing (store is incomplete)") from None
+                if size != counts[split] * itemsize:
+                    raise StoreError(
+                        f"{path}: {size} bytes, meta.json says {counts[split]} tokens of "
+                        f"{itemsize} bytes = {counts[split] * itemsize} (truncated or corrupt store)")
+
+    @property
+    def num_domains(self):
+        return len(self.domains)
+
+    def domain_index(self, name):
+        return self._index[name]
+
+    def num_tokens(self, name, split="train"):
+        return self._counts[name][split]
+
+    def tokens(self, name, split="train"):
+        """Memory-mapped tokens of a domain or target (by name, or domain index)."""
+        if not isinstance(name, str):
+            name = self.domains[name]
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        key = (name, split)
+        with self._lock:
+            return self._open(key)
+
+    def _open(self, key):
+        name, split = key
+        array = self._memmaps.get(key)
+        if array is None:
+            if self._counts[name][split] == 0:
+                array = np.zeros(0, dtype=self.dtype)
+            else:
+                array = np.memmap(_token_path(self.path, name, split), dtype=self.dtype, mode="r")
+            self._memmaps[key] = array
+            if len(self._memmaps) > _OPEN_MEMMAPS:
+                self._memmaps.popitem(last=False)
+        else:
+            self._memmaps.move_to_end(key)
+        return array
+
+    def load_tokenizer(self):
+        from fastmix.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer, self.path)
+
+    def __repr__(self):
+        return (f"DomainStore({self.path!r}, {self.num_domains} domains, {len(self.targets)} targets, "
+                f"{int(self.train_tokens.sum())} train tokens, vocab {self.vocab_size})")
+
+
+class StoreWriter:
+    """Writes a store into a temporary directory next to OUT and renames it into place on
+    success, so that a failure never leaves a half-written store behind.
+
+        with StoreWriter(out, tokenizer_spec) as w:
+            w.add("code", train_tokens, val_tokens)
+            w.add("qa", train_tokens, val_tokens, target=True)
+    """
+
+    def __init__(self, out, tokenizer_spec, overwrite=False, relations=None, extra_meta=None):
+        self.out = os.path.abspath(out)
+        if os.path.exists(self.out) and not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite/--force to replace it)")
+        self.overwrite = overwrite
+        self.tokenizer_spec = dict(tokenizer_spec)
+        self.vocab_size = int(tokenizer_spec["vocab_size"])
+        self.dtype = token_dtype(self.vocab_size)
+        self.relations = relations or {}
+        self.extra_meta = extra_meta or {}
+        self.domains, self.targets, self.counts = [], [], {}
+        parent = os.path.dirname(self.out)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=parent)
+        os.makedirs(os.path.join(self.tmp, "tokens"))
+
+    def add(self, name, train, val, target=False):
+        """Add a domain (or target task) from its train and val token arrays."""
+        for split, tokens in zip(SPLITS, (train, val)):
+            tokens = np.asarray(tokens)
+            if tokens.size and int(tokens.max()) >= self.vocab_size:
+                raise ValueError(f"{name}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
+            tokens.astype(self.dtype, copy=False).tofile(self.token_path(name, split))
+        self.register(name, np.asarray(train).size, np.asarray(val).size, target)
+
+    def token_path(self, name, split):
+        """Where to write a split's tokens (for writers that stream them); then `register` it."""
+        if not _NAME.match(name):
+            raise ValueError(f"domain name {name!r}: use letters, digits and _ . + - only")
+        return _token_path(self.tmp, name, split)
+
+    def register(self, name, train_tokens, val_tokens, target=False):
+        if name in self.counts:
+            raise ValueError(f"duplicate domain or target name {name!r}")
+        self.counts[name] = {"train": int(train_tokens), "val": int(val_tokens)}
+        (self.targets if target else self.domains).append(name)
+
+    def commit(self):
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": self.dtype.name,
+            "vocab_size": self.vocab_size,
+            "tokenizer": self.tokenizer_spec,
+            "domains": self.domains,
+            "targets": self.targets,
+            "tokens": self.counts,
+            "relations": self.relations,
+            **self.extra_meta,
+        }
+        with open(os.path.join(self.tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(self.out) and self.overwrite:
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+
+    def abort(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False

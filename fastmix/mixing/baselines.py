@@ -1,0 +1,47 @@
+"""Static mixers: their weights never change during training."""
+import torch
+
+from fastmix.mixing.base import register_mixer
+
+
+class StaticMixer:
+    """Fixed weights; `update` does nothing. Base of Uniform and Temperature."""
+
+    def __init__(self, weights):
+        w = torch.as_tensor(weights, dtype=torch.float64).cpu()
+        self._weights = w / w.sum()
+
+    @property
+    def weights(self):
+        return self._weights.clone()
+
+    def update(self, ctx):
+        pass
+
+    def state_dict(self):
+        return {"weights": self._weights.clone()}
+
+    def load_state_dict(self, state):
+        self._weights = state["weights"].to(torch.float64).clone()
+
+
+class Uniform(StaticMixer):
+    """Every domain weighs 1/k."""
+
+    def __init__(self, num_domains):
+        super().__init__(torch.ones(num_domains))
+
+
+class Temperature(StaticMixer):
+    """Natural token proportions to the power 1/T: T=1 samples by size, T→∞ is uniform."""
+
+    def __init__(self, token_counts, temperature=2.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        counts = torch.as_tensor(token_counts, dtype=torch.float64)
+        self.temperature = float(temperature)
+        super().__init__((counts / counts.sum()) ** (1.0 / self.temperature))
+
+
+register_mixer("uniform", lambda store, **options: Uniform(store.num_domains, **options))
+register_mixer("temperature", lambda store, **options: Temperature(store.train_tokens, **options))

@@ -1,0 +1,32 @@
+"""The run plot: domain weights and eval losses over steps, from metrics.jsonl records."""
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works without a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+_MAX_LINES = 20  # beyond this many domains, plot the heaviest ones only
+
+
+def plot_run(records, domains, targets, path):
+    fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(13, 4.5))
+    steps = [r["step"] for r in records]
+    final = records[-1]["weights"]
+    shown = sorted(domains, key=lambda d: -final[d])[:_MAX_LINES]
+    for d in shown:
+        ax_w.plot(steps, [r["weights"][d] for r in records], label=d)
+    ax_w.set(title="domain weights", xlabel="step", ylabel="weight", ylim=(0, None))
+    ax_w.legend(fontsize=7, ncol=2)
+
+    evals = [r for r in records if r["eval"]]
+    for name in list(targets) + shown:
+        xs = [r["step"] for r in evals if name in r["eval"]]
+        is_target = name in targets
+        ax_l.plot(xs, [r["eval"][name] for r in evals if name in r["eval"]],
+                  label=f"target: {name}" if is_target else name,
+                  linewidth=2.5 if is_target else 1, linestyle="-" if is_target else ":")
+    ax_l.set(title="held-out loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax_l.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,432 @@
+"""The training loop: a GPT on a mixture of domains whose weights a Mixer may change online.
+
+    python -m fastmix.train --max-steps 300 --mixer uniform      # or: fastmix train ...
+    torchrun --nproc_per_node 2 -m fastmix.train ...             # DDP (gloo on CPU, nccl on GPU)
+
+Writes into --out: metrics.jsonl (one record per log step), ckpt.pt (model, optimizer,
+sampler, mixer, RNG states), config.json, and weights.png at the end.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from fastmix.data import DomainStore, MixtureSampler, builtin_store
+from fastmix.mixing import MixerContext, build_mixer
+from fastmix.model import GPT, GPTConfig, lm_loss
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    data: str = _opt("builtin", "token store directory (from `fastmix prepare`), or 'builtin' for the built-in corpus")
+    out: str = _opt("runs/fastmix", "run directory: metrics.jsonl, ckpt.pt, config.json, weights.png")
+    mixer: str = _opt("uniform", "mixer that sets the domain weights (see `--mixer-option`)")
+    mixer_options: dict = _opt(None, "mixer option KEY=VALUE (VALUE parsed as JSON if it can be); repeatable",
+                               flag="--mixer-option")
+    target: Optional[str] = _opt(None, "target task the mixer optimizes for (default: the store's first target)")
+    max_steps: int = _opt(300, "optimizer steps to train for (with --resume: up to this step)")
+    lr_decay_steps: Optional[int] = _opt(None, "steps of the cosine schedule (default: --max-steps)")
+    batch_size: int = _opt(16, "sequences per micro-batch, per process")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    block_size: int = _opt(64, "tokens per sequence (context length)")
+    n_layer: int = _opt(2, "transformer blocks")
+    n_head: int = _opt(4, "attention heads")
+    n_embd: int = _opt(128, "model width")
+    dropout: float = _opt(0.0, "dropout probability")
+    bias: bool = _opt(True, "biases in Linear layers")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _opt(20, "linear warm-up steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    eval_interval: int = _opt(50, "evaluate the held-out loss of every domain and target every N steps")
+    eval_batches: int = _opt(2, "held-out batches per domain and target at each evaluation")
+    log_interval: int = _opt(10, "write a metrics.jsonl record every N steps")
+    checkpoint_interval: int = _opt(100, "write ckpt.pt every N steps (and always at the end)")
+    allocation: str = _opt("stratified", "rows per domain: 'stratified' (systematic) or 'multinomial'")
+    device: str = _opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    compile: bool = _opt(False, "torch.compile the model")
+    seed: int = _opt(0, "seed of the model init and of the data order")
+    resume: bool = _opt(False, "continue the run in --out from its checkpoint (its config.json, then these flags)")
+    overwrite: bool = _opt(False, "start afresh even if --out already holds a run")
+    quiet: bool = _opt(False, "no progress bar and no summary")
+    plot: bool = _opt(True, "write weights.png at the end")
+
+    def __post_init__(self):
+        self.mixer_options = dict(self.mixer_options or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+def _setup_distributed(device):
+    """(rank, world_size, device, created_group) from torchrun's environment, if any."""
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
+        created = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    return rank, world, torch.device(device), created
+
+
+def _open_store(data, rank, world):
+    if data != "builtin":
+        return DomainStore(data)
+    if rank == 0:
+        store = builtin_store()
+    if world > 1:
+        dist.barrier()  # rank 0 builds the cached corpus once; the others wait for it
+    return store if rank == 0 else builtin_store()
+
+
+def _lr_at(step, config):
+    decay_steps = config.lr_decay_steps or config.max_steps
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if step >= decay_steps:
+        return config.min_lr
+    progress = (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def _optimizer(model, config, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                             fused=device.type == "cuda")
+
+
+def _autocast(device):
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation, checkpoints, metrics
+
+@torch.no_grad()
+def _evaluate(model, eval_data, names, device, autocast, world):
+    """Mean held-out loss per name; each rank evaluates its share of the names."""
+    model.eval()
+    losses = torch.zeros(len(names), dtype=torch.float64, device=device)
+    for i, batches in eval_data.items():
+        total = 0.0
+        for x, y in batches:
+            with autocast():
+                total += lm_loss(model, x.to(device), y.to(device)).double()
+        losses[i] = total / len(batches)
+    if world > 1:
+        dist.all_reduce(losses)
+    model.train()
+    return {name: float(v) for name, v in zip(names, losses.cpu())}
+
+
+def _check_same_on_all_ranks(weights, device):
+    """Every rank must sample with the same weights, or the ranks' rows would not be disjoint."""
+    reference = weights.to(device).clone()
+    dist.broadcast(reference, 0)
+    if not torch.equal(reference.cpu(), weights):
+        raise RuntimeError("mixer weights differ between ranks: a mixer must all-reduce what it measures")
+
+
+def _rng_states():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _save_checkpoint(path, step, model, optimizer, sampler, mixer, config):
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "sampler": sampler.state_dict(), "mixer": mixer.state_dict(), "rng": _rng_states(),
+             "config": dataclasses.asdict(config)}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-save keeps the previous checkpoint
+
+
+def _read_metrics(path, up_to_step=None):
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
+
+
+def _weights_dict(weights, domains):
+    return {d: float(w) for d, w in zip(domains, weights)}
+
+
+@dataclass
+class TrainResult:
+    out: str
+    metrics: list
+    model: torch.nn.Module
+    mixer: object
+    store: DomainStore
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+def train(config):
+    """Train as `config` says; returns a TrainResult (metrics are only complete on rank 0)."""
+    rank, world, device, created_group = _setup_distributed(config.device)
+    try:
+        return _train(config, rank, world, device)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+
+
+def _train(config, rank, world, device):
+    is_main = rank == 0
+    out = config.out
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if os.path.exists(ckpt_path) and not (config.resume or config.overwrite):
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, "
+                              "--overwrite to start afresh, or another --out")
+    if config.resume and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    store = _open_store(config.data, rank, world)
+    target = config.target or (store.targets[0] if store.targets else None)
+    if target is not None and target not in store.targets:
+        raise ValueError(f"--target {target!r} is not a target task of the store; it has: {store.targets}")
+    names = store.domains + store.targets
+
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig(block_size=config.block_size, vocab_size=store.vocab_size, n_layer=config.n_layer,
+                          n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+                          bias=config.bias)).to(device)
+    optimizer = _optimizer(model, config, device)
+    mixer = build_mixer(config.mixer, store, **config.mixer_options)
+    sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
+                             allocation=config.allocation)
+    start_step = 0
+    if config.resume:
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+        mixer.load_state_dict(ckpt["mixer"])
+        _set_rng_states(ckpt["rng"])
+        start_step = ckpt["step"]
+    records = _read_metrics(metrics_path, start_step) if config.resume else []
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(config), f, indent=1)
+        with open(metrics_path, "w", encoding="utf-8") as f:  # drops records past the checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+    autocast = _autocast(device)
+    train_model = torch.compile(model) if config.compile else model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_data = {i: sampler.eval_batches(name, config.eval_batches, config.seed)
+                 for i, name in enumerate(names) if i % world == rank and config.eval_batches > 0}
+
+    def to_device(*tensors):
+        return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+    def log(step, lr, train_loss, weights, evaluate):
+        eval_losses = {}
+        if evaluate and config.eval_batches > 0:
+            eval_losses = _evaluate(model, eval_data, names, device, autocast, world)
+        if world > 1:
+            _check_same_on_all_ranks(mixer.weights, device)
+        record = {"step": step, "lr": lr, "train_loss": train_loss,
+                  "weights": _weights_dict(weights, store.domains), "eval": eval_losses}
+        records.append(record)
+        if is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if start_step == 0:
+        log(0, _lr_at(0, config), None, mixer.weights, evaluate=True)
+
+    tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
+    bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=True if (config.quiet or not is_main) else None)
+    window_loss = torch.zeros((), device=device)
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    for step in range(start_step, config.max_steps):
+        lr = _lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        weights = mixer.weights  # the weights this step's batches are drawn with
+        optimizer.zero_grad(set_to_none=True)
+        micro_batches = []
+        for micro in range(config.grad_accum):
+            x, y, domain_ids = to_device(*sampler.next_batch())
+            micro_batches.append((x, y, domain_ids))
+            last = micro == config.grad_accum - 1
+            with (contextlib.nullcontext() if last or world == 1 else train_model.no_sync()), autocast():
+                loss = lm_loss(train_model, x, y) / config.grad_accum
+            loss.backward()
+            window_loss += loss.detach()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        done = step + 1
+
+        batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
+        mixer.update(MixerContext(
+            step=done, lr=lr, model=model, optimizer=optimizer, batch=batch, loss_fn=lm_loss,
+            target_batch=(lambda: to_device(*sampler.target_batch(target, config.batch_size))) if target else None,
+            balanced_batch=lambda rows: to_device(*sampler.balanced_batch(rows)),
+            device=device, autocast=autocast, num_domains=store.num_domains))
+        sampler.set_weights(mixer.weights)
+        window_steps += 1
+        bar.update(1)
+
+        evaluate = done % config.eval_interval == 0 or done == config.max_steps
+        if done % config.log_interval == 0 or evaluate:
+            if world > 1:
+                dist.all_reduce(window_loss)
+                window_loss /= world
+            train_loss = window_loss.item() / window_steps
+            elapsed = time.perf_counter() - window_start
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * window_steps / elapsed:,.0f}")
+            log(done, lr, train_loss, weights, evaluate)
+            window_loss.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+        if is_main and (done % config.checkpoint_interval == 0 or done == config.max_steps):
+            _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer, config)
+    bar.close()
+    sampler.close()
+
+    if is_main and records:
+        if config.plot:
+            from fastmix.plot import plot_run
+
+            plot_run(records, store.domains, store.targets, os.path.join(out, "weights.png"))
+        if not config.quiet:
+            print(summary_table(records, store))
+            if config.plot:
+                print(f"plot: {os.path.join(out, 'weights.png')}")
+    return TrainResult(out=out, metrics=records, model=model, mixer=mixer, store=store)
+
+
+def summary_table(records, store):
+    """Final weights and first/last held-out losses of every domain and target."""
+    evals = [r for r in records if r["eval"]]
+    first, last = (evals[0]["eval"], evals[-1]["eval"]) if evals else ({}, {})
+    weights = records[-1]["weights"]
+    helps = {}
+    for t, domains in store.relations.items():
+        for d in domains:
+            helps.setdefault(d, []).append(t)
+    rows = [("name", "kind", "weight", "loss@first", "loss@last", "helps")]
+    for name in store.domains + store.targets:
+        kind = "target" if name in store.targets else "domain"
+        rows.append((name, kind, f"{weights[name]:.3f}" if kind == "domain" else "",
+                     f"{first[name]:.3f}" if name in first else "", f"{last[name]:.3f}" if name in last else "",
+                     ",".join(helps.get(name, []))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return f"step {records[-1]['step']}\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: every TrainConfig field is a flag; a TOML file and a resumed run's config.json
+# give the values that flags do not override.
+
+def add_train_arguments(parser):
+    parser.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
+                        help="TOML file of TrainConfig fields (e.g. max_steps = 500); flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.type is dict:
+            parser.add_argument(flag, action="append", metavar="KEY=VALUE", type=_key_value, **kwargs)
+        else:
+            kind = {int: int, float: float, str: str, Optional[int]: int, Optional[str]: str}[f.type]
+            parser.add_argument(flag, type=kind, metavar=f.name.upper(), **kwargs)
+    return parser
+
+
+def _key_value(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def config_from_args(args):
+    """TrainConfig from parsed flags: defaults < --config TOML < a resumed run's config < flags."""
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    if "mixer_options" in given:
+        given["mixer_options"] = dict(given["mixer_options"])
+    values = {}
+    if getattr(args, "config", None):
+        with open(args.config, "rb") as f:
+            values.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
+    if given.get("resume", values.get("resume", False)):
+        saved = os.path.join(given.get("out", values.get("out", TrainConfig.out)), "config.json")
+        if os.path.exists(saved):
+            with open(saved, encoding="utf-8") as f:
+                values.update(json.load(f))
+    values.update(given)
+    values["resume"] = given.get("resume", values.get("resume", False))
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise SystemExit(f"unknown config keys: {', '.join(sorted(unknown))}")
+    return TrainConfig(**values)
+
+
+def build_parser(parser=None):
+    parser = parser or argparse.ArgumentParser(
+        prog="python -m fastmix.train", description="Train a GPT on a mixture of domains (see `fastmix train`).")
+    return add_train_arguments(parser)
+
+
+def main(argv=None):
+    train(config_from_args(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
