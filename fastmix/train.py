@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fastmix.data import DomainStore, MixtureSampler, builtin_store
-from fastmix.mixing import MixerContext, build_mixer
+from fastmix.mixing import MIXERS, MixerContext, build_mixer
 from fastmix.model import GPT, GPTConfig, lm_loss
 
 
@@ -375,6 +375,8 @@ def add_train_arguments(parser):
     for f in dataclasses.fields(TrainConfig):
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.name == "mixer":
+            help_text += f"; available: {', '.join(sorted(MIXERS))}"
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)

@@ -85,7 +85,7 @@ def _make_tokenizer(tokenizer, sources, text_field, bpe_vocab_size):
     if tokenizer == "bpe":
         texts = (doc for _, paths in sources for p in paths for c in _chunks(p) for doc in _documents(*c, text_field))
         return BPETokenizer.train(texts, bpe_vocab_size)
-    return BPETokenizer.from_file(tokenizer)
+    return BPETokenizer.from_file(os.fspath(tokenizer))
 
 
 def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, text_field="text",
@@ -96,7 +96,8 @@ def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, tex
     .jsonl file or a directory. tokenizer: "byte" (default), "bpe" (trained here on the
     data, needs `tokenizers`) or the path of a tokenizer.json file.
     """
-    named = [(n, p, False) for n, p in dict(domains).items()] + [(n, p, True) for n, p in dict(targets).items()]
+    named = [(n, os.fspath(p), False) for n, p in dict(domains).items()] + \
+        [(n, os.fspath(p), True) for n, p in dict(targets).items()]
     if not named:
         raise ValueError("give at least one domain (NAME=PATH)")
     sources = [(name, list_files(path)) for name, path, _ in named]

@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import torch
+
+from fastmix.data import DomainStore, MixtureSampler, StoreWriter
+
+K = 5
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Domain i holds tokens in [10 i, 10 i + 10): each row's domain can be read off its tokens."""
+    path = tmp_path_factory.mktemp("s") / "store"
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, {"type": "byte", "vocab_size": 257}) as w:
+        for i in range(K):
+            w.add(f"d{i}", 10 * i + rng.integers(0, 10, 200 + 50 * i), 10 * i + rng.integers(0, 10, 40))
+        w.add("t", 200 + rng.integers(0, 10, 100), 200 + rng.integers(0, 10, 100), target=True)
+    return DomainStore(path)
+
+
+def _batches(sampler, n):
+    return [sampler.next_batch() for _ in range(n)]
+
+
+def _same(a, b):
+    return all(torch.equal(u, v) for pa, pb in zip(a, b) for u, v in zip(pa, pb))
+
+
+def test_rows_come_from_their_domain_and_y_is_x_shifted(store):
+    sampler = MixtureSampler(store, np.ones(K), batch_size=32, block_size=BLOCK, seed=0)
+    for x, y, ids in _batches(sampler, 5):
+        assert x.shape == y.shape == (32, BLOCK) and x.dtype == torch.int64 and ids.shape == (32,)
+        torch.testing.assert_close(x[:, 1:], y[:, :-1])
+        assert torch.equal(x // 10, ids[:, None].expand_as(x))
+    sampler.close()
+
+
+def test_stratified_allocation_is_within_one_row(store):
+    rng = np.random.default_rng(1)
+    sampler = MixtureSampler(store, np.ones(K), batch_size=37, block_size=BLOCK, seed=3)
+    for _ in range(50):
+        w = rng.dirichlet(np.ones(K) * 0.5)
+        sampler.set_weights(w)
+        counts = np.bincount(sampler.next_batch()[2].numpy(), minlength=K)
+        assert np.all(np.abs(counts - w * 37) < 1 + 1e-9), (counts, w * 37)
+    sampler.close()
+
+
+def test_multinomial_allocation_matches_weights_on_average(store):
+    w = np.array([0.5, 0.25, 0.15, 0.1, 0.0])
+    sampler = MixtureSampler(store, w, batch_size=64, block_size=BLOCK, seed=0, allocation="multinomial")
+    counts = sum(np.bincount(sampler.next_batch()[2].numpy(), minlength=K) for _ in range(200))
+    freq = counts / counts.sum()
+    assert counts[-1] == 0
+    assert np.all(np.abs(freq - w) < 4 * np.sqrt(w * (1 - w) / counts.sum()) + 1e-12), freq
+    sampler.close()
+
+
+def test_deterministic_by_seed_with_or_without_prefetch(store):
+    make = lambda seed, prefetch: MixtureSampler(store, np.ones(K), 16, BLOCK, seed=seed, prefetch=prefetch)
+    a, b, c = make(7, True), make(7, False), make(8, True)
+    weights = np.random.default_rng(0).dirichlet(np.ones(K), size=10)
+    out = {id(s): [] for s in (a, b, c)}
+    for step in range(10):
+        for s in (a, b, c):
+            if step % 3 == 0:  # weights change at some steps: prefetched batches must be redrawn
+                s.set_weights(weights[step])
+            out[id(s)].append(s.next_batch())
+    assert _same(out[id(a)], out[id(b)])
+    assert not _same(out[id(a)], out[id(c)])
+    for s in (a, b, c):
+        s.close()
+
+
+def test_state_dict_resumes_exactly(store):
+    a = MixtureSampler(store, [1, 2, 3, 4, 5], 16, BLOCK, seed=1)
+    _batches(a, 3)
+    a.target_batch("t", 4)
+    a.balanced_batch(2)
+    state = a.state_dict()
+    expected = _batches(a, 4) + [a.target_batch("t", 4) + (None,), a.balanced_batch(2)]
+    b = MixtureSampler(store, None, 16, BLOCK, seed=1)
+    b.load_state_dict(state)
+    got = _batches(b, 4) + [b.target_batch("t", 4) + (None,), b.balanced_batch(2)]
+    assert all(torch.equal(u, v) for pe, pg in zip(expected, got) for u, v in zip(pe, pg) if u is not None)
+    a.close()
+    b.close()
+
+
+def test_ranks_take_disjoint_interleaved_shares_of_one_global_batch(store):
+    single = MixtureSampler(store, [1, 2, 3, 4, 5], 16, BLOCK, seed=2, rank=0, world_size=1)
+    ranks = [MixtureSampler(store, [1, 2, 3, 4, 5], 8, BLOCK, seed=2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        x, _, ids = single.next_batch()
+        (x0, _, ids0), (x1, _, ids1) = (r.next_batch() for r in ranks)
+        assert torch.equal(x0, x[0::2]) and torch.equal(x1, x[1::2])
+        assert torch.equal(ids0, ids[0::2]) and torch.equal(ids1, ids[1::2])
+    for s in [single, *ranks]:
+        s.close()
+
+
+def test_balanced_target_and_eval_batches(store):
+    sampler = MixtureSampler(store, None, 6, BLOCK, seed=0)
+    x, y, ids = sampler.balanced_batch(3)
+    assert ids.tolist() == [i for i in range(K) for _ in range(3)]
+    assert torch.equal(x // 10, ids[:, None].expand_as(x))
+    tx, ty = sampler.target_batch("t", 5)
+    assert tx.shape == (5, BLOCK) and bool((tx >= 200).all())
+    e1, e2 = sampler.eval_batches("d3", 2), sampler.eval_batches("d3", 2)
+    assert len(e1) == 2 and all(torch.equal(a, b) for p, q in zip(e1, e2) for a, b in zip(p, q))
+    assert bool((e1[0][0] // 10 == 3).all())
+    sampler.close()
+
+
+def test_bad_inputs(store):
+    with pytest.raises(ValueError, match="block_size"):
+        MixtureSampler(store, None, 4, block_size=240)
+    sampler = MixtureSampler(store, None, 4, BLOCK, prefetch=False)
+    with pytest.raises(ValueError, match="shape"):
+        sampler.set_weights([1, 2])
+    with pytest.raises(ValueError, match="non-negative"):
+        sampler.set_weights([1, -1, 0, 0, 0])
+    with pytest.raises(ValueError, match="allocation"):
+        MixtureSampler(store, None, 4, BLOCK, allocation="other")
+
+
+def test_many_domains(tmp_path):
+    """2000 small domains: allocation still follows the weights; only touched files are opened."""
+    k = 2000
+    with StoreWriter(tmp_path / "many", {"type": "byte", "vocab_size": 2**16 + 1}) as w:
+        for i in range(k):
+            w.add(f"d{i}", np.full(BLOCK + 2, i), np.full(2, i))
+    store = DomainStore(tmp_path / "many")
+    weights = np.zeros(k)
+    weights[[5, 1500]] = [0.25, 0.75]
+    sampler = MixtureSampler(store, weights, 16, BLOCK, seed=0)
+    x, _, ids = sampler.next_batch()
+    assert sorted(ids.tolist()) == [5] * 4 + [1500] * 12
+    assert torch.equal(x[:, 0], ids)
+    sampler.close()

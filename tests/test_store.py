@@ -1,0 +1,95 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fastmix.data import DomainStore, StoreError, StoreWriter
+
+
+def _write(path, vocab_size=257, **kw):
+    rng = np.random.default_rng(1)
+    arrays = {name: (rng.integers(0, vocab_size, n), rng.integers(0, vocab_size, n // 10))
+              for name, n in (("a", 1000), ("b", 250), ("t", 300))}
+    with StoreWriter(path, {"type": "byte", "vocab_size": vocab_size}, **kw) as w:
+        w.add("a", *arrays["a"])
+        w.add("b", *arrays["b"])
+        w.add("t", *arrays["t"], target=True)
+    return arrays
+
+
+@pytest.mark.parametrize("vocab_size, dtype", [(257, np.uint16), (70_000, np.uint32)])
+def test_round_trip(tmp_path, vocab_size, dtype):
+    arrays = _write(tmp_path / "s", vocab_size)
+    store = DomainStore(tmp_path / "s")
+    assert store.domains == ["a", "b"] and store.targets == ["t"]
+    assert store.dtype == dtype and store.vocab_size == vocab_size
+    assert store.train_tokens.tolist() == [1000, 250]
+    for name, (train, val) in arrays.items():
+        np.testing.assert_array_equal(store.tokens(name, "train"), train)
+        np.testing.assert_array_equal(store.tokens(name, "val"), val)
+    np.testing.assert_array_equal(store.tokens(1), arrays["b"][0])  # by domain index
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="vocab size"):
+        with StoreWriter(tmp_path / "s", {"type": "byte", "vocab_size": 10}) as w:
+            w.add("a", np.arange(5), np.arange(2))
+            w.add("b", np.arange(50), np.arange(2))  # token ids >= vocab size
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    _write(tmp_path / "s")
+    with pytest.raises(FileExistsError, match="already exists"):
+        _write(tmp_path / "s")
+    _write(tmp_path / "s", overwrite=True)
+    DomainStore(tmp_path / "s")
+
+
+def test_bad_names_rejected(tmp_path):
+    with StoreWriter(tmp_path / "s", {"type": "byte", "vocab_size": 257}) as w:
+        with pytest.raises(ValueError, match="name"):
+            w.add("../evil", np.arange(5), np.arange(2))
+        w.add("ok", np.arange(5), np.arange(2))
+        with pytest.raises(ValueError, match="duplicate"):
+            w.add("ok", np.arange(5), np.arange(2))
+
+
+def _corrupt(path, how):
+    meta_path = path / "meta.json"
+    if how == "truncated":
+        f = path / "tokens" / "a.train.bin"
+        f.write_bytes(f.read_bytes()[:-7])
+    elif how == "missing token file":
+        os.remove(path / "tokens" / "b.val.bin")
+    elif how == "missing meta":
+        os.remove(meta_path)
+    elif how == "bad json":
+        meta_path.write_text(meta_path.read_text()[:-20])
+    else:
+        meta = json.loads(meta_path.read_text())
+        if how == "version":
+            meta["version"] = 99
+        elif how == "missing key":
+            del meta["tokens"]
+        elif how == "format":
+            meta["format"] = "something-else"
+        meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated", "truncated"), ("missing token file", "missing"), ("missing meta", "meta.json is missing"),
+    ("bad json", "corrupt meta.json"), ("version", "version 99"), ("missing key", "corrupt meta.json"),
+    ("format", "not a fastmix store"),
+])
+def test_corrupt_store_gives_clear_error(tmp_path, how, message):
+    _write(tmp_path / "s")
+    _corrupt(tmp_path / "s", how)
+    with pytest.raises(StoreError, match=message):
+        DomainStore(tmp_path / "s")
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(StoreError, match="fastmix prepare"):
+        DomainStore(tmp_path / "nope")
