@@ -1,0 +1,128 @@
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from fastmix.data import build_builtin
+from fastmix.mixing import MIXERS, Temperature, Uniform, build_mixer, register_mixer
+from fastmix.mixing.baselines import StaticMixer
+from fastmix.train import TrainConfig, add_train_arguments, config_from_args, train
+
+TINY = dict(batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16, warmup_steps=2, eval_batches=1,
+            quiet=True, plot=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "builtin"
+    build_builtin(path, train_tokens=4000, val_tokens=400, target_train_tokens=400)
+    return str(path)
+
+
+class Drifting(StaticMixer):
+    """Test mixer: new weights every step, from the model's loss on target and balanced batches,
+    so resuming must restore the model, the sampler's counters and this mixer exactly."""
+
+    def __init__(self, store):
+        super().__init__(torch.ones(store.num_domains))
+
+    @torch.no_grad()
+    def update(self, ctx):
+        tx, ty = ctx.target_batch()
+        bx, by, ids = ctx.balanced_batch(1)
+        scores = torch.stack([ctx.loss_fn(ctx.model, bx[i:i + 1], by[i:i + 1]) for i in range(len(ids))]).double()
+        self._weights = torch.softmax(scores - ctx.loss_fn(ctx.model, tx, ty).double(), 0).cpu()
+
+
+register_mixer("test-drifting", lambda store, **options: Drifting(store))
+
+
+def _run(store_dir, out, **overrides):
+    return train(TrainConfig(data=store_dir, out=str(out), **{**TINY, **overrides}))
+
+
+def test_run_writes_metrics_checkpoint_and_plot(store_dir, tmp_path):
+    result = _run(store_dir, tmp_path / "run", max_steps=6, log_interval=2, eval_interval=3, plot=True)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [0, 2, 3, 4, 6]
+    for r in records:
+        assert set(r) == {"step", "lr", "train_loss", "weights", "eval"}
+        assert set(r["weights"]) == set(result.store.domains)
+        assert abs(sum(r["weights"].values()) - 1) < 1e-9
+    assert set(records[1]["eval"]) == set() and set(records[2]["eval"]) == set(result.store.domains + result.store.targets)
+    assert all(isinstance(r["train_loss"], float) for r in records[1:])
+    assert (tmp_path / "run" / "weights.png").stat().st_size > 1000
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 6 and {"model", "optimizer", "sampler", "mixer", "rng", "config"} <= set(ckpt)
+    with pytest.raises(FileExistsError, match="--resume"):
+        _run(store_dir, tmp_path / "run", max_steps=6)
+
+
+@pytest.mark.parametrize("mixer", ["uniform", "test-drifting"])
+def test_resume_matches_an_uninterrupted_run(store_dir, tmp_path, mixer):
+    common = dict(mixer=mixer, log_interval=1, eval_interval=4, checkpoint_interval=3, lr_decay_steps=10)
+    full = _run(store_dir, tmp_path / "full", max_steps=10, **common).metrics
+    _run(store_dir, tmp_path / "part", max_steps=5, **common)
+    resumed = _run(store_dir, tmp_path / "part", max_steps=10, resume=True, **common).metrics
+    on_disk = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert on_disk == resumed
+    assert [r["step"] for r in resumed] == list(range(11))
+    for a, b in zip(full, resumed):
+        assert a["train_loss"] == b["train_loss"] and a["weights"] == b["weights"], a["step"]
+        if a["eval"]:  # (the first part also evaluated at its own last step, 5)
+            assert a["eval"] == b["eval"], a["step"]
+    if mixer == "test-drifting":
+        assert full[-1]["weights"] != full[1]["weights"]
+
+
+def test_resume_needs_a_checkpoint(store_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _run(store_dir, tmp_path / "none", max_steps=2, resume=True)
+
+
+def test_grad_accum_and_temperature_mixer(store_dir, tmp_path):
+    result = _run(store_dir, tmp_path / "r", max_steps=2, grad_accum=2, mixer="temperature",
+                  mixer_options={"temperature": 3.0}, target="strings")
+    assert result.metrics[-1]["step"] == 2
+
+
+def test_bad_target_and_mixer(store_dir, tmp_path):
+    with pytest.raises(ValueError, match="not a target task"):
+        _run(store_dir, tmp_path / "a", max_steps=1, target="add_digits")
+    with pytest.raises(ValueError, match="unknown mixer"):
+        _run(store_dir, tmp_path / "b", max_steps=1, mixer="nope")
+
+
+def test_baseline_mixers():
+    assert torch.equal(Uniform(4).weights, torch.full((4,), 0.25, dtype=torch.float64))
+    t = Temperature([100, 300], temperature=1.0).weights
+    torch.testing.assert_close(t, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    flat = Temperature([100, 300], temperature=1e6).weights
+    torch.testing.assert_close(flat, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert {"uniform", "temperature"} <= set(MIXERS)
+    with pytest.raises(ValueError, match="temperature"):
+        Temperature([1, 2], temperature=0)
+
+
+def test_config_precedence(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('max_steps = 77\nn_embd = 48\n[mixer_options]\ntemperature = 2.5\n')
+    parser = add_train_arguments(argparse.ArgumentParser())
+    config = config_from_args(parser.parse_args(["--config", str(toml), "--n-embd", "32", "--no-bias"]))
+    assert (config.max_steps, config.n_embd, config.bias) == (77, 32, False)
+    assert config.mixer_options == {"temperature": 2.5}
+    config = config_from_args(parser.parse_args(["--mixer-option", "temperature=4", "--mixer-option", "name=x"]))
+    assert config.mixer_options == {"temperature": 4, "name": "x"}
+    # --resume starts from the run's saved config; flags still override it
+    out = tmp_path / "run"
+    os.makedirs(out)
+    (out / "config.json").write_text(json.dumps({**TrainConfig().__dict__, "n_embd": 24, "max_steps": 5}))
+    config = config_from_args(parser.parse_args(["--out", str(out), "--resume", "--max-steps", "9"]))
+    assert (config.n_embd, config.max_steps, config.resume) == (24, 9, True)
+    with pytest.raises(SystemExit):
+        bad = tmp_path / "bad.toml"
+        bad.write_text("no_such_field = 1\n")
+        config_from_args(parser.parse_args(["--config", str(bad)]))
