@@ -93,8 +93,8 @@ class MixtureSampler:
     def _read(self, names_or_ids, starts, split="train"):
         windows = np.empty((len(starts), self.block_size + 1), dtype=np.int64)
         for row, (name, start) in enumerate(zip(names_or_ids, starts)):
-            windows[row] = self.store.tokens(int(name) if not isinstance(name, str) else name, split)[
-                start:start + self.block_size + 1]
+            name = name if isinstance(name, str) else int(name)
+            windows[row] = self.store.read(name, split, int(start), self.block_size + 1)
         x = torch.from_numpy(windows[:, :-1].copy())
         y = torch.from_numpy(windows[:, 1:].copy())
         return x, y

@@ -110,16 +110,33 @@ class DomainStore:
 
     def tokens(self, name, split="train"):
         """Memory-mapped tokens of a domain or target (by name, or domain index)."""
-        if not isinstance(name, str):
-            name = self.domains[name]
+        name = self._name(name, split)
+        with self._lock:
+            return self._memmap(name, split)
+
+    def read(self, name, split, start, length):
+        """tokens(name, split)[start:start + length] as a new array: from the memmap when it is
+        open or can still be opened, else by a plain read (cheaper than mapping a file once)."""
+        name = self._name(name, split)
+        with self._lock:
+            array = self._memmaps.get((name, split))
+            if array is not None or len(self._memmaps) < _OPEN_MEMMAPS:
+                return np.array(self._memmap(name, split)[start:start + length])
+        itemsize = self.dtype.itemsize
+        fd = os.open(_token_path(self.path, name, split), os.O_RDONLY)
+        try:
+            data = os.pread(fd, length * itemsize, start * itemsize)
+        finally:
+            os.close(fd)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def _name(self, name, split):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        key = (name, split)
-        with self._lock:
-            return self._open(key)
+        return name if isinstance(name, str) else self.domains[name]
 
-    def _open(self, key):
-        name, split = key
+    def _memmap(self, name, split):
+        key = (name, split)
         array = self._memmaps.get(key)
         if array is None:
             if self._counts[name][split] == 0:

@@ -7,7 +7,7 @@ a step is an update step (e.g. every `interval` steps). Under torch.distributed 
 must end up with the same weights (the sampler checks nothing; the loop checks at evals).
 """
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Optional, Protocol, runtime_checkable
+from typing import Callable, ContextManager, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -25,7 +25,6 @@ class MixerContext:
     device: torch.device
     autocast: Callable[[], ContextManager]  # autocast() -> the loop's mixed-precision context
     num_domains: int
-    extra: Any = None              # free slot for loop extensions
 
 
 @runtime_checkable
