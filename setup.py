@@ -68,7 +68,10 @@ def extension(with_cuda):
     macros = []
     if with_cuda:
         compile_args["nvcc"] = ["-O3"]
-        macros.append(("FASTMIX_WITH_CUDA", "1"))
+        # Recorded in fastmix._C for `fastmix info`; a bare token survives every shell.
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "default")
+        token = "".join(c if c.isalnum() or c == "." else "_" for c in archs)
+        macros += [("FASTMIX_WITH_CUDA", "1"), ("FASTMIX_CUDA_ARCHS", token)]
     kind = CUDAExtension if with_cuda else CppExtension
     return kind(
         "fastmix._C",

@@ -4,11 +4,26 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#define FASTMIX_STRINGIFY_(x) #x
+#define FASTMIX_STRINGIFY(x) FASTMIX_STRINGIFY_(x)
+
 extern "C" {
-// Importing fastmix._C runs the static registrations below; the module itself is empty.
+// Importing fastmix._C runs the static registrations below. The module only records how
+// it was built, for `fastmix info`.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef FASTMIX_WITH_CUDA
+  const char* cuda_arch_list = FASTMIX_STRINGIFY(FASTMIX_CUDA_ARCHS);
+#else
+  const char* cuda_arch_list = "";
+#endif
+  if (PyModule_AddStringConstant(module, "cuda_arch_list", cuda_arch_list) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 
@@ -18,4 +33,7 @@ TORCH_LIBRARY(fastmix, m) {
   m.def("rowwise_bilinear(Tensor a, Tensor m, Tensor b, Tensor? segment_ids, int num_segments) -> Tensor");
   // s_i = Σ_{seg(n)=i} Σ_t (x_n · target_x_t)(grad_out_n · target_grad_out_t)
   m.def("ghost_dots(Tensor x, Tensor grad_out, Tensor target_x, Tensor target_grad_out, Tensor segment_ids, int num_segments) -> Tensor");
+  // Thin SVD of each (m, n) matrix of a (batch, m, n), float32 or float64: a = u diag(s) vh
+  // with s descending; u (batch, m, p), s (batch, p), vh (batch, p, n), p = min(m, n).
+  m.def("batched_svd(Tensor a) -> (Tensor, Tensor, Tensor)");
 }

@@ -33,7 +33,20 @@ def _load_compiled():
     return True
 
 
+def _compiled_kernels():
+    """{(op, dispatch key)} of the kernels fastmix._C registered, read once: a plain set
+    lookup later keeps backend choice cheap and traceable by torch.compile."""
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastmix::")]
+    return frozenset(
+        (name.split("::", 1)[1], key)
+        for name in names
+        for key in ("CPU", "CUDA")
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+    )
+
+
 COMPILED = _load_compiled()
+COMPILED_KERNELS = _compiled_kernels() if COMPILED else frozenset()
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -44,7 +57,7 @@ def triton_interpreted():
 
 def has_kernel(op, dispatch_key):
     """Whether fastmix::op has a compiled kernel for dispatch_key ("CPU" or "CUDA")."""
-    return COMPILED and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmix::{op}", dispatch_key)
+    return (op, dispatch_key) in COMPILED_KERNELS
 
 
 def available(op, backend, device_type):

@@ -9,8 +9,9 @@ from fastmix.ops._backends import triton_interpreted
 
 @triton.jit
 def tile_product(acc, a_ptr, rows, row_mask, b_ptr, cols, col_mask, depth,
-                 BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + A[rows] @ B[cols]ᵀ with A (·, depth) and B (·, depth) row-major."""
+                 BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    """acc + A[rows] @ B[cols]ᵀ with A (·, depth) and B (·, depth) row-major.
+    WIDEN casts the tiles to float32 before the dot (exact for 16-bit inputs)."""
     for d0 in range(0, depth, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < depth
@@ -18,6 +19,8 @@ def tile_product(acc, a_ptr, rows, row_mask, b_ptr, cols, col_mask, depth,
                          mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         b_tile_t = tl.load(b_ptr + cols[None, :] * depth + d[:, None],
                            mask=col_mask[None, :] & d_mask[:, None], other=0.0)
+        if WIDEN:
+            a_tile, b_tile_t = a_tile.to(tl.float32), b_tile_t.to(tl.float32)
         acc = tl.dot(a_tile, b_tile_t, acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -34,15 +37,16 @@ def store_rows(out_ptr, ids_ptr, rows, row_mask, totals, num_segments,
         tl.store(out_ptr + rows, totals, mask=row_mask)
 
 
-def accumulator(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def input_precision(dtype):
-    """Follows torch's float32 matmul precision: IEEE unless the user allowed TF32."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+def dot_settings(dtype):
+    """Constexprs of tile_product for inputs of `dtype`. float32 follows torch's matmul
+    precision (IEEE unless the user allowed TF32). The interpreter's dot misreads
+    bfloat16 (numpy has no such type), so there the tiles are widened first."""
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return {
+        "INPUT_PRECISION": "tf32" if tf32 else "ieee",
+        "WIDEN": triton_interpreted() and dtype == torch.bfloat16,
+        "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
+    }
 
 
 def gpu_configs(**blocks):

@@ -9,14 +9,14 @@ import triton.language as tl
 
 from fastmix.ops.reference import accumulation_dtype
 from fastmix.ops.triton.common import (
-    accumulator, gpu_configs, input_precision, launch, store_rows, tile_product,
+    dot_settings, gpu_configs, launch, store_rows, tile_product,
 )
 
 
 @triton.jit
 def _ghost_dots_kernel(x_ptr, g_ptr, tx_ptr, tg_ptr, ids_ptr, out_ptr, n_rows, n_target,
                        d_in, d_out, num_segments, HAS_SEGMENTS: tl.constexpr, ACC: tl.constexpr,
-                       INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -26,10 +26,10 @@ def _ghost_dots_kernel(x_ptr, g_ptr, tx_ptr, tg_ptr, ids_ptr, out_ptr, n_rows, n
         target_mask = targets < n_target
         x_dots = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
         x_dots = tile_product(x_dots, x_ptr, rows, row_mask, tx_ptr, targets, target_mask, d_in,
-                              BLOCK_D, INPUT_PRECISION)
+                              BLOCK_D, INPUT_PRECISION, WIDEN)
         g_dots = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
         g_dots = tile_product(g_dots, g_ptr, rows, row_mask, tg_ptr, targets, target_mask, d_out,
-                              BLOCK_D, INPUT_PRECISION)
+                              BLOCK_D, INPUT_PRECISION, WIDEN)
         totals += tl.sum(x_dots * g_dots, axis=1)
     store_rows(out_ptr, ids_ptr, rows, row_mask, totals, num_segments, HAS_SEGMENTS)
 
@@ -53,8 +53,7 @@ def ghost_dots_triton(x: torch.Tensor, grad_out: torch.Tensor, target_x: torch.T
     launch(_ghost_dots_kernel, _tuned, x.shape[0],
            {"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_D": 16},
            *tensors, out, x.shape[0], target_x.shape[0], x.shape[1], grad_out.shape[1],
-           num_segments, HAS_SEGMENTS=True, ACC=accumulator(x.dtype),
-           INPUT_PRECISION=input_precision(x.dtype))
+           num_segments, HAS_SEGMENTS=True, **dot_settings(x.dtype))
     return out
 
 

@@ -11,14 +11,14 @@ import triton.language as tl
 
 from fastmix.ops.reference import accumulation_dtype
 from fastmix.ops.triton.common import (
-    accumulator, gpu_configs, input_precision, launch, store_rows, tile_product,
+    dot_settings, gpu_configs, launch, store_rows, tile_product,
 )
 
 
 @triton.jit
 def _rowwise_bilinear_kernel(a_ptr, m_ptr, b_ptr, ids_ptr, out_ptr, n_rows, p, q, num_segments,
                              HAS_SEGMENTS: tl.constexpr, ACC: tl.constexpr,
-                             INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                             INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -28,7 +28,7 @@ def _rowwise_bilinear_kernel(a_ptr, m_ptr, b_ptr, ids_ptr, out_ptr, n_rows, p, q
         col_mask = cols < p
         products = tl.zeros((BLOCK_N, BLOCK_P), dtype=ACC)
         products = tile_product(products, b_ptr, rows, row_mask, m_ptr, cols, col_mask, q,
-                                BLOCK_D, INPUT_PRECISION)
+                                BLOCK_D, INPUT_PRECISION, WIDEN)
         a_tile = tl.load(a_ptr + rows[:, None] * p + cols[None, :],
                          mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         totals += tl.sum(products * a_tile.to(ACC), axis=1)
@@ -55,8 +55,7 @@ def rowwise_bilinear_triton(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor,
     launch(_rowwise_bilinear_kernel, _tuned, a.shape[0],
            {"BLOCK_N": 16, "BLOCK_P": 16, "BLOCK_D": 16},
            a, m, b, ids, out, a.shape[0], a.shape[1], b.shape[1], num_segments,
-           HAS_SEGMENTS=segment_ids is not None, ACC=accumulator(a.dtype),
-           INPUT_PRECISION=input_precision(a.dtype))
+           HAS_SEGMENTS=segment_ids is not None, **dot_settings(a.dtype))
     return out
 
 

@@ -1,0 +1,38 @@
+"""Shared test setup. Without a GPU, Triton kernels run through Triton's CPU interpreter;
+that must be switched on before any kernel module is imported, hence here."""
+import os
+import random
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fastmix.ops import _backends  # noqa: E402  (after TRITON_INTERPRET is set)
+
+
+def backends_for(op, device_type):
+    """The fast backends that can run `op` on `device_type` here (reference excluded)."""
+    return [b for b in ("cpu", "cuda", "triton") if _backends.available(op, b, device_type)]
+
+
+def device_backend_params(op):
+    """(device, backend) pairs to test: every fast backend on CPU, and on CUDA if present."""
+    params = [pytest.param("cpu", b, id=f"cpu-{b}") for b in backends_for(op, "cpu")]
+    if HAS_GPU:
+        params += [pytest.param("cuda", b, id=f"cuda-{b}") for b in backends_for(op, "cuda")]
+    else:
+        params.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.skip("no GPU")))
+    return params
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (inputs are never the same twice), printed on failure."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    print(f"seed={value}")
+    return value
