@@ -88,8 +88,8 @@ def _setup_distributed(device):
     world = dist.get_world_size() if dist.is_initialized() else 1
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     return rank, world, torch.device(device), created
