@@ -9,7 +9,7 @@ from fastmix.data.corpus import PARTIAL_RELATIONS, generate, number_words
 
 def test_builtin_has_domains_targets_and_known_relations():
     assert len(BUILTIN_DOMAINS) >= 8 and len(BUILTIN_TARGETS) >= 2
-    for target, domains in {**BUILTIN_RELATIONS}.items():
+    for target, domains in BUILTIN_RELATIONS.items():
         assert target in BUILTIN_TARGETS
         assert domains and set(domains) <= set(BUILTIN_DOMAINS)
         assert not set(domains) & set(PARTIAL_RELATIONS[target])

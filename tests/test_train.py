@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmix.data import build_builtin
-from fastmix.mixing import MIXERS, Temperature, Uniform, build_mixer, register_mixer
+from fastmix.mixing import MIXERS, Temperature, Uniform, register_mixer
 from fastmix.mixing.baselines import StaticMixer
 from fastmix.train import TrainConfig, add_train_arguments, config_from_args, train
 
