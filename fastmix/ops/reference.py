@@ -29,3 +29,31 @@ def ghost_dots(x, grad_out, target_x, target_grad_out, segment_ids, num_segments
     x_dots = x.to(acc) @ target_x.to(acc).T
     g_dots = grad_out.to(acc) @ target_grad_out.to(acc).T
     return segment_sum((x_dots * g_dots).sum(-1), segment_ids, num_segments)
+
+
+def batched_svd(a):
+    """Thin SVD of (..., m, n) in the accumulation dtype: torch.linalg.svd (LAPACK / cuSOLVER)."""
+    return torch.linalg.svd(a.to(accumulation_dtype(a.dtype)), full_matrices=False)
+
+
+def ridge_leverage_scores(a, lam, center=False, rtol=None):
+    """τ_i = [K (K + λI)⁻¹]_ii, K = a aᵀ (H a aᵀ H when centred), computed in float64 from
+    torch.linalg.svd; lam a number -> (..., m), a 1-D tensor -> (..., L, m). Singular
+    values at or below rtol·σ_max (default max(m, n)·eps of a's accumulation dtype) count
+    as zero, so lam = 0 gives the rank-aware ordinary leverage."""
+    x = a.to(torch.float64)
+    if center:
+        x = x - x.mean(-2, keepdim=True)
+    m, n = x.shape[-2:]
+    if rtol is None:
+        rtol = max(m, n) * torch.finfo(accumulation_dtype(a.dtype)).eps
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    lams = torch.as_tensor(lam, dtype=torch.float64, device=x.device)
+    scalar = lams.dim() == 0
+    lams = lams.reshape(-1, 1)
+    s2 = (s * s).unsqueeze(-2)
+    weights = torch.where(lams > 0, s2 / (s2 + lams), torch.ones_like(s2))
+    top = s.amax(-1, keepdim=True) if s.shape[-1] else s
+    weights = weights * (s > rtol * top).unsqueeze(-2)
+    scores = torch.einsum("...mp,...lp->...lm", u * u, weights).to(accumulation_dtype(a.dtype))
+    return scores.squeeze(-2) if scalar else scores

@@ -1,0 +1,167 @@
+"""batched_svd against numpy float64 on fresh random inputs, every backend here."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastmix.ops import _backends, batched_svd
+from fastmix.ops.linalg import FAST_PATH_NOTE, svd_backend
+
+HAS_GPU = torch.cuda.is_available()
+COMPILED_CPU = _backends.has_kernel("batched_svd", "CPU")
+
+
+def device_backends():
+    params = [pytest.param("cpu", "reference", id="cpu-reference")]
+    params.append(pytest.param("cpu", "cpu", id="cpu-cpu",
+                               marks=pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")))
+    params.append(pytest.param("cuda", "cuda", id="cuda-cuda",
+                               marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU")))
+    return params
+
+
+def make(kind, shape, dtype, device, generator):
+    """A fresh random (..., m, n) input of the given kind."""
+    *batch, m, n = shape
+    g = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
+    if kind == "gaussian":
+        a = g(*shape)
+    elif kind == "rank_deficient":
+        r = max(1, min(m, n) // 2)
+        a = g(*batch, m, r) @ g(*batch, r, n)
+    elif kind == "duplicated_rows":
+        a = g(*batch, m, n)
+        a[..., 1::2, :] = a[..., :1, :]
+    elif kind == "graded":  # singular values over 4 decades
+        u, _ = torch.linalg.qr(g(*batch, m, min(m, n)))
+        v, _ = torch.linalg.qr(g(*batch, n, min(m, n)))
+        s = torch.logspace(0, -4, min(m, n), dtype=torch.float64)
+        a = (u * s) @ v.transpose(-1, -2)
+    elif kind == "zeros":
+        a = torch.zeros(*shape, dtype=torch.float64)
+    else:
+        raise ValueError(kind)
+    return a.to(dtype).to(device)
+
+
+def check_svd(a, u, s, vh, tol):
+    """Reconstruction, orthonormality and singular values vs numpy float64."""
+    *batch, m, n = a.shape
+    p = min(m, n)
+    assert u.shape == (*batch, m, p) and s.shape == (*batch, p) and vh.shape == (*batch, p, n)
+    a64 = a.detach().cpu().double().numpy()
+    u64, s64, vh64 = (t.detach().cpu().double().numpy() for t in (u, s, vh))
+    recon = (u64 * s64[..., None, :]) @ vh64
+    scale = np.linalg.norm(a64, axis=(-2, -1))
+    err = np.linalg.norm(recon - a64, axis=(-2, -1))
+    assert np.all(err <= tol * np.maximum(scale, np.finfo(float).tiny)), (err, scale)
+    eye = np.eye(p)
+    assert np.abs(np.swapaxes(u64, -1, -2) @ u64 - eye).max() <= tol
+    assert np.abs(vh64 @ np.swapaxes(vh64, -1, -2) - eye).max() <= tol
+    assert np.all(np.diff(s64, axis=-1) <= 0) and np.all(s64 >= 0)
+    want = np.linalg.svd(a64, compute_uv=False)
+    top = np.maximum(want[..., :1], np.finfo(float).tiny)
+    assert np.all(np.abs(s64 - want) <= tol * top)
+
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
+SHAPES = [(1, 1, 1), (3, 1, 5), (3, 5, 1), (2, 8, 8), (2, 3, 17, 5), (2, 5, 17), (2, 33, 33),
+          (2, 64, 64), (1, 40, 70), (1, 70, 40)]
+KINDS = ["gaussian", "rank_deficient", "duplicated_rows", "graded", "zeros"]
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_numpy(seed, device, backend, dtype, shape, kind):
+    if backend == "reference" and kind != "gaussian":
+        pytest.skip("the reference is torch.linalg.svd itself")
+    g = torch.Generator().manual_seed(seed)
+    a = make(kind, shape, dtype, device, g)
+    u, s, vh = batched_svd(a, backend=backend)
+    assert u.dtype == s.dtype == vh.dtype == dtype and u.device == a.device
+    check_svd(a, u, s, vh, TOL[dtype])
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e15, 1e-15])
+def test_huge_and_tiny_scales(seed, device, backend, scale):
+    g = torch.Generator().manual_seed(seed)
+    a = (make("gaussian", (2, 12, 9), torch.float64, "cpu", g) * scale).float().to(device)
+    check_svd(a, *batched_svd(a, backend=backend), TOL[torch.float32])
+
+
+@pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(m=st.integers(1, 24), n=st.integers(1, 24), batch=st.integers(1, 3),
+       kind=st.sampled_from(KINDS), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_random_shapes(seed, m, n, batch, kind, dtype):
+    g = torch.Generator().manual_seed(seed + m * 31 + n)
+    a = make(kind, (batch, m, n), dtype, "cpu", g)
+    check_svd(a, *batched_svd(a, backend="cpu"), TOL[dtype])
+
+
+@pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
+def test_half_inputs_and_float64_compute(seed):
+    a = torch.randn(3, 10, 6)
+    u, s, vh = batched_svd(a.bfloat16(), backend="cpu")
+    assert u.dtype == torch.float32
+    check_svd(a.bfloat16().float(), u, s, vh, 1e-5)
+    u, s, vh = batched_svd(a, backend="cpu", compute_dtype=torch.float64)
+    assert s.dtype == torch.float32
+    check_svd(a, u, s, vh, 1e-6)
+
+
+def test_empty_inputs():
+    for shape in [(0, 4, 4), (2, 0, 3), (2, 3, 0)]:
+        u, s, vh = batched_svd(torch.randn(shape))
+        m, n = shape[1:]
+        assert u.shape == (shape[0], m, min(m, n)) and vh.shape == (shape[0], min(m, n), n)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_raises(bad):
+    a = torch.randn(2, 4, 4)
+    a[1, 2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        batched_svd(a)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(TypeError, match="float32"):
+        batched_svd(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        batched_svd(torch.randn(5))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        batched_svd(np.ones((3, 3)))
+    with pytest.raises(ValueError, match="no triton backend"):
+        batched_svd(torch.randn(3, 3), backend="triton")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        batched_svd(torch.randn(3, 3), compute_dtype=torch.float16)
+
+
+@pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
+def test_compiled_op_checks_name_the_argument():
+    op = torch.ops.fastmix.batched_svd
+    with pytest.raises(RuntimeError, match="a must be 3-D"):
+        op(torch.randn(4, 4))
+    with pytest.raises(RuntimeError, match="a must be float32 or float64"):
+        op(torch.randn(1, 4, 4).half())
+    with pytest.raises(RuntimeError, match="NaN or infinity"):
+        op(torch.full((1, 2, 2), float("nan")))
+
+
+@pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
+def test_opcheck(seed):
+    samples = [torch.randn(3, 6, 4), torch.randn(2, 4, 7, dtype=torch.float64), torch.randn(1, 1, 1)]
+    if HAS_GPU:
+        samples.append(torch.randn(4, 16, 16, device="cuda"))
+    for a in samples:
+        torch.library.opcheck(torch.ops.fastmix.batched_svd.default, (a,))
+
+
+def test_backend_choice_and_note():
+    assert svd_backend("cpu") in ("cpu", "reference")
+    assert "torch.linalg.svd" in FAST_PATH_NOTE
