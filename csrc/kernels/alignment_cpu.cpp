@@ -3,19 +3,17 @@
 // Rows are processed in chunks of kChunkRows, widened to the accumulation type once.
 // The right-hand matrix is packed once into panels of kPanel columns so the inner loop
 // is a broadcast-and-FMA over contiguous memory; each kRows x kPanel tile of the GEMM
-// lives in registers and is folded into the row results immediately, so the N x p
-// product never touches memory. Hot loops are compiled for AVX-512, AVX2+FMA and the
-// baseline, picked at load time (GCC/Clang function multi-versioning).
+// lives in registers and is folded into the row results at once, so the N x p product
+// never touches memory. On x86-64 with AVX2+FMA (checked at run time) the float tile is
+// an intrinsics micro-kernel whose 12 accumulators never spill; elsewhere, plain C++.
 #include <algorithm>
 #include <vector>
 
 #include "alignment.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FASTMIX_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTMIX_MULTIVERSION
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FASTMIX_X86_AVX2 1
 #endif
 
 #if defined(__GNUC__)
@@ -28,8 +26,9 @@ namespace fastmix {
 namespace {
 
 constexpr int64_t kChunkRows = 64;  // rows widened and kept hot in L2 at once
-constexpr int64_t kRows = 4;        // rows per register tile
+constexpr int64_t kRows = 6;        // rows per register tile: 6 x 16 floats = 12 ymm accumulators
 constexpr int64_t kPanel = 16;      // columns per register tile (one zmm or two ymm of float)
+constexpr int64_t kDepth = 256;     // shared-dimension slice: a 16 KiB float panel slice fits L1
 
 template <typename Acc>
 void load_rows(DType dtype, const void* src, int64_t count, Acc* dst) {
@@ -56,18 +55,66 @@ std::vector<Acc> pack_panels(DType dtype, const void* m, int64_t p, int64_t q) {
   return panels;
 }
 
-// acc[u][j] = Σ_i rows[u][i] * panel[i][j]: one register tile of the GEMM.
+// acc[u][j] += Σ_{i<depth} rows[u][i] * panel[i][j]: one register tile of the GEMM.
 template <typename Acc>
-FASTMIX_ALWAYS_INLINE void register_tile(const Acc* const rows[kRows], int64_t q,
+FASTMIX_ALWAYS_INLINE void register_tile(const Acc* const rows[kRows], int64_t depth,
                                          const Acc* panel, Acc acc[kRows][kPanel]) {
-  for (int64_t u = 0; u < kRows; ++u)
-    for (int64_t j = 0; j < kPanel; ++j) acc[u][j] = Acc(0);
-  for (int64_t i = 0; i < q; ++i) {
+  for (int64_t i = 0; i < depth; ++i) {
     const Acc* column = panel + i * kPanel;
     for (int64_t u = 0; u < kRows; ++u) {
       const Acc value = rows[u][i];
       for (int64_t j = 0; j < kPanel; ++j) acc[u][j] += value * column[j];
     }
+  }
+}
+
+#ifdef FASTMIX_X86_AVX2
+__attribute__((target("avx2,fma"))) void register_tile_avx2(const float* const rows[kRows],
+                                                            int64_t depth, const float* panel,
+                                                            float acc[kRows][kPanel]) {
+  static_assert(kRows == 6 && kPanel == 16, "the micro-kernel is written for 6 x 16 tiles");
+  __m256 c[kRows][2];
+  for (int u = 0; u < kRows; ++u) {
+    c[u][0] = _mm256_loadu_ps(acc[u]);
+    c[u][1] = _mm256_loadu_ps(acc[u] + 8);
+  }
+  for (int64_t i = 0; i < depth; ++i) {
+    const __m256 low = _mm256_loadu_ps(panel + i * kPanel);
+    const __m256 high = _mm256_loadu_ps(panel + i * kPanel + 8);
+    for (int u = 0; u < kRows; ++u) {
+      const __m256 value = _mm256_broadcast_ss(rows[u] + i);
+      c[u][0] = _mm256_fmadd_ps(value, low, c[u][0]);
+      c[u][1] = _mm256_fmadd_ps(value, high, c[u][1]);
+    }
+  }
+  for (int u = 0; u < kRows; ++u) {
+    _mm256_storeu_ps(acc[u], c[u][0]);
+    _mm256_storeu_ps(acc[u] + 8, c[u][1]);
+  }
+}
+#endif
+
+using FloatTile = void (*)(const float* const[kRows], int64_t, const float*, float[kRows][kPanel]);
+
+// The float register tile for this CPU, chosen once.
+FloatTile float_tile() {
+#ifdef FASTMIX_X86_AVX2
+  static const FloatTile tile = (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+                                    ? register_tile_avx2
+                                    : register_tile<float>;
+  return tile;
+#else
+  return register_tile<float>;
+#endif
+}
+
+template <typename Acc>
+FASTMIX_ALWAYS_INLINE void tile(const Acc* const rows[kRows], int64_t depth, const Acc* panel,
+                                Acc acc[kRows][kPanel]) {
+  if constexpr (sizeof(Acc) == sizeof(float)) {
+    float_tile()(rows, depth, panel, acc);
+  } else {
+    register_tile(rows, depth, panel, acc);
   }
 }
 
@@ -79,25 +126,35 @@ FASTMIX_ALWAYS_INLINE void tile_rows(const Acc* base, int64_t width, int64_t r0,
   for (int64_t u = 0; u < kRows; ++u) rows[u] = base + (r0 + std::min(u, count - r0 - 1)) * width;
 }
 
-// row_out[r] = a[r] · (m b[r]) for the rows of one chunk.
+// row_out[r] = a[r] · (m b[r]) for the rows of one chunk. The shared dimension is walked
+// kDepth at a time so the panel slice in use stays in L1; tile partials wait in `tiles`.
 template <typename Acc>
 FASTMIX_ALWAYS_INLINE void bilinear_chunk(const Acc* a, const Acc* b, int64_t count, int64_t p,
                                           int64_t q, const Acc* panels, Acc* row_out) {
+  Acc tiles[kChunkRows][kPanel];
   std::fill_n(row_out, count, Acc(0));
   for (int64_t pb = 0; pb * kPanel < p; ++pb) {
     const Acc* panel = panels + pb * q * kPanel;
     const int64_t cols = std::min(kPanel, p - pb * kPanel);
-    for (int64_t r0 = 0; r0 < count; r0 += kRows) {
-      const Acc* rows[kRows];
-      tile_rows(b, q, r0, count, rows);
-      Acc acc[kRows][kPanel];
-      register_tile(rows, q, panel, acc);
-      for (int64_t u = 0; u < std::min(kRows, count - r0); ++u) {
-        const Acc* a_row = a + (r0 + u) * p + pb * kPanel;
-        Acc dot = 0;
-        for (int64_t j = 0; j < cols; ++j) dot += acc[u][j] * a_row[j];
-        row_out[r0 + u] += dot;
+    for (int64_t r = 0; r < count; ++r) std::fill_n(tiles[r], kPanel, Acc(0));
+    for (int64_t i0 = 0; i0 < q; i0 += kDepth) {
+      const int64_t depth = std::min(kDepth, q - i0);
+      for (int64_t r0 = 0; r0 < count; r0 += kRows) {
+        const Acc* rows[kRows];
+        tile_rows(b + i0, q, r0, count, rows);
+        Acc acc[kRows][kPanel];
+        for (int64_t u = 0; u < kRows; ++u)
+          for (int64_t j = 0; j < kPanel; ++j) acc[u][j] = tiles[std::min(r0 + u, count - 1)][j];
+        tile(rows, depth, panel + i0 * kPanel, acc);
+        for (int64_t u = 0; u < std::min(kRows, count - r0); ++u)
+          for (int64_t j = 0; j < kPanel; ++j) tiles[r0 + u][j] = acc[u][j];
       }
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      const Acc* a_row = a + r * p + pb * kPanel;
+      Acc dot = 0;
+      for (int64_t j = 0; j < cols; ++j) dot += tiles[r][j] * a_row[j];
+      row_out[r] += dot;
     }
   }
 }
@@ -112,12 +169,12 @@ FASTMIX_ALWAYS_INLINE void ghost_chunk(const Acc* x, const Acc* g, int64_t count
     const int64_t cols = std::min(kPanel, n_target - pb * kPanel);
     for (int64_t r0 = 0; r0 < count; r0 += kRows) {
       const Acc* rows[kRows];
-      Acc x_dots[kRows][kPanel];
-      Acc g_dots[kRows][kPanel];
+      Acc x_dots[kRows][kPanel] = {};
+      Acc g_dots[kRows][kPanel] = {};
       tile_rows(x, d_in, r0, count, rows);
-      register_tile(rows, d_in, x_panels + pb * d_in * kPanel, x_dots);
+      tile(rows, d_in, x_panels + pb * d_in * kPanel, x_dots);
       tile_rows(g, d_out, r0, count, rows);
-      register_tile(rows, d_out, g_panels + pb * d_out * kPanel, g_dots);
+      tile(rows, d_out, g_panels + pb * d_out * kPanel, g_dots);
       for (int64_t u = 0; u < std::min(kRows, count - r0); ++u) {
         Acc sum = 0;
         for (int64_t j = 0; j < cols; ++j) sum += x_dots[u][j] * g_dots[u][j];
@@ -125,32 +182,6 @@ FASTMIX_ALWAYS_INLINE void ghost_chunk(const Acc* x, const Acc* g, int64_t count
       }
     }
   }
-}
-
-FASTMIX_MULTIVERSION void bilinear_chunk_f32(const float* a, const float* b, int64_t count,
-                                             int64_t p, int64_t q, const float* panels,
-                                             float* row_out) {
-  bilinear_chunk(a, b, count, p, q, panels, row_out);
-}
-
-FASTMIX_MULTIVERSION void bilinear_chunk_f64(const double* a, const double* b, int64_t count,
-                                             int64_t p, int64_t q, const double* panels,
-                                             double* row_out) {
-  bilinear_chunk(a, b, count, p, q, panels, row_out);
-}
-
-FASTMIX_MULTIVERSION void ghost_chunk_f32(const float* x, const float* g, int64_t count,
-                                          int64_t n_target, int64_t d_in, int64_t d_out,
-                                          const float* x_panels, const float* g_panels,
-                                          float* row_out) {
-  ghost_chunk(x, g, count, n_target, d_in, d_out, x_panels, g_panels, row_out);
-}
-
-FASTMIX_MULTIVERSION void ghost_chunk_f64(const double* x, const double* g, int64_t count,
-                                          int64_t n_target, int64_t d_in, int64_t d_out,
-                                          const double* x_panels, const double* g_panels,
-                                          double* row_out) {
-  ghost_chunk(x, g, count, n_target, d_in, d_out, x_panels, g_panels, row_out);
 }
 
 // Runs `chunk(start, count, row_out)` over all rows in parallel and writes either the
@@ -199,13 +230,8 @@ void rowwise_bilinear_impl(DType dtype, const void* a, const void* m, const void
                      b_rows.resize(static_cast<size_t>(count * q));
                      load_rows<Acc>(dtype, a_bytes + start * p * size, count * p, a_rows.data());
                      load_rows<Acc>(dtype, b_bytes + start * q * size, count * q, b_rows.data());
-                     if constexpr (sizeof(Acc) == sizeof(double)) {
-                       bilinear_chunk_f64(a_rows.data(), b_rows.data(), count, p, q,
-                                          panels.data(), row_out);
-                     } else {
-                       bilinear_chunk_f32(a_rows.data(), b_rows.data(), count, p, q,
-                                          panels.data(), row_out);
-                     }
+                     bilinear_chunk(a_rows.data(), b_rows.data(), count, p, q, panels.data(),
+                                    row_out);
                    });
 }
 
@@ -228,13 +254,8 @@ void ghost_dots_impl(DType dtype, const void* x, const void* g, const void* targ
                                     x_rows.data());
                      load_rows<Acc>(dtype, g_bytes + start * d_out * size, count * d_out,
                                     g_rows.data());
-                     if constexpr (sizeof(Acc) == sizeof(double)) {
-                       ghost_chunk_f64(x_rows.data(), g_rows.data(), count, n_target, d_in,
-                                       d_out, x_panels.data(), g_panels.data(), row_out);
-                     } else {
-                       ghost_chunk_f32(x_rows.data(), g_rows.data(), count, n_target, d_in,
-                                       d_out, x_panels.data(), g_panels.data(), row_out);
-                     }
+                     ghost_chunk(x_rows.data(), g_rows.data(), count, n_target, d_in, d_out,
+                                 x_panels.data(), g_panels.data(), row_out);
                    });
 }
 

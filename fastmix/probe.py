@@ -1,0 +1,282 @@
+"""AlignmentProbe: per-domain gradient alignment ⟨∇L_i, V⟩ from the one backward pass a
+training step already does.
+
+Hooks on nn.Linear, nn.Embedding and nn.LayerNorm see each layer's inputs and output
+gradients; DESIGN.md's key trick turns those into all k domain scores with one extra
+GEMM per layer (fastmix.ops.domain_grad_dots), or the cheaper "ghost" form when the
+target came from few rows. No per-domain gradient is ever formed.
+
+    probe = AlignmentProbe(model, num_domains)
+    model.zero_grad(); target_loss.backward(); probe.set_target()      # V = ∇L_target
+    model.zero_grad()
+    with probe.record(domain_ids):                                      # (B,) or (B, T)
+        loss = model(x, y); loss.backward()
+    scores = probe.result().dots                                        # (k,)
+
+Rows are attributed to domains through `domain_ids`, of the shape of the leading dims of
+the layer inputs, or of their first dim (one id per sequence). Per-sequence ids are exact
+for any model whose sequences do not interact (no batch norm): the gradient of domain i
+is then exactly what the rows of its sequences contribute.
+"""
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fastmix import ops
+from fastmix.ops.alignment import ghost_is_cheaper
+from fastmix.ops.reference import segment_sum
+
+HOOKED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+@dataclass
+class Coverage:
+    """Which trainable parameters the probe's scores include."""
+
+    covered: list
+    uncovered: list
+    covered_numel: int
+    total_numel: int
+
+    @property
+    def fraction(self):
+        return self.covered_numel / max(self.total_numel, 1)
+
+
+@dataclass
+class AlignmentResult:
+    dots: torch.Tensor  # (k,) float64: ⟨∇L_i, V⟩ for the loss backpropagated while recording
+    counts: torch.Tensor  # (k,) int64: domain ids seen per domain (rows or sequences)
+
+
+class AlignmentProbe:
+    def __init__(self, model, num_domains, *, strict=False, exclude=()):
+        if num_domains < 1:
+            raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+        self.num_domains = num_domains
+        self.strict = strict
+        excluded = {id(m) for m in exclude}
+        self._sites = [(name, m) for name, m in model.named_modules()
+                       if isinstance(m, HOOKED) and id(m) not in excluded]
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        self._unsplittable = set()  # site names whose inputs carry no batch dimension
+        if strict and self.coverage.uncovered:
+            raise ValueError(f"AlignmentProbe(strict=True): parameters not covered: {self.coverage.uncovered}")
+        self._handles = [m.register_forward_hook(self._forward_hook) for _, m in self._sites]
+        self._site_names = {id(m): name for name, m in self._sites}
+        uses = [id(p) for _, m in self._sites for p in self._site_params(m)]
+        self._used_once = {pid for pid in uses if uses.count(pid) == 1}  # tied weights are not
+        self._target = None  # {id(param): dense target tensor}
+        self._target_rows = {}  # {id(linear): (x_t, δ_t)} for the ghost form
+        self._target_calls = None  # {id(linear): [[x_t, δ_t], ...]} while record_target runs
+        self._ids = None
+        self._inv_scale = 1.0
+        self.reset()
+
+    # ------------------------------------------------------------------ coverage
+    def _site_params(self, module):
+        params = [module.weight]
+        if not isinstance(module, nn.Embedding):
+            params.append(module.bias)
+        return [p for p in params if p is not None and p.requires_grad]
+
+    def _covered_ids(self):
+        return {id(p) for name, m in self._sites if name not in self._unsplittable
+                for p in self._site_params(m)}
+
+    @property
+    def coverage(self):
+        covered = self._covered_ids()
+        names = lambda ps: sorted(self._names.get(id(p), "?") for p in ps)  # noqa: E731
+        inside = [p for p in self._trainable if id(p) in covered]
+        outside = [p for p in self._trainable if id(p) not in covered]
+        return Coverage(names(inside), names(outside), sum(p.numel() for p in inside),
+                        sum(p.numel() for p in self._trainable))
+
+    # ------------------------------------------------------------------ target
+    def set_target(self, grads=None, *, precondition=None, loss_scale=1.0):
+        """Takes the target gradient V: the parameters' current `.grad` (default), or a
+        dict {parameter name: tensor}. `precondition` ({name: tensor}, e.g. Adam's
+        1/(sqrt(v)+eps)) makes the scores ⟨g_i, P ⊙ V⟩. `loss_scale` undoes a GradScaler."""
+        covered = self._covered_ids()
+        params = {id(p): p for p in self._trainable if id(p) in covered}
+        target = {}
+        for pid, p in params.items():
+            name = self._names[pid]
+            grad = p.grad if grads is None else grads.get(name)
+            if grad is None:
+                where = "has no .grad (run backward on the target loss first)" if grads is None else "is missing from grads"
+                raise ValueError(f"set_target: parameter {name!r} {where}")
+            if grad.shape != p.shape:
+                raise ValueError(f"set_target: {name!r} has shape {tuple(grad.shape)}, expected {tuple(p.shape)}")
+            value = grad.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32) / loss_scale
+            if precondition is not None:
+                if name not in precondition:
+                    raise ValueError(f"set_target: precondition has no entry for {name!r}")
+                value = value * precondition[name].to(value.dtype)
+            target[pid] = value
+        self._target = target
+        if precondition is not None:
+            self._target_rows = {}  # P ⊙ V is not of the low-rank form the ghost needs
+        return self
+
+    @contextlib.contextmanager
+    def record_target(self, *, loss_scale=1.0):
+        """Around the forward and backward of the target batch (with gradients zeroed
+        before): snapshots `.grad` as the target, and keeps each linear layer's target
+        rows so layers where it is cheaper use the ghost form."""
+        calls = {}
+        self._target_calls = calls
+        self._inv_scale = 1.0 / loss_scale
+        try:
+            yield self
+        finally:
+            self._target_calls = None
+        self.set_target(loss_scale=loss_scale)
+        self._target_rows = {}
+        for mid, pairs in calls.items():
+            pairs = [(x, g) for x, g in pairs if g is not None]
+            if pairs:
+                self._target_rows[mid] = (torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in pairs]),
+                                          torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pairs]))
+
+    # ------------------------------------------------------------------ recording
+    @contextlib.contextmanager
+    def record(self, domain_ids, *, loss_scale=1.0):
+        """Around the forward and backward of a batch: adds each domain's ⟨∇L_i, V⟩ for
+        the loss backpropagated (divided by `loss_scale`, e.g. a GradScaler's scale).
+        Repeated records accumulate until reset()."""
+        if self._target is None:
+            raise RuntimeError("AlignmentProbe.record: call set_target() or record_target() first")
+        ids = self._check_ids(domain_ids)
+        self._ids = ids
+        self._inv_scale = 1.0 / loss_scale
+        counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
+        self._counts = counts if self._counts is None else self._counts + counts
+        try:
+            yield self
+        finally:
+            self._ids = None
+
+    def _check_ids(self, domain_ids):
+        if not isinstance(domain_ids, torch.Tensor) or domain_ids.dtype.is_floating_point or domain_ids.dtype == torch.bool:
+            raise TypeError("domain_ids must be an integer tensor of shape (batch,) or (batch, tokens)")
+        ids = domain_ids.to(torch.int64)
+        if ids.numel() and int(ids.max()) >= self.num_domains:
+            raise ValueError(f"domain_ids contains {int(ids.max())}, but num_domains is {self.num_domains}")
+        return ids
+
+    def reset(self):
+        """Clears the accumulated scores (the target is kept)."""
+        self._dots = None
+        self._counts = None
+
+    def result(self, *, all_reduce=None):
+        """The accumulated scores. Under torch.distributed, summed over ranks (default
+        when a process group is initialised), so every rank sees the same numbers."""
+        dots = self._dots if self._dots is not None else torch.zeros(self.num_domains, dtype=torch.float64)
+        counts = self._counts if self._counts is not None else torch.zeros(self.num_domains, dtype=torch.int64)
+        counts = counts.to(dots.device)
+        if all_reduce is None:
+            all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if all_reduce:
+            dots, counts = dots.clone(), counts.clone()
+            dist.all_reduce(dots)
+            dist.all_reduce(counts)
+        return AlignmentResult(dots=dots, counts=counts)
+
+    def remove(self):
+        """Detaches the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, module, args, output):
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        x = args[0].detach()
+        if isinstance(module, nn.Linear) and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # what F.linear multiplied
+        inv_scale = self._inv_scale
+        if self._target_calls is not None:
+            if isinstance(module, nn.Linear):
+                call = [x, None]
+                self._target_calls.setdefault(id(module), []).append(call)
+                output.register_hook(lambda grad: call.__setitem__(1, grad.detach() * inv_scale))
+            return
+        if self._ids is None:
+            return
+        row_ids = self._row_ids(self._leading_shape(module, x), self._site_names[id(module)])
+        if row_ids is not None:
+            output.register_hook(lambda grad: self._accumulate(module, x, grad, row_ids, inv_scale))
+
+    @staticmethod
+    def _leading_shape(module, x):
+        """The dims of a layer input that index rows (not features)."""
+        if isinstance(module, nn.Embedding):
+            return tuple(x.shape)
+        feature_dims = len(module.normalized_shape) if isinstance(module, nn.LayerNorm) else 1
+        return tuple(x.shape[:-feature_dims])
+
+    def _row_ids(self, shape, name):
+        """Domain id per row of a layer input whose leading dims are `shape`."""
+        ids = self._ids
+        if shape[: ids.dim()] == tuple(ids.shape):
+            return ids.reshape(ids.shape + (1,) * (len(shape) - ids.dim())).expand(shape).reshape(-1)
+        if name not in self._unsplittable:
+            self._unsplittable.add(name)
+            message = (f"AlignmentProbe: {name!r} sees inputs of leading shape {shape}, not led by the "
+                       f"domain ids' shape {tuple(ids.shape)} (no batch dimension?), so its gradient cannot be "
+                       "split by domain; its parameters are left out of the scores (see probe.coverage)")
+            if self.strict:
+                raise RuntimeError(message)
+            warnings.warn(message, stacklevel=2)
+        return None
+
+    def _accumulate(self, module, x, grad, row_ids, inv_scale):
+        dots = self._contribution(module, x, grad, row_ids)
+        dots = dots.to(torch.float64) * inv_scale
+        self._dots = dots if self._dots is None else self._dots + dots
+
+    def _contribution(self, module, x, grad, row_ids):
+        k, target = self.num_domains, self._target
+        work = torch.float64 if torch.float64 in (x.dtype, grad.dtype, module.weight.dtype) else torch.float32
+        g = grad.to(work)
+        if isinstance(module, nn.Embedding):
+            rows = g.reshape(-1, g.shape[-1])
+            idx = x.reshape(-1)
+            if module.padding_idx is not None:  # that row of the table gets no gradient
+                row_ids = torch.where(idx == module.padding_idx, -1, row_ids)
+            per_row = (rows * target[id(module.weight)].to(work)[idx]).sum(-1)
+            return segment_sum(per_row, row_ids, k)
+        if isinstance(module, nn.LayerNorm):
+            x_hat = F.layer_norm(x.to(work), module.normalized_shape, None, None, module.eps)
+            v = torch.zeros_like(x_hat)
+            if module.weight is not None and id(module.weight) in target:
+                v = v + x_hat * target[id(module.weight)].to(work)
+            if module.bias is not None and id(module.bias) in target:
+                v = v + target[id(module.bias)].to(work)
+            dims = tuple(range(-len(module.normalized_shape), 0))
+            return segment_sum((g * v).sum(dims).reshape(-1), row_ids, k)
+        # nn.Linear: weight by the GEMM or ghost form, bias element-wise.
+        x2, g2 = x.reshape(-1, x.shape[-1]).to(work), g.reshape(-1, g.shape[-1])
+        dots = torch.zeros(k, dtype=work, device=g.device)
+        if id(module.weight) in target:
+            rows = self._target_rows.get(id(module))
+            if rows is not None and id(module.weight) in self._used_once and ghost_is_cheaper(
+                    x2.shape[0], rows[0].shape[0], x2.shape[1], g2.shape[1]):
+                dots = ops.domain_grad_dots_ghost(x2, g2, row_ids, k, rows[0].to(work), rows[1].to(work),
+                                                  validate_ids=False)
+            else:
+                dots = ops.domain_grad_dots(x2, g2, row_ids, k, target[id(module.weight)].to(work),
+                                            validate_ids=False)
+        if module.bias is not None and id(module.bias) in target:
+            dots = dots + segment_sum(g2 @ target[id(module.bias)].to(work), row_ids, k)
+        return dots

@@ -1,0 +1,234 @@
+"""AlignmentProbe against the naive method: one backward per domain, flatten, dot."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmix import AlignmentProbe
+from fastmix.model import GPT, GPTConfig
+
+
+def tiny_gpt(dtype=torch.float32, bias=True):
+    model = GPT(GPTConfig(block_size=8, vocab_size=23, n_layer=2, n_head=2, n_embd=16, bias=bias))
+    return model.to(dtype)
+
+
+def batch(model, batch_size=6, tokens=8, vocab=23):
+    x = torch.randint(0, vocab, (batch_size, tokens))
+    return x, torch.roll(x, -1, 1)
+
+
+def domain_loss(model, x, y, keep):
+    """The training loss restricted to the sequences in `keep`, with the full batch's
+    normalisation, so the domain losses add up to the loss."""
+    logits, _ = model(x)
+    per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    return (per_token.reshape(y.shape) * keep[:, None]).sum() / y.numel()
+
+
+def flat_grads(model, params):
+    return torch.cat([p.grad.reshape(-1).double() for p in params])
+
+
+def naive_scores(model, x, y, ids, k, target, params):
+    """⟨∇L_i, V⟩ by a backward per domain and flattened gradients (what DoGE does)."""
+    scores = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        domain_loss(model, x, y, (ids == i).to(torch.float32)).backward()
+        scores[i] = flat_grads(model, params) @ target
+    return scores
+
+
+def set_random_target(model, probe):
+    """A target gradient: that of a different random batch."""
+    model.zero_grad()
+    x_t, y_t = batch(model, batch_size=3)
+    model(x_t, y_t)[1].backward()
+    probe.set_target()
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = flat_grads(model, params)
+    model.zero_grad()
+    return target, params
+
+
+def assert_close_scores(got, want, rtol):
+    scale = want.abs().max()
+    assert bool(((got - want).abs() <= rtol * scale).all()), f"{got.tolist()} vs {want.tolist()}"
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-5), (torch.float32, 1e-3)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_probe_matches_naive_on_gpt(seed, dtype, rtol, bias):
+    """Tied embedding/head, LayerNorms, biases, position embeddings: all covered, exact."""
+    model, k = tiny_gpt(dtype, bias), 4
+    probe = AlignmentProbe(model, k, strict=True)
+    assert probe.coverage.uncovered == [] and probe.coverage.fraction == 1.0
+    target, params = set_random_target(model, probe)
+    x, y = batch(model)
+    ids = torch.tensor([0, 2, 2, 0, 3, 0])  # domain 1 empty
+    with probe.record(ids):
+        model(x, y)[1].backward()
+    result = probe.result()
+    want = naive_scores(model, x, y, ids, k, target, params)
+    assert_close_scores(result.dots, want, rtol)
+    assert result.counts.tolist() == [3, 0, 2, 1]
+    assert result.dots[1] == 0
+
+
+def test_probe_accumulates_over_micro_batches(seed):
+    model, k = tiny_gpt(torch.float64), 3
+    probe = AlignmentProbe(model, k)
+    target, params = set_random_target(model, probe)
+    want = torch.zeros(k, dtype=torch.float64)
+    for _ in range(3):  # gradient accumulation: three micro-batches, one result
+        x, y = batch(model, batch_size=4)
+        ids = torch.randint(0, k, (4,))
+        with probe.record(ids):
+            model(x, y)[1].backward()
+        want += naive_scores(model, x, y, ids, k, target, params)
+    assert_close_scores(probe.result().dots, want, 1e-5)
+    probe.reset()
+    assert bool((probe.result().dots == 0).all())
+
+
+def test_probe_with_padding_and_per_token_ids(seed):
+    """Per-token ids on a model whose rows don't interact; -1 marks padding."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3)).double()
+    k = 3
+    probe = AlignmentProbe(model, k, strict=True)
+    x, target_y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
+    model.zero_grad()
+    F.mse_loss(model(x[:2]), target_y[:2]).backward()
+    probe.set_target()
+    params = list(model.parameters())
+    target = flat_grads(model, params)
+    ids = torch.randint(-1, k, (4, 6))
+    model.zero_grad()
+    with probe.record(ids):
+        ((model(x) - target_y) ** 2 * (ids >= 0)[..., None]).sum().backward()
+    want = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        ((model(x) - target_y) ** 2 * (ids == i)[..., None]).sum().backward()
+        want[i] = flat_grads(model, params) @ target
+    assert_close_scores(probe.result().dots, want, 1e-8)
+
+
+def test_probe_under_bf16_autocast_and_loss_scale(seed):
+    """bf16 autocast with a loss scale (as GradScaler applies): scores match the naive
+    method run the same way, unscaled."""
+    model, k, scale = tiny_gpt(), 3, 1024.0
+    probe = AlignmentProbe(model, k)
+    target, params = set_random_target(model, probe)
+    x, y = batch(model)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with probe.record(ids, loss_scale=scale):
+            (model(x, y)[1] * scale).backward()
+        want = naive_scores(model, x, y, ids, k, target, params)
+    assert_close_scores(probe.result().dots, want, 1e-2)
+
+
+def test_record_target_uses_ghost_form_where_cheaper(seed, monkeypatch):
+    """With the target captured from few rows, linear layers use the ghost form (checked
+    by counting calls) and the scores still match the naive method."""
+    import fastmix.ops as ops
+
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 40)).double()
+    k = 2
+    probe = AlignmentProbe(model, k, strict=True)
+    x_t, y_t = torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    model.zero_grad()
+    with probe.record_target():
+        F.mse_loss(model(x_t), y_t).backward()
+    params = list(model.parameters())
+    target = flat_grads(model, params)
+    calls = []
+    ghost = ops.domain_grad_dots_ghost
+    monkeypatch.setattr(ops, "domain_grad_dots_ghost", lambda *a, **kw: calls.append(1) or ghost(*a, **kw))
+    x, y = torch.randn(10, 32, dtype=torch.float64), torch.randn(10, 40, dtype=torch.float64)
+    ids = torch.randint(0, k, (10,))
+    model.zero_grad()
+    with probe.record(ids):
+        F.mse_loss(model(x), y, reduction="sum").backward()
+    want = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        F.mse_loss(model(x[ids == i]), y[ids == i], reduction="sum").backward()
+        want[i] = flat_grads(model, params) @ target
+    assert len(calls) == 2
+    assert_close_scores(probe.result().dots, want, 1e-8)
+
+
+def test_precondition_scales_the_target(seed):
+    model, k = tiny_gpt(torch.float64), 2
+    probe = AlignmentProbe(model, k)
+    x_t, y_t = batch(model, 3)
+    model(x_t, y_t)[1].backward()
+    precondition = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    probe.set_target(precondition=precondition)
+    params = [p for _, p in model.named_parameters()]
+    target = torch.cat([(p.grad * precondition[n]).reshape(-1) for n, p in model.named_parameters()])
+    x, y = batch(model, 4)
+    ids = torch.tensor([0, 1, 1, 0])
+    model.zero_grad()
+    with probe.record(ids):
+        model(x, y)[1].backward()
+    assert_close_scores(probe.result().dots, naive_scores(model, x, y, ids, k, target, params), 1e-5)
+
+
+class BroadcastPositions(nn.Module):
+    """Position embedding called on arange(T) and broadcast over the batch, as nanoGPT does."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(11, 8)
+        self.pos = nn.Embedding(5, 8)
+        self.out = nn.Linear(8, 11)
+
+    def forward(self, idx):
+        return self.out(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
+
+
+def test_unsplittable_module_is_reported_not_guessed(seed):
+    model = BroadcastPositions().double()
+    probe = AlignmentProbe(model, 2)
+    idx = torch.randint(0, 11, (3, 5))
+    model(idx).sum().backward()
+    probe.set_target()
+    with pytest.warns(UserWarning, match="'pos' sees inputs of leading shape"):
+        with probe.record(torch.tensor([0, 1, 1])):
+            model(idx).sum().backward()
+    assert probe.coverage.uncovered == ["pos.weight"]
+    strict = AlignmentProbe(model, 2, strict=True)
+    strict.set_target()
+    with pytest.raises(RuntimeError, match="cannot be split by domain"):
+        with strict.record(torch.tensor([0, 1, 1])):
+            model(idx)
+
+
+def test_strict_reports_uncovered_parameters():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 4, 1))
+    assert AlignmentProbe(model, 2).coverage.uncovered == ["1.bias", "1.weight"]
+    with pytest.raises(ValueError, match=r"not covered: \['1.bias', '1.weight'\]"):
+        AlignmentProbe(model, 2, strict=True)
+
+
+def test_probe_input_errors():
+    model = tiny_gpt()
+    probe = AlignmentProbe(model, 3)
+    with pytest.raises(RuntimeError, match="call set_target"):
+        with probe.record(torch.zeros(2, dtype=torch.int64)):
+            pass
+    with pytest.raises(ValueError, match="has no .grad"):
+        probe.set_target()
+    with pytest.raises(ValueError, match="missing from grads"):
+        probe.set_target({})
+    probe.set_target({n: torch.randn_like(p) for n, p in model.named_parameters()})
+    with pytest.raises(ValueError, match="domain_ids contains 3, but num_domains is 3"):
+        with probe.record(torch.tensor([0, 3])):
+            pass
+    with pytest.raises(TypeError, match="domain_ids must be an integer tensor"):
+        with probe.record(torch.tensor([0.0, 1.0])):
+            pass
