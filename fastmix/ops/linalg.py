@@ -22,9 +22,10 @@ from fastmix.ops.alignment import FLOAT_DTYPES, rowwise_bilinear
 OPS = ("batched_svd",)
 
 # CPU: the C++ Jacobi runs matrices with min(m, n) <= _CPU_JACOBI_MAX_P (measured faster
-# than LAPACK through ATen on the 2-core development machine up to there; see
+# than LAPACK through ATen on the 2-core development machine up to there, slower at
+# 96 and 128 for small batches; see
 # bench/bench_linalg.py); larger ones go to torch.linalg.svd.
-_CPU_JACOBI_MAX_P = 128
+_CPU_JACOBI_MAX_P = 64
 # CUDA: one block holds W (p x q), Z (p x p) and 2p values of the compute type, plus p ints
 # and p flags (csrc/kernels/svd_cuda.cu, shared_bytes), plus static shared memory.
 _CUDA_STATIC_SHARED = 1024
