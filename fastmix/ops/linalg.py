@@ -21,11 +21,12 @@ from fastmix.ops.alignment import FLOAT_DTYPES, rowwise_bilinear
 
 OPS = ("batched_svd",)
 
-# CPU: the C++ Jacobi runs matrices with min(m, n) <= _CPU_JACOBI_MAX_P (measured faster
-# than LAPACK through ATen on the 2-core development machine up to there, slower at
-# 96 and 128 for small batches; see
-# bench/bench_linalg.py); larger ones go to torch.linalg.svd.
-_CPU_JACOBI_MAX_P = 64
+# CPU: the C++ Jacobi runs batches of at least _CPU_JACOBI_MIN_BATCH matrices with
+# min(m, n) <= _CPU_JACOBI_MAX_P: measured faster than LAPACK through ATen there on the 2-core
+# development machine (bench/bench_linalg.py: ~3x at 8x8, ~1.5x at 32x32, ~0.95x at 64x64,
+# slower for single matrices); everything else goes to torch.linalg.svd.
+_CPU_JACOBI_MAX_P = 32
+_CPU_JACOBI_MIN_BATCH = 8
 # CUDA: one block holds W (p x q), Z (p x p) and 2p values of the compute type, plus p ints
 # and p flags (csrc/kernels/svd_cuda.cu, shared_bytes), plus static shared memory.
 _CUDA_STATIC_SHARED = 1024
@@ -35,8 +36,9 @@ _PRIMAL_RATIO = 8
 _PRIMAL_MIN_ROWS = 4096
 
 FAST_PATH_NOTE = (
-    "batched_svd fast path: CPU, C++ one-sided Jacobi for min(m, n) <= "
-    f"{_CPU_JACOBI_MAX_P}, else torch.linalg.svd (LAPACK); CUDA, one-sided Jacobi with a "
+    "batched_svd fast path: CPU, C++ one-sided Jacobi for batches >= "
+    f"{_CPU_JACOBI_MIN_BATCH} with min(m, n) <= {_CPU_JACOBI_MAX_P}, else torch.linalg.svd "
+    "(LAPACK); CUDA, one-sided Jacobi with a "
     "matrix per thread block when it fits in shared memory: "
     "b*(m*n + p*p + 2p) + 5p + 1 KiB <= the GPU's per-block opt-in limit (p = min(m, n), "
     "b = 4 for float32, 8 for float64; on an H100's 227 KiB: 64x64, 128x128, 64x256 in "
@@ -102,7 +104,8 @@ def _svd_flat(a, backend):
     name = svd_backend(a.device, backend)
     if name != "reference" and a.numel():
         explicit = backend is not None
-        if name == "cpu" and (explicit or min(m, n) <= _CPU_JACOBI_MAX_P):
+        if name == "cpu" and (explicit or (min(m, n) <= _CPU_JACOBI_MAX_P
+                                           and a.shape[0] >= _CPU_JACOBI_MIN_BATCH)):
             return torch.ops.fastmix.batched_svd(a)
         if name == "cuda" and (explicit or _cuda_fits(m, n, a.dtype, a.device)):
             return torch.ops.fastmix.batched_svd(a)
