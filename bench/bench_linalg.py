@@ -13,14 +13,14 @@ against one read of the matrix (a.sum()) and the rowwise_bilinear pass alone.
 
 On CPU, cases with batch·p²·q > 2²⁷ (p = min(m, n), q = max(m, n)) run only with
 FASTMIX_BENCH_FULL=1, except the CPU goal case (1024 of 64x64). On a GPU every case runs.
-Each group names its baseline; at the end the ratios baseline/fastmix of every group are
-printed (run with -s to see them) and stored in each benchmark's extra_info.
+Each group names its baseline; bench/conftest.py prints every test's ratio to it at the end.
 """
 import os
 
 import pytest
 import torch
 
+from conftest import synchronize
 from fastmix.ops import _backends, batched_svd, ridge_leverage_scores, rowwise_bilinear
 
 FULL = os.environ.get("FASTMIX_BENCH_FULL") == "1"
@@ -30,7 +30,6 @@ SHAPES = [(8, 8), (32, 32), (64, 64), (64, 256), (256, 256)]
 CPU_BUDGET = 2**27
 GOALS = {("cpu", 1024, 64, 64), ("cuda", 4096, 64, 64)}
 LAM = 1.0
-MEDIANS = {}  # group -> {name: median seconds}
 
 
 def cases():
@@ -46,11 +45,6 @@ def cases():
                 yield pytest.param(device, batch, m, n, id=f"{device}-b{batch}-{m}x{n}")
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run(benchmark, group, name, fn, device, work):
     """Times fn (a warm-up call first); fewer rounds for the heavy cases."""
     benchmark.group = group
@@ -58,12 +52,12 @@ def run(benchmark, group, name, fn, device, work):
 
     def call():
         fn()
-        sync(device)
+        synchronize(device)
 
     call()
     rounds = 3 if device == "cpu" and work > 2**24 else 10
     benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
-    MEDIANS.setdefault(group, {})[name] = benchmark.stats.stats.median
+    benchmark.extra_info["baseline"] = "(baseline)" in name
     benchmark.extra_info["device"] = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
 
 
@@ -153,18 +147,3 @@ def test_streaming_leverage(benchmark, device, m, n, impl):
     group = f"streaming leverage {device} m={m} n={n} (baseline: one read of a)"
     run(benchmark, group, impl, fns[impl], device, 2**25)
     benchmark.extra_info["bytes"] = a.numel() * a.element_size()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def print_ratios():
-    yield
-    if not MEDIANS:
-        return
-    print("\n\nratios (baseline median / median; > 1: faster than the baseline)")
-    for group, medians in MEDIANS.items():
-        base = next((v for k, v in medians.items() if "baseline" in k), None)
-        if base is None:
-            continue
-        cells = [f"{name}: {base / value:.2f}x ({value * 1e3:.2f} ms)"
-                 for name, value in medians.items() if "baseline" not in name]
-        print(f"{group} [{base * 1e3:.2f} ms]: " + "; ".join(cells))

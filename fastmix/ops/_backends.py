@@ -11,6 +11,7 @@ import warnings
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
+TRITON_OPS = frozenset({"rowwise_bilinear", "ghost_dots"})  # ops with a kernel in fastmix/ops/triton
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
@@ -69,7 +70,7 @@ def available(op, backend, device_type):
     if backend == "cuda":
         return device_type == "cuda" and has_kernel(op, "CUDA")
     if backend == "triton":
-        return TRITON_INSTALLED and (device_type == "cuda" or triton_interpreted())
+        return op in TRITON_OPS and TRITON_INSTALLED and (device_type == "cuda" or triton_interpreted())
     return False
 
 
@@ -80,6 +81,8 @@ def choose(op, device, backend=None):
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if backend == "triton" and op not in TRITON_OPS:
+            raise ValueError(f"{op} has no triton backend; use 'cpu', 'cuda', 'reference' or None")
         if not available(op, backend, device_type):
             raise ValueError(
                 f"backend={backend!r} cannot run {op} on {device_type} tensors here "

@@ -86,16 +86,8 @@ def _cuda_fits(m, n, dtype, device):
 
 
 def svd_backend(device, backend=None):
-    """The backend batched_svd uses on `device`: "cpu", "cuda" or "reference" (it has no
-    Triton kernel)."""
-    if backend == "triton":
-        raise ValueError("batched_svd has no triton backend; use 'cpu', 'cuda', 'reference' "
-                         "or None")
-    name = _backends.choose("batched_svd", device, backend)
-    if name == "triton":  # the device's first choice, but batched_svd has no Triton kernel
-        device_type = torch.device(device).type
-        name = "cuda" if _backends.available("batched_svd", "cuda", device_type) else "reference"
-    return name
+    """The backend batched_svd uses on `device`: "cpu", "cuda" or "reference"."""
+    return _backends.choose("batched_svd", device, backend)
 
 
 def _svd_flat(a, backend):
