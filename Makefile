@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-DEPS   := numpy pytest pytest-benchmark hypothesis triton tqdm matplotlib ninja
+DEPS   := numpy pytest pytest-benchmark hypothesis triton tqdm matplotlib ninja tokenizers
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
 .PHONY: setup build test test-cpp test-py demo bench clean
