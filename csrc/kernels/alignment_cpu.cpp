@@ -16,12 +16,6 @@
 #define FASTMIX_X86_AVX2 1
 #endif
 
-#if defined(__GNUC__)
-#define FASTMIX_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTMIX_ALWAYS_INLINE inline
-#endif
-
 namespace fastmix {
 namespace {
 

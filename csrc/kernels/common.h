@@ -5,6 +5,21 @@
 #include <cstdint>
 #include <cstring>
 
+// Hot loops of the CPU kernels: compiled for AVX-512, AVX2+FMA and the baseline, picked at
+// load time (GCC function multi-versioning); helpers forced inline into them.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(__CUDACC__)
+#define FASTMIX_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTMIX_MULTIVERSION
+#endif
+
+#if defined(__GNUC__)
+#define FASTMIX_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FASTMIX_ALWAYS_INLINE inline
+#endif
+
 namespace fastmix {
 
 // Element type of the floating-point inputs. Results are float32 for f32/bf16/f16

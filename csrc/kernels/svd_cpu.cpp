@@ -20,19 +20,6 @@
 
 #include "svd.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FASTMIX_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTMIX_MULTIVERSION
-#endif
-
-#if defined(__GNUC__)
-#define FASTMIX_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define FASTMIX_ALWAYS_INLINE inline
-#endif
-
 namespace fastmix {
 namespace {
 
