@@ -36,3 +36,26 @@ def seed(request):
     request.node.user_properties.append(("seed", value))
     print(f"seed={value}")
     return value
+
+
+def random_matrix(kind, shape, generator):
+    """A fresh random float64 (..., m, n) matrix of a kind that stresses linear algebra."""
+    *batch, m, n = shape
+    g = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
+    if kind == "gaussian":
+        return g(*shape)
+    if kind == "rank_deficient":
+        r = max(1, min(m, n) // 2)
+        return g(*batch, m, r) @ g(*batch, r, n)
+    if kind == "duplicated_rows":
+        a = g(*shape)
+        a[..., 1::2, :] = a[..., :1, :]
+        return a
+    if kind == "graded":  # singular values over 4 decades
+        u, _ = torch.linalg.qr(g(*batch, m, min(m, n)))
+        v, _ = torch.linalg.qr(g(*batch, n, min(m, n)))
+        s = torch.logspace(0, -4, min(m, n), dtype=torch.float64)
+        return (u * s) @ v.transpose(-1, -2)
+    if kind == "zeros":
+        return torch.zeros(*shape, dtype=torch.float64)
+    raise ValueError(kind)

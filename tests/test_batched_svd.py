@@ -5,10 +5,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import HAS_GPU, random_matrix
 from fastmix.ops import _backends, batched_svd
 from fastmix.ops.linalg import FAST_PATH_NOTE, svd_backend
 
-HAS_GPU = torch.cuda.is_available()
 COMPILED_CPU = _backends.has_kernel("batched_svd", "CPU")
 
 
@@ -22,27 +22,7 @@ def device_backends():
 
 
 def make(kind, shape, dtype, device, generator):
-    """A fresh random (..., m, n) input of the given kind."""
-    *batch, m, n = shape
-    g = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
-    if kind == "gaussian":
-        a = g(*shape)
-    elif kind == "rank_deficient":
-        r = max(1, min(m, n) // 2)
-        a = g(*batch, m, r) @ g(*batch, r, n)
-    elif kind == "duplicated_rows":
-        a = g(*batch, m, n)
-        a[..., 1::2, :] = a[..., :1, :]
-    elif kind == "graded":  # singular values over 4 decades
-        u, _ = torch.linalg.qr(g(*batch, m, min(m, n)))
-        v, _ = torch.linalg.qr(g(*batch, n, min(m, n)))
-        s = torch.logspace(0, -4, min(m, n), dtype=torch.float64)
-        a = (u * s) @ v.transpose(-1, -2)
-    elif kind == "zeros":
-        a = torch.zeros(*shape, dtype=torch.float64)
-    else:
-        raise ValueError(kind)
-    return a.to(dtype).to(device)
+    return random_matrix(kind, shape, generator).to(dtype).to(device)
 
 
 def check_svd(a, u, s, vh, tol):

@@ -1,16 +1,10 @@
 """ridge_leverage_scores against numpy float64 on fresh random inputs, SVD and primal forms."""
-import os
-
 import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before any Triton kernel module is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from fastmix.ops import _backends, reference, ridge_leverage_scores  # noqa: E402
-
-HAS_GPU = torch.cuda.is_available()
+from conftest import HAS_GPU, random_matrix
+from fastmix.ops import _backends, reference, ridge_leverage_scores
 COMPILED_CPU = _backends.has_kernel("batched_svd", "CPU")
 
 
@@ -47,19 +41,7 @@ def svd_backends():
 
 
 def inputs(kind, shape, generator, scale=1.0):
-    *batch, m, n = shape
-    g = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
-    if kind == "gaussian":
-        a = g(*shape)
-    elif kind == "rank_deficient":
-        r = max(1, min(m, n) // 2)
-        a = g(*batch, m, r) @ g(*batch, r, n)
-    elif kind == "duplicated_rows":
-        a = g(*shape)
-        a[..., 1::3, :] = a[..., :1, :]
-    else:
-        raise ValueError(kind)
-    return (a * scale).float()
+    return (random_matrix(kind, shape, generator) * scale).float()
 
 
 SHAPES = {"square": (2, 9, 9), "tall": (2, 20, 6), "wide": (2, 6, 20), "k1": (3, 1, 5),
