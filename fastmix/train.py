@@ -41,6 +41,9 @@ class TrainConfig:
     mixer_options: dict = _opt(None, "mixer option KEY=VALUE (VALUE parsed as JSON if it can be); repeatable",
                                flag="--mixer-option")
     target: Optional[str] = _opt(None, "target task the mixer optimizes for (default: the store's first target)")
+    dga_mode: Optional[str] = _opt(None, "how dga/universal estimate the alignment scores: 'stratified' (one balanced "
+                                         "pass, default), 'inline' (the training pass itself) or 'exact' (a "
+                                         "backward per domain, slow); same as --mixer-option mode=...")
     max_steps: int = _opt(300, "optimizer steps to train for (with --resume: up to this step)")
     lr_decay_steps: Optional[int] = _opt(None, "steps of the cosine schedule (default: --max-steps)")
     batch_size: int = _opt(16, "sequences per micro-batch, per process")
@@ -233,7 +236,12 @@ def _train(config, rank, world, device):
                           n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
                           bias=config.bias)).to(device)
     optimizer = _optimizer(model, config, device)
-    mixer = build_mixer(config.mixer, store, **config.mixer_options)
+    mixer_options = dict(config.mixer_options)
+    if config.dga_mode is not None:
+        if config.mixer not in ("dga", "universal"):
+            raise ValueError(f"--dga-mode is for --mixer dga or universal, not {config.mixer!r}")
+        mixer_options.setdefault("mode", config.dga_mode)
+    mixer = build_mixer(config.mixer, store, **mixer_options)
     sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
                              allocation=config.allocation)
     start_step = 0
@@ -241,8 +249,11 @@ def _train(config, rank, world, device):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
         mixer.load_state_dict(ckpt["mixer"])
+        sampler_state = ckpt["sampler"]
+        if len(sampler_state["weights"]) != store.num_domains:  # domains added to the store since
+            sampler_state = {**sampler_state, "weights": mixer.weights.numpy()}
+        sampler.load_state_dict(sampler_state)
         _set_rng_states(ckpt["rng"])
         start_step = ckpt["step"]
     records = _read_metrics(metrics_path, start_step) if config.resume else []
@@ -277,6 +288,22 @@ def _train(config, rank, world, device):
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def mixer_context(step, lr, batch, grad_clip_coef=1.0):
+        def target_batch(rows=None):
+            return to_device(*sampler.target_batch(target, rows or config.batch_size))
+
+        return MixerContext(
+            step=step, lr=lr, model=model, optimizer=optimizer, batch=batch, loss_fn=lm_loss,
+            target_batch=target_batch if target else None,
+            balanced_batch=lambda rows: to_device(*sampler.balanced_batch(rows)),
+            device=device, autocast=autocast, num_domains=store.num_domains, grad_clip_coef=grad_clip_coef)
+
+    # optional hooks of the Mixer protocol (fastmix.mixing.base)
+    mixer_record = getattr(mixer, "record", None)
+    if hasattr(mixer, "prepare"):
+        mixer.prepare(mixer_context(start_step, _lr_at(start_step, config), None))
+        sampler.set_weights(mixer.weights)
+
     if start_step == 0:
         log(0, _lr_at(0, config), None, mixer.weights, evaluate=True)
 
@@ -293,25 +320,26 @@ def _train(config, rank, world, device):
         weights = mixer.weights  # the weights this step's batches are drawn with
         optimizer.zero_grad(set_to_none=True)
         micro_batches = []
+        step_ctx = mixer_context(step + 1, lr, None) if mixer_record else None
         for micro in range(config.grad_accum):
             x, y, domain_ids = to_device(*sampler.next_batch())
             micro_batches.append((x, y, domain_ids))
             last = micro == config.grad_accum - 1
-            with (contextlib.nullcontext() if last or world == 1 else train_model.no_sync()), autocast():
-                loss = lm_loss(train_model, x, y) / config.grad_accum
-            loss.backward()
+            # the mixer's view of the training pass (DGA inline, online Chameleon), if it wants one
+            with mixer_record(step_ctx, domain_ids) if mixer_record else contextlib.nullcontext():
+                with (contextlib.nullcontext() if last or world == 1 else train_model.no_sync()), autocast():
+                    loss = lm_loss(train_model, x, y) / config.grad_accum
+                loss.backward()
             window_loss += loss.detach()
+        clip_coef = 1.0
         if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            clip_coef = torch.clamp(config.grad_clip / (norm + 1e-6), max=1.0)  # what clipping multiplied by
         optimizer.step()
         done = step + 1
 
         batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
-        mixer.update(MixerContext(
-            step=done, lr=lr, model=model, optimizer=optimizer, batch=batch, loss_fn=lm_loss,
-            target_batch=(lambda: to_device(*sampler.target_batch(target, config.batch_size))) if target else None,
-            balanced_batch=lambda rows: to_device(*sampler.balanced_batch(rows)),
-            device=device, autocast=autocast, num_domains=store.num_domains))
+        mixer.update(mixer_context(done, lr, batch, clip_coef))
         sampler.set_weights(mixer.weights)
         window_steps += 1
         bar.update(1)

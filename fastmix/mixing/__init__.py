@@ -1,5 +1,10 @@
-"""Mixers: the Mixer protocol, its registry, and the mixers (DGA, Chameleon register here too)."""
+"""Mixers: the Mixer protocol, its registry, and the mixers: uniform, temperature, DGA,
+universal (DoGE-style) and Chameleon."""
 from fastmix.mixing.base import MIXERS, Mixer, MixerContext, build_mixer, register_mixer
 from fastmix.mixing.baselines import StaticMixer, Temperature, Uniform
+from fastmix.mixing.dga import DGA
+from fastmix.mixing.universal import Universal
+from fastmix.mixing.chameleon import Chameleon
 
-__all__ = ["MIXERS", "Mixer", "MixerContext", "build_mixer", "register_mixer", "StaticMixer", "Temperature", "Uniform"]
+__all__ = ["MIXERS", "Mixer", "MixerContext", "build_mixer", "register_mixer", "StaticMixer", "Temperature", "Uniform",
+           "DGA", "Universal", "Chameleon"]

@@ -5,6 +5,19 @@ cleared at the start of the next one, so a mixer may run its own backward passes
 feeds `mixer.weights` to the sampler for the next batch. The mixer decides by itself whether
 a step is an update step (e.g. every `interval` steps). Under torch.distributed every rank
 must end up with the same weights (the sampler checks nothing; the loop checks at evals).
+
+Two optional hooks, for mixers that need more than `update` (the loop calls them only if the
+mixer has them):
+
+- `prepare(ctx)`: once before the first step of a run, fresh or resumed (`ctx.step` is the
+  number of steps already taken, `ctx.batch` is None). E.g. Chameleon computes embeddings of
+  domains added to the store since the checkpoint.
+- `record(ctx, domain_ids)`: a context manager that the loop enters around the forward and
+  backward of every micro-batch of the training step (`ctx.step` is the step being taken,
+  1-based; `ctx.batch` is None). This is how a mixer observes the training pass itself
+  (DGA's inline mode: AlignmentProbe; online Chameleon: hidden states). Gradients are zero
+  when the first micro-batch's context is entered, so a mixer may run a backward of its own
+  there (and must leave `.grad` zeroed).
 """
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional, Protocol, runtime_checkable
@@ -20,11 +33,15 @@ class MixerContext:
     optimizer: torch.optim.Optimizer
     batch: tuple                   # (x, y, domain_ids) of the step, on `device`
     loss_fn: Callable              # loss_fn(model, x, y) -> scalar loss
-    target_batch: Optional[Callable]  # target_batch() -> (x, y) of the target task on `device`; None without a target
+    target_batch: Optional[Callable]  # target_batch(rows=None) -> (x, y) of the target task on `device`
+    #                                   (rows: default the micro-batch size); None without a target
     balanced_batch: Callable       # balanced_batch(rows_per_domain) -> (x, y, domain_ids), rows of every domain
     device: torch.device
     autocast: Callable[[], ContextManager]  # autocast() -> the loop's mixed-precision context
     num_domains: int
+    # the factor gradient clipping multiplied this step's gradients by (1.0: not clipped); the
+    # gradients in `.grad` during `update` are the clipped ones
+    grad_clip_coef: float = 1.0
 
 
 @runtime_checkable
@@ -38,6 +55,8 @@ class Mixer(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    # optional: prepare(ctx) -> None; record(ctx, domain_ids) -> ContextManager (see above)
 
 
 # name -> factory(store, **options) -> Mixer. New mixers register with one entry.

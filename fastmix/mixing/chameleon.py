@@ -1,0 +1,205 @@
+"""Chameleon as a mixer: domain weights from ridge leverage scores of domain embeddings
+(fastmix.chameleon.chameleon_weights; the recipe is in DESIGN.md and that module).
+
+source="offline": embeddings from a fastmix checkpoint (`checkpoint=PATH`, e.g. a short uniform
+    run: the proxy model), computed once before the first step on `rows_per_domain` balanced
+    rows per domain, weights computed once.
+source="online" (default): embeddings of the model being trained, gathered for free from the
+    training forward passes (an EmbeddingAccumulator on the middle block, fed the domain ids by
+    the loop's `record` hook); every `interval` steps the weights are recomputed from the
+    window's embeddings and the window restarts. Domains that had no row in the window get
+    theirs from one no-grad forward of a balanced batch (rows of those domains only).
+Transfer: a run resumed on a store with more domains (same names first, new ones anywhere)
+    gives the new domains embeddings before its first step (offline: with the checkpoint model;
+    online: all domains re-embedded by the current model) and recomputes the weights from all
+    of them: no restart, no proxy retraining.
+
+Under torch.distributed the embedding sums and counts are all-reduced, so every rank computes
+the same weights. `floor` mixes the weights with uniform (α ← (1 − ε)α + ε/k).
+"""
+import contextlib
+import warnings
+
+import torch
+
+from fastmix.chameleon import EmbeddingAccumulator, chameleon_weights, domain_embeddings
+from fastmix.mixing.base import register_mixer
+from fastmix.mixing.dga import _all_reduce, shard_balanced, _world
+
+SOURCES = ("online", "offline")
+
+
+class Chameleon:
+    def __init__(self, domains, source="online", checkpoint=None, lam=10.0, mode="pretrain", temperature=None,
+                 interval=10, rows_per_domain=4, floor=0.0, layer="middle"):
+        if isinstance(domains, int):
+            domains = [f"d{i}" for i in range(domains)]
+        self.domains = list(domains)
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if source == "offline" and not checkpoint:
+            raise ValueError("source='offline' needs checkpoint=PATH (a fastmix ckpt.pt, the proxy model)")
+        if mode not in ("pretrain", "finetune"):
+            raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
+        if not 0 <= floor <= 1:
+            raise ValueError(f"floor must be in [0, 1], got {floor}")
+        if int(interval) < 1 or int(rows_per_domain) < 1:
+            raise ValueError("interval and rows_per_domain must be >= 1")
+        self.source, self.checkpoint, self.lam, self.mode = source, checkpoint, float(lam), mode
+        self.temperature = temperature
+        self.interval, self.rows_per_domain, self.floor, self.layer = int(interval), int(rows_per_domain), float(floor), layer
+        k = len(self.domains)
+        self._weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        self.embeddings = None      # (k, d) float64 CPU, the ones the weights were computed from
+        self._missing = list(range(k)) if source == "offline" else []  # domains still without embedding
+        self._acc = None
+        self._acc_model = None
+        self._acc_state = None      # accumulator sums/counts restored from a checkpoint
+        self.skipped = 0
+        self._warned = False
+
+    @property
+    def num_domains(self):
+        return len(self.domains)
+
+    @property
+    def weights(self):
+        return self._weights.clone()
+
+    # ------------------------------------------------------------------ protocol
+    def prepare(self, ctx):
+        if not self._missing:
+            return
+        if self.source == "offline":
+            new = self._offline_embeddings(ctx, self._missing)
+            embeddings = self.embeddings if self.embeddings is not None else \
+                torch.zeros(self.num_domains, new.shape[1], dtype=torch.float64)
+            embeddings[self._missing] = new
+        else:
+            embeddings = self._balanced_embeddings(ctx, list(range(self.num_domains)), ctx.model, self.layer)
+        self._missing = []
+        if _world()[1] > 1:  # one rank's numbers for all (the balanced batch is the same on every rank)
+            embeddings = embeddings.to(ctx.device)
+            torch.distributed.broadcast(embeddings, 0)
+        self._set_weights(embeddings)
+
+    def record(self, ctx, domain_ids):
+        if self.source == "online":
+            self._accumulator(ctx.model).set_domains(domain_ids)
+        return contextlib.nullcontext()
+
+    def update(self, ctx):
+        if self.source != "online" or ctx.step % self.interval != 0:
+            return
+        acc = self._accumulator(ctx.model)
+        counts = _all_reduce(acc.counts.clone())
+        missing = [i for i in range(self.num_domains) if float(counts[i]) <= 0]
+        if missing:  # a no-grad forward of balanced rows of those domains, into the accumulator
+            x, _, ids = shard_balanced(*ctx.balanced_batch(self.rows_per_domain * _world()[1]), self.num_domains)
+            keep = torch.zeros(self.num_domains, dtype=torch.bool, device=ids.device)
+            keep[missing] = True
+            ids = torch.where(keep[ids], ids, torch.full_like(ids, -1))
+            was_training = ctx.model.training
+            ctx.model.eval()
+            with torch.no_grad(), ctx.autocast():
+                acc.set_domains(ids)
+                ctx.model(x)
+            ctx.model.train(was_training)
+        sums = _all_reduce(acc.sums.clone())
+        counts = _all_reduce(acc.counts.clone())
+        acc.reset()
+        self._set_weights((sums / counts.clamp(min=1e-300).unsqueeze(1)).cpu())
+
+    def state_dict(self):
+        state = {"weights": self._weights.clone(), "domains": list(self.domains), "skipped": self.skipped,
+                 "embeddings": None if self.embeddings is None else self.embeddings.clone(),
+                 "missing": list(self._missing)}
+        if self._acc is not None and self._acc.sums is not None:
+            state["accumulator"] = {"sums": self._acc.sums.cpu().clone(), "counts": self._acc.counts.cpu().clone()}
+        return state
+
+    def load_state_dict(self, state):
+        old = list(state["domains"])
+        gone = [d for d in old if d not in self.domains]
+        if gone:
+            raise ValueError(f"chameleon: domains {gone} of the checkpoint are not in the store any more")
+        index = torch.tensor([self.domains.index(d) for d in old], dtype=torch.long)
+        k, added = self.num_domains, [i for i, d in enumerate(self.domains) if d not in old]
+        weights = torch.zeros(k, dtype=torch.float64)  # provisional for new domains: uniform share
+        weights[index] = state["weights"].to(torch.float64).cpu() * len(old) / k
+        weights[added] = 1.0 / k
+        self._weights = weights / weights.sum()
+        self.skipped = int(state.get("skipped", 0))
+        self.embeddings = None
+        if state.get("embeddings") is not None:
+            saved = state["embeddings"].to(torch.float64).cpu()
+            self.embeddings = torch.zeros(k, saved.shape[1], dtype=torch.float64)
+            self.embeddings[index] = saved
+        missing = {int(index[i]) for i in state.get("missing", [])}
+        self._missing = sorted(missing | set(added))
+        self._acc_state = None
+        if "accumulator" in state:
+            acc = state["accumulator"]
+            sums = torch.zeros(k, acc["sums"].shape[1], dtype=torch.float64)
+            counts = torch.zeros(k, dtype=torch.float64)
+            sums[index], counts[index] = acc["sums"].to(torch.float64), acc["counts"].to(torch.float64)
+            self._acc_state = (sums, counts)
+            if self._acc is not None:
+                self._install_acc_state()
+
+    # ------------------------------------------------------------------ internals
+    def _accumulator(self, model):
+        if self._acc is None or self._acc_model is not model:
+            if self._acc is not None:
+                self._acc.remove()
+            self._acc = EmbeddingAccumulator(model, self.num_domains, self.layer)
+            self._acc_model = model
+            self._install_acc_state()
+        return self._acc
+
+    def _install_acc_state(self):
+        if self._acc_state is None:
+            return
+        sums, counts = self._acc_state
+        device = next(self._acc_model.parameters()).device
+        self._acc.sums, self._acc.counts = sums.to(device), counts.to(device)
+        self._acc_state = None
+
+    def _set_weights(self, embeddings):
+        embeddings = embeddings.to(torch.float64).cpu()
+        if not bool(torch.isfinite(embeddings).all()):
+            self.skipped += 1
+            if not self._warned:
+                warnings.warn("chameleon: non-finite domain embeddings; update skipped (weights unchanged)",
+                              RuntimeWarning, stacklevel=3)
+                self._warned = True
+            return False
+        self.embeddings = embeddings
+        w = chameleon_weights(embeddings, self.lam, self.mode, self.temperature).to(torch.float64)
+        w = (1 - self.floor) * w + self.floor / self.num_domains
+        self._weights = w / w.sum()
+        return True
+
+    def _balanced_embeddings(self, ctx, domains, model, layer):
+        """(len(domains), d) embeddings of `model` from balanced rows (the same on every rank)."""
+        x, _, ids = ctx.balanced_batch(self.rows_per_domain)
+        block = getattr(getattr(model, "config", None), "block_size", x.shape[1])
+        x = x[:, :block]
+        device = next(model.parameters()).device
+        batches = [[x[ids == i].to(device)] for i in domains]
+        return domain_embeddings(model, batches, layer, device=device, progress=False).to(torch.float64).cpu()
+
+    def _offline_embeddings(self, ctx, domains):
+        from fastmix.model import GPT, GPTConfig
+
+        ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        cfg, state = ckpt["config"], ckpt["model"]
+        model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=state["lm_head.weight"].shape[0],
+                              n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0,
+                              bias=cfg["bias"]))
+        model.load_state_dict(state)
+        model.to(ctx.device)
+        return self._balanced_embeddings(ctx, domains, model, "middle")
+
+
+register_mixer("chameleon", lambda store, **options: Chameleon(store.domains, **options))

@@ -1,0 +1,215 @@
+"""DGA and Universal: the three estimators agree with the published one, the update rule,
+robustness (simplex, floor, NaN), and state."""
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+
+from fastmix.mixing import DGA, MixerContext, Universal
+from fastmix.mixing.dga import exact_scores, flat_grad, probe_scores
+from fastmix.model import GPT, GPTConfig, lm_loss
+from fastmix.probe import AlignmentProbe
+
+K, VOCAB, T = 4, 29, 12
+
+
+def tiny_gpt(dtype=torch.float32):
+    return GPT(GPTConfig(block_size=T, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=16)).to(dtype)
+
+
+def tokens(rows):
+    x = torch.randint(0, VOCAB, (rows, T + 1))
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def balanced(rows_per_domain, k=K):
+    x, y = tokens(rows_per_domain * k)
+    return x, y, torch.arange(k).repeat_interleave(rows_per_domain)
+
+
+class Data:
+    """Deterministic batches for a fake MixerContext: the same draws for every mixer."""
+
+    def __init__(self, seed, k=K):
+        self.seed, self.k, self.calls = seed, k, 0
+
+    def _gen(self):
+        self.calls += 1
+        return torch.Generator().manual_seed(self.seed * 1000 + self.calls)
+
+    def target_batch(self, rows=None):
+        x = torch.randint(0, VOCAB // 2, (rows or 4, T + 1), generator=self._gen())  # a "task": low tokens
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    def balanced_batch(self, rows):
+        x = torch.randint(0, VOCAB, (rows * self.k, T + 1), generator=self._gen())
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous(), torch.arange(self.k).repeat_interleave(rows)
+
+
+def make_ctx(model, data, step=10, lr=1e-3, optimizer=None, batch=None, clip=1.0):
+    return MixerContext(step=step, lr=lr, model=model, optimizer=optimizer or torch.optim.AdamW(model.parameters()),
+                        batch=batch, loss_fn=lm_loss, target_batch=data.target_batch,
+                        balanced_batch=data.balanced_batch, device=torch.device("cpu"),
+                        autocast=contextlib.nullcontext, num_domains=data.k, grad_clip_coef=clip)
+
+
+def target_flat(model, x, y):
+    model.zero_grad(set_to_none=True)
+    lm_loss(model, x, y).backward()
+    return flat_grad(model)
+
+
+def rel_err(got, want):
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_stratified_matches_exact_on_the_same_batch(seed, dtype):
+    """The tested claim: one pass with the probe = k backward passes with flattened gradients."""
+    model = tiny_gpt(dtype)
+    tx, ty = tokens(3)
+    probe = AlignmentProbe(model, K, strict=True)
+    model.zero_grad()
+    with probe.record_target():
+        lm_loss(model, tx, ty).backward()
+    target = flat_grad(model)
+    x, y, ids = balanced(3)
+    model.zero_grad(set_to_none=True)
+    fast = probe_scores(probe, model, lm_loss, x, y, ids)
+    slow = exact_scores(model, lm_loss, x, y, ids, target, K)
+    assert rel_err(fast, slow) < (1e-3 if dtype == torch.float32 else 1e-9), (fast, slow)
+    assert bool((slow != 0).all())
+
+
+@pytest.mark.parametrize("precondition", ["none", "adam"])
+def test_mixer_modes_exact_and_stratified_agree(seed, precondition):
+    model = tiny_gpt()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = tokens(4)
+    lm_loss(model, x, y).backward()
+    optimizer.step()  # Adam state for the preconditioner
+    got = {}
+    for mode in ("exact", "stratified"):
+        mixer = DGA(K, mode=mode, precondition=precondition, rows_per_domain=2, interval=5)
+        mixer.update(make_ctx(model, Data(seed), step=10, optimizer=optimizer))
+        got[mode] = mixer.scores
+        assert mixer.updates == 1
+        assert all(p.grad is None for p in model.parameters())  # the mixer leaves no gradient behind
+    assert rel_err(got["stratified"], got["exact"]) < 1e-3, got
+
+
+def test_inline_scores_the_training_batch(seed):
+    """Inline: the probe on the training pass (two micro-batches) gives the exact scores of
+    that batch, against the target taken at the same parameters."""
+    model = tiny_gpt(torch.float64)
+    mixer = DGA(K, mode="inline", interval=2)
+    data = Data(seed)
+    micro = [balanced(2) for _ in range(2)]
+    ctx = make_ctx(model, data, step=4)
+    model.zero_grad(set_to_none=True)
+    for x, y, ids in micro:
+        with mixer.record(ctx, ids):
+            (lm_loss(model, x, y) / 2).backward()
+    mixer.update(ctx)
+    tx, ty = Data(seed).target_batch(mixer.target_rows)  # the same draw the mixer made
+    target = target_flat(model, tx, ty)
+    x, y, ids = (torch.cat(parts) for parts in zip(*micro))
+    want = exact_scores(model, lm_loss, x, y, ids, target, K)
+    assert rel_err(mixer.scores, want) < 1e-9
+    # a batch without domain 3: its score stays; off-interval steps record nothing
+    last = mixer.scores.clone()
+    x, y, ids = balanced(2)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    ctx = make_ctx(model, data, step=6)
+    model.zero_grad(set_to_none=True)
+    with mixer.record(ctx, ids):
+        lm_loss(model, x, y).backward()
+    mixer.update(ctx)
+    assert mixer.scores[3] == last[3] and mixer.scores[0] != last[0]
+    assert isinstance(mixer.record(make_ctx(model, data, step=7), ids), contextlib.nullcontext)
+
+
+def test_universal_target_is_the_training_gradient(seed):
+    model = tiny_gpt(torch.float64)
+    x, y = tokens(4)
+    model.zero_grad()
+    lm_loss(model, x, y).backward()
+    for p in model.parameters():
+        p.grad.mul_(0.5)  # as if clipping had halved it
+    training = flat_grad(model) / 0.5
+    mixer = Universal(K, rows_per_domain=2, interval=1)
+    data = Data(seed)
+    mixer.update(make_ctx(model, data, step=1, clip=torch.tensor(0.5)))
+    bx, by, bids = Data(seed).balanced_batch(2)
+    want = exact_scores(model, lm_loss, bx, by, bids, training, K)
+    assert rel_err(mixer.scores, want) < 1e-9
+
+
+def test_update_rule(seed):
+    k, lr, step_size, ema, floor = 5, 2e-3, 100.0, 0.3, 0.1
+    mixer = DGA(k, step_size=step_size, ema=ema, floor=floor)
+    w = mixer.weights
+    for _ in range(3):
+        a = torch.randn(k, dtype=torch.float64)
+        mixer.apply(a, lr)
+        proposal = w * torch.exp(lr * step_size * a)
+        proposal /= proposal.sum()
+        w = (1 - floor) * (ema * w + (1 - ema) * proposal) + floor / k
+        torch.testing.assert_close(mixer.weights, w, rtol=1e-12, atol=1e-15)
+    assert torch.equal(mixer.scores, a)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.05, 1.0])
+def test_weights_stay_on_the_simplex_whatever_the_scores(seed, floor):
+    k = 7
+    mixer = DGA(k, floor=floor, ema=0.0)
+    for scale in [1e-30, 1.0, 1e3, 1e30, 1e300]:
+        for _ in range(3):
+            mixer.apply(torch.randn(k, dtype=torch.float64) * scale, 3e-3)
+            w = mixer.weights
+            assert bool(torch.isfinite(w).all()) and abs(float(w.sum()) - 1) < 1e-6
+            assert float(w.min()) >= floor / k * (1 - 1e-9)
+    assert mixer.skipped == 0
+
+
+def test_non_finite_scores_skip_the_update_with_one_warning():
+    mixer = DGA(3)
+    mixer.apply(torch.tensor([1.0, 2.0, 3.0]), 1e-3)
+    before = mixer.weights
+    with pytest.warns(RuntimeWarning, match="non-finite alignment scores"):
+        assert mixer.apply(torch.tensor([1.0, math.nan, 0.0]), 1e-3) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second one is silent
+        assert mixer.apply(torch.tensor([math.inf, 0.0, 0.0]), 1e-3) is False
+    assert torch.equal(mixer.weights, before) and mixer.skipped == 2 and mixer.updates == 1
+
+
+def test_state_round_trip_and_mismatch(seed):
+    mixer = DGA(4, mode="inline")
+    for _ in range(3):
+        mixer.apply(torch.randn(4), 1e-2)
+    other = DGA(4, mode="inline")
+    other.load_state_dict(mixer.state_dict())
+    assert torch.equal(other.weights, mixer.weights) and torch.equal(other.scores, mixer.scores)
+    assert other.updates == 3
+    other.apply(torch.ones(4), 1e-2)
+    mixer.apply(torch.ones(4), 1e-2)
+    assert torch.equal(other.weights, mixer.weights)
+    with pytest.raises(ValueError, match="state is for 4 domains"):
+        DGA(5).load_state_dict(mixer.state_dict())
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="mode"):
+        DGA(3, mode="fast")
+    with pytest.raises(ValueError, match="precondition"):
+        DGA(3, precondition="sgd")
+    with pytest.raises(ValueError, match="ema"):
+        DGA(3, ema=1.0)
+    model = tiny_gpt()
+    ctx = make_ctx(model, Data(0), step=10)
+    ctx.target_batch = None
+    with pytest.raises(ValueError, match="needs a target task"):
+        DGA(K).update(ctx)
