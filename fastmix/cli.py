@@ -9,6 +9,12 @@ def _cmd_info(args):
     print_info()
 
 
+def _cmd_bench(args):
+    from fastmix.quickbench import run
+
+    run(args.device, args.rows, args.width, args.domains, args.batch)
+
+
 def _cmd_train(args):
     from fastmix.train import config_from_args, train
 
@@ -84,7 +90,24 @@ def build_parser():
                                        "-m fastmix.train.")
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
+
+    bench = sub.add_parser("bench", help="time each op on every backend here against plain torch",
+                           description="Time each op on every available backend against the torch code one "
+                                       "would write instead (the full suite: `make bench` in a checkout).")
+    bench.add_argument("--device", default="cuda" if _gpu_visible() else "cpu", choices=["cpu", "cuda"],
+                       help="where to run (default: cuda when a GPU is visible)")
+    bench.add_argument("--rows", type=int, default=4096, help="rows (tokens) N of domain_grad_dots (default 4096)")
+    bench.add_argument("--width", type=int, default=768, help="layer width d of domain_grad_dots (default 768)")
+    bench.add_argument("--domains", type=int, default=64, help="number of domains k (default 64)")
+    bench.add_argument("--batch", type=int, default=256, help="batch of 64x64 matrices for batched_svd (default 256)")
+    bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _gpu_visible():
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv=None):
