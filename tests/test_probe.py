@@ -117,7 +117,9 @@ def test_probe_with_padding_and_per_token_ids(seed):
 
 def test_probe_under_bf16_autocast_and_loss_scale(seed):
     """bf16 autocast with a loss scale (as GradScaler applies): scores match the naive
-    method run the same way, unscaled."""
+    method run the same way, unscaled. The tolerance is bf16's, not fp32's: under autocast
+    the naive per-domain weight gradients come out of bf16 matmuls, each element rounded to
+    8 bits (measured: ~0.4% of the largest score), while the probe accumulates in fp32."""
     model, k, scale = tiny_gpt(), 3, 1024.0
     probe = AlignmentProbe(model, k)
     target, params = set_random_target(model, probe)
