@@ -125,10 +125,13 @@ class Chameleon:
             raise ValueError(f"chameleon: domains {gone} of the checkpoint are not in the store any more")
         index = torch.tensor([self.domains.index(d) for d in old], dtype=torch.long)
         k, added = self.num_domains, [i for i, d in enumerate(self.domains) if d not in old]
-        weights = torch.zeros(k, dtype=torch.float64)  # provisional for new domains: uniform share
-        weights[index] = state["weights"].to(torch.float64).cpu() * len(old) / k
-        weights[added] = 1.0 / k
-        self._weights = weights / weights.sum()
+        saved = state["weights"].to(torch.float64).cpu()
+        if added:  # provisional until prepare(): the new domains get a uniform share
+            weights = torch.zeros(k, dtype=torch.float64)
+            weights[index] = saved * len(old) / k
+            weights[added] = 1.0 / k
+            saved = weights / weights.sum()
+        self._weights = saved.clone()
         self.skipped = int(state.get("skipped", 0))
         self.embeddings = None
         if state.get("embeddings") is not None:

@@ -1,0 +1,164 @@
+"""The online mixers in the training loop: exact resume, Chameleon (online, offline, transfer to
+new domains), DDP on 2 CPU processes (identical weights on every rank), the CLI."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastmix.chameleon import chameleon_weights
+from fastmix.cli import build_parser
+from fastmix.data import DomainStore, StoreWriter, build_builtin
+from fastmix.mixing import Chameleon
+from fastmix.train import TrainConfig, train
+
+TINY = dict(batch_size=4, block_size=16, n_layer=2, n_head=2, n_embd=16, warmup_steps=2, eval_batches=1,
+            quiet=True, plot=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "builtin"
+    build_builtin(path, train_tokens=4000, val_tokens=400, target_train_tokens=400)
+    return str(path)
+
+
+def _run(store_dir, out, **overrides):
+    return train(TrainConfig(data=store_dir, out=str(out), **{**TINY, **overrides}))
+
+
+def _check_simplex(weights, floor=0.0):
+    values = list(weights.values()) if isinstance(weights, dict) else weights.tolist()
+    assert all(np.isfinite(values)) and abs(sum(values) - 1) < 1e-6
+    assert min(values) >= floor / len(values) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("mixer,options", [
+    ("dga", {"mode": "stratified"}), ("dga", {"mode": "inline", "precondition": "adam"}),
+    ("universal", {"mode": "inline", "interval": 1}), ("chameleon", {"interval": 2}),
+], ids=["dga-stratified", "dga-inline-adam", "universal-inline", "chameleon-online"])
+def test_resume_is_exact(store_dir, tmp_path, mixer, options):
+    common = dict(mixer=mixer, mixer_options={"interval": 2, **options}, log_interval=1, eval_interval=4,
+                  checkpoint_interval=3, lr_decay_steps=8)
+    full = _run(store_dir, tmp_path / "full", max_steps=8, **common).metrics
+    _run(store_dir, tmp_path / "part", max_steps=3, **common)
+    resumed = _run(store_dir, tmp_path / "part", max_steps=8, resume=True, **common).metrics
+    for a, b in zip(full, resumed):
+        assert a["train_loss"] == b["train_loss"] and a["weights"] == b["weights"], a["step"]
+    assert full[-1]["weights"] != full[0]["weights"]  # it did move
+    for r in full:
+        _check_simplex(r["weights"], 0.05 if mixer != "chameleon" else 0.0)
+
+
+def test_chameleon_online_weights_come_from_the_training_forwards(seed):
+    from fastmix.mixing import MixerContext
+    from fastmix.model import GPT, GPTConfig, lm_loss
+
+    k = 3
+    model = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=2, n_head=2, n_embd=8))
+    mixer = Chameleon(k, interval=2, lam=1.0)
+    x = torch.randint(0, 17, (6, 8))
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    ctx = MixerContext(step=2, lr=1e-3, model=model, optimizer=None, batch=None, loss_fn=lm_loss,
+                       target_batch=None, balanced_batch=None, device=torch.device("cpu"),
+                       autocast=torch.autocast("cpu", enabled=False).__class__ and (lambda: torch.no_grad()),
+                       num_domains=k)
+    hidden = []
+    handle = model.transformer.h[0].register_forward_hook(lambda m, a, out: hidden.append(out.mean(1)))
+    with mixer.record(ctx, ids):
+        lm_loss(model, x, x).backward()
+    handle.remove()
+    mixer.update(ctx)
+    pooled = hidden[0].double()
+    embeddings = torch.stack([pooled[ids == i].mean(0) for i in range(k)])
+    torch.testing.assert_close(mixer.weights, chameleon_weights(embeddings, 1.0).double(), rtol=1e-5, atol=1e-7)
+
+
+def _store_with_extra_domain(src, dst):
+    """A copy of the store `src` with one more domain ('extra', copied from a target's text)."""
+    store = DomainStore(src)
+    with StoreWriter(dst, store.tokenizer, relations=store.relations) as w:
+        for name in store.domains:
+            w.add(name, np.array(store.tokens(name, "train")), np.array(store.tokens(name, "val")))
+        w.add("extra", np.array(store.tokens("strings", "train")), np.array(store.tokens("strings", "val")))
+        for name in store.targets:
+            w.add(name, np.array(store.tokens(name, "train")), np.array(store.tokens(name, "val")), target=True)
+    return str(dst)
+
+
+@pytest.mark.parametrize("source", ["offline", "online"])
+def test_chameleon_transfer_to_domains_added_on_resume(store_dir, tmp_path, source):
+    proxy = _run(store_dir, tmp_path / "proxy", max_steps=2)
+    options = {"interval": 2}
+    if source == "offline":
+        options.update(source="offline", checkpoint=os.path.join(proxy.out, "ckpt.pt"))
+    first = _run(store_dir, tmp_path / "run", max_steps=2, mixer="chameleon", mixer_options=options)
+    if source == "offline":
+        assert first.metrics[0]["weights"] == first.metrics[-1]["weights"]  # computed once, before step 1
+        assert len(set(first.metrics[0]["weights"].values())) > 1
+    bigger = _store_with_extra_domain(store_dir, tmp_path / "bigger")
+    resumed = _run(bigger, tmp_path / "run", max_steps=4, resume=True, mixer="chameleon", mixer_options=options)
+    mixer = resumed.mixer
+    assert mixer.domains[-1] == "extra" and mixer.weights.shape == (11,)
+    weights = resumed.metrics[-1]["weights"]
+    _check_simplex(weights)
+    assert weights["extra"] > 0
+    if source == "offline":  # the saved embeddings plus the new domain's, through the same recipe
+        torch.testing.assert_close(mixer.weights, chameleon_weights(mixer.embeddings).double())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_RUNS = [("dga", {"mode": "stratified", "interval": 1}), ("dga", {"mode": "inline", "interval": 1}),
+            ("dga", {"mode": "exact", "interval": 2}), ("chameleon", {"interval": 1})]
+
+
+def _ddp_worker(rank, world, port, store_dir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        weights = {}
+        for i, (mixer, options) in enumerate(DDP_RUNS):
+            # the loop itself checks at every log step that all ranks hold the same weights
+            result = train(TrainConfig(data=store_dir, out=os.path.join(out, str(i)), mixer=mixer,
+                                       mixer_options=options, max_steps=3, log_interval=1, eval_interval=3,
+                                       **TINY))
+            weights[i] = result.mixer.weights
+        torch.save(weights, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_ddp_ranks_hold_identical_weights(store_dir, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), store_dir, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for i in r0:
+        assert torch.equal(r0[i], r1[i]), DDP_RUNS[i]
+        assert not torch.equal(r0[i], torch.full_like(r0[i], 0.1)), DDP_RUNS[i]  # updated
+
+
+def test_cli_help_and_dga_run(store_dir, tmp_path, capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--dga-mode" in text and "inline" in text and "chameleon" in text and "universal" in text
+    args = parser.parse_args(["train", "--data", store_dir, "--out", str(tmp_path / "cli"), "--mixer", "dga",
+                              "--target", "strings", "--dga-mode", "inline", "--mixer-option", "interval=1",
+                              "--max-steps", "2", "--batch-size", "4", "--block-size", "16", "--n-layer", "1",
+                              "--n-embd", "16", "--n-head", "2", "--eval-batches", "1", "--quiet", "--no-plot",
+                              "--device", "cpu"])
+    args.func(args)
+    records = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and records[-1]["weights"] != records[0]["weights"]
+    with pytest.raises(ValueError, match="--dga-mode is for"):
+        _run(store_dir, tmp_path / "bad", max_steps=1, mixer="uniform", dga_mode="inline")
