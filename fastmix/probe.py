@@ -20,6 +20,7 @@ is then exactly what the rows of its sequences contribute.
 """
 import contextlib
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,18 @@ from fastmix.ops.alignment import ghost_is_cheaper
 from fastmix.ops.reference import segment_sum
 
 HOOKED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+
+
+def _hookable(module):
+    """Modules whose parameter gradients the probe can split by row. An Embedding that scales
+    gradients by frequency or makes them sparse is not one of them."""
+    if isinstance(module, nn.Embedding):
+        return not (module.scale_grad_by_freq or module.sparse)
+    return isinstance(module, HOOKED)
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass
@@ -52,6 +65,7 @@ class Coverage:
 class AlignmentResult:
     dots: torch.Tensor  # (k,) float64: ⟨∇L_i, V⟩ for the loss backpropagated while recording
     counts: torch.Tensor  # (k,) int64: domain ids seen per domain (rows or sequences)
+    missing: list  # hooked layers that never ran while recording: their parameters scored nothing
 
 
 class AlignmentProbe:
@@ -62,16 +76,19 @@ class AlignmentProbe:
         self.strict = strict
         excluded = {id(m) for m in exclude}
         self._sites = [(name, m) for name, m in model.named_modules()
-                       if isinstance(m, HOOKED) and id(m) not in excluded]
+                       if _hookable(m) and id(m) not in excluded]
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._unsplittable = set()  # site names whose inputs carry no batch dimension
+        self._fired = set()  # site names whose hooks ran while recording
         if strict and self.coverage.uncovered:
             raise ValueError(f"AlignmentProbe(strict=True): parameters not covered: {self.coverage.uncovered}")
-        self._handles = [m.register_forward_hook(self._forward_hook) for _, m in self._sites]
+        self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for _, m in self._sites]
         self._site_names = {id(m): name for name, m in self._sites}
-        uses = [id(p) for _, m in self._sites for p in self._site_params(m)]
-        self._used_once = {pid for pid in uses if uses.count(pid) == 1}  # tied weights are not
+        # A weight registered once in the whole model has its target from one layer alone;
+        # a tied one (embedding = LM head) sums its uses, so the ghost form can't serve it.
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        self._used_once = {pid for pid, count in uses.items() if count == 1}
         self._target = None  # {id(param): dense target tensor}
         self._target_rows = {}  # {id(linear): (x_t, δ_t)} for the ghost form
         self._target_calls = None  # {id(linear): [[x_t, δ_t], ...]} while record_target runs
@@ -87,11 +104,17 @@ class AlignmentProbe:
         return [p for p in params if p is not None and p.requires_grad]
 
     def _covered_ids(self):
-        return {id(p) for name, m in self._sites if name not in self._unsplittable
+        """Parameters of the sites that can be scored: all hooked ones until a record has run,
+        then those whose hooks ran (a Linear whose weight is used functionally, e.g. inside
+        nn.MultiheadAttention, never runs its hook) and could be split by row."""
+        return {id(p) for name, m in self._sites
+                if name not in self._unsplittable and (not self._fired or name in self._fired)
                 for p in self._site_params(m)}
 
     @property
     def coverage(self):
+        """Covered and uncovered trainable parameters: from module types at first, from the
+        hooks that actually ran once a batch has been recorded."""
         covered = self._covered_ids()
         names = lambda ps: sorted(self._names.get(id(p), "?") for p in ps)  # noqa: E731
         inside = [p for p in self._trainable if id(p) in covered]
@@ -122,17 +145,18 @@ class AlignmentProbe:
                 value = value * precondition[name].to(value.dtype)
             target[pid] = value
         self._target = target
-        if precondition is not None:
-            self._target_rows = {}  # P ⊙ V is not of the low-rank form the ghost needs
+        self._target_rows = {}  # only record_target() (which calls this first) sets them
         return self
 
     @contextlib.contextmanager
     def record_target(self, *, loss_scale=1.0):
         """Around the forward and backward of the target batch (with gradients zeroed
         before): snapshots `.grad` as the target, and keeps each linear layer's target
-        rows so layers where it is cheaper use the ghost form."""
+        rows so layers where it is cheaper use the ghost form. Under torch.distributed
+        the rows would be this rank's alone while `.grad` may be averaged, so only `.grad`
+        is kept there."""
         calls = {}
-        self._target_calls = calls
+        self._target_calls = calls if _world_size() == 1 else None
         self._inv_scale = 1.0 / loss_scale
         try:
             yield self
@@ -156,6 +180,7 @@ class AlignmentProbe:
             raise RuntimeError("AlignmentProbe.record: call set_target() or record_target() first")
         ids = self._check_ids(domain_ids)
         self._ids = ids
+        self._ids_on = {ids.device: ids}  # moved once per device the layers run on
         self._inv_scale = 1.0 / loss_scale
         counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
         self._counts = counts if self._counts is None else self._counts + counts
@@ -178,18 +203,26 @@ class AlignmentProbe:
         self._counts = None
 
     def result(self, *, all_reduce=None):
-        """The accumulated scores. Under torch.distributed, summed over ranks (default
-        when a process group is initialised), so every rank sees the same numbers."""
-        dots = self._dots if self._dots is not None else torch.zeros(self.num_domains, dtype=torch.float64)
+        """The accumulated scores. Under torch.distributed (by default when a process
+        group is initialised) the dots are averaged over ranks, as DDP averages gradients,
+        and the counts summed, so every rank sees the same numbers."""
+        device = next(iter(self._target.values())).device if self._target else torch.device("cpu")
+        dots = self._dots if self._dots is not None else torch.zeros(self.num_domains, dtype=torch.float64, device=device)
         counts = self._counts if self._counts is not None else torch.zeros(self.num_domains, dtype=torch.int64)
         counts = counts.to(dots.device)
+        missing = sorted({name for name, _ in self._sites} - self._fired) if self._fired else []
+        if self.strict and missing:
+            raise RuntimeError(f"AlignmentProbe(strict=True): hooked layers never ran while recording "
+                               f"(weights used functionally?): {missing}")
+        world = _world_size()
         if all_reduce is None:
-            all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            all_reduce = world > 1
         if all_reduce:
             dots, counts = dots.clone(), counts.clone()
             dist.all_reduce(dots)
             dist.all_reduce(counts)
-        return AlignmentResult(dots=dots, counts=counts)
+            dots /= world
+        return AlignmentResult(dots=dots, counts=counts, missing=missing)
 
     def remove(self):
         """Detaches the hooks from the model."""
@@ -198,10 +231,10 @@ class AlignmentProbe:
         self._handles = []
 
     # ------------------------------------------------------------------ hooks
-    def _forward_hook(self, module, args, output):
+    def _forward_hook(self, module, args, kwargs, output):
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        x = args[0].detach()
+        x = (args[0] if args else kwargs["input"]).detach()
         if isinstance(module, nn.Linear) and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # what F.linear multiplied
         inv_scale = self._inv_scale
@@ -209,11 +242,15 @@ class AlignmentProbe:
             if isinstance(module, nn.Linear):
                 call = [x, None]
                 self._target_calls.setdefault(id(module), []).append(call)
-                output.register_hook(lambda grad: call.__setitem__(1, grad.detach() * inv_scale))
+                # unscaled in fp32 or wider: fp16 gradients divided by a loss scale underflow
+                output.register_hook(lambda grad: call.__setitem__(
+                    1, grad.detach().to(torch.promote_types(grad.dtype, torch.float32)) * inv_scale))
             return
         if self._ids is None:
             return
-        row_ids = self._row_ids(self._leading_shape(module, x), self._site_names[id(module)])
+        name = self._site_names[id(module)]
+        self._fired.add(name)
+        row_ids = self._row_ids(self._leading_shape(module, x), name, x.device)
         if row_ids is not None:
             output.register_hook(lambda grad: self._accumulate(module, x, grad, row_ids, inv_scale))
 
@@ -225,9 +262,11 @@ class AlignmentProbe:
         feature_dims = len(module.normalized_shape) if isinstance(module, nn.LayerNorm) else 1
         return tuple(x.shape[:-feature_dims])
 
-    def _row_ids(self, shape, name):
-        """Domain id per row of a layer input whose leading dims are `shape`."""
-        ids = self._ids
+    def _row_ids(self, shape, name, device):
+        """Domain id per row of a layer input whose leading dims are `shape`, on `device`."""
+        if device not in self._ids_on:
+            self._ids_on[device] = self._ids.to(device, non_blocking=True)
+        ids = self._ids_on[device]
         if shape[: ids.dim()] == tuple(ids.shape):
             return ids.reshape(ids.shape + (1,) * (len(shape) - ids.dim())).expand(shape).reshape(-1)
         if name not in self._unsplittable:
@@ -271,7 +310,7 @@ class AlignmentProbe:
         if id(module.weight) in target:
             rows = self._target_rows.get(id(module))
             if rows is not None and id(module.weight) in self._used_once and ghost_is_cheaper(
-                    x2.shape[0], rows[0].shape[0], x2.shape[1], g2.shape[1]):
+                    x2.shape[0], rows[0].shape[0], x2.shape[1], g2.shape[1], target_formed=True):
                 dots = ops.domain_grad_dots_ghost(x2, g2, row_ids, k, rows[0].to(work), rows[1].to(work),
                                                   validate_ids=False)
             else:

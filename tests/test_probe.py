@@ -234,3 +234,102 @@ def test_probe_input_errors():
     with pytest.raises(TypeError, match="domain_ids must be an integer tensor"):
         with probe.record(torch.tensor([0.0, 1.0])):
             pass
+
+
+def test_set_target_drops_ghost_rows_of_an_earlier_record_target(seed):
+    model = nn.Sequential(nn.Linear(64, 64)).double()
+    probe = AlignmentProbe(model, 2)
+    with probe.record_target():
+        model(torch.randn(1, 64, dtype=torch.float64)).sum().backward()
+    new_target = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    probe.set_target(new_target)  # a dense target now: the old rows must not be used
+    x, ids = torch.randn(8, 64, dtype=torch.float64), torch.tensor([0, 1] * 4)
+    model.zero_grad()
+    with probe.record(ids):
+        model(x).pow(2).sum().backward()
+    want = torch.zeros(2, dtype=torch.float64)
+    for i in range(2):
+        model.zero_grad()
+        model(x[ids == i]).pow(2).sum().backward()
+        want[i] = sum((p.grad * new_target[n]).sum() for n, p in model.named_parameters())
+    assert_close_scores(probe.result().dots, want, 1e-8)
+
+
+def test_ghost_rows_keep_their_precision_under_a_loss_scale(seed):
+    """fp16 output gradients unscaled in fp16 would underflow; the ghost form must agree
+    with the dense form."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64)).half()
+    x_t, x = torch.randn(1, 64).half(), torch.randn(8, 64).half()
+    ids, scale = torch.tensor([0, 1] * 4), 65536.0
+    scores = []
+    for capture_rows in (True, False):
+        probe = AlignmentProbe(model, 2)
+        model.zero_grad()
+        if capture_rows:
+            with probe.record_target(loss_scale=scale):
+                (model(x_t).float().sum() * 1e-7 * scale).backward()
+        else:
+            (model(x_t).float().sum() * 1e-7 * scale).backward()
+            probe.set_target(loss_scale=scale)
+        model.zero_grad()
+        with probe.record(ids):
+            model(x).float().pow(2).sum().backward()
+        scores.append(probe.result().dots)
+        probe.remove()
+    assert_close_scores(scores[0], scores[1], 1e-2)
+
+
+def test_layers_whose_hooks_never_run_are_reported():
+    """nn.MultiheadAttention uses out_proj.weight without calling out_proj."""
+    model = nn.ModuleDict(dict(attn=nn.MultiheadAttention(8, 2, batch_first=True), head=nn.Linear(8, 1)))
+    def loss(x):
+        return model["head"](model["attn"](x, x, x)[0]).sum()
+    probe = AlignmentProbe(model, 2, exclude=[model["attn"]])
+    loss(torch.randn(2, 3, 8)).backward()
+    probe.set_target()
+    assert "attn.out_proj.weight" not in probe.coverage.uncovered  # not known before a record
+    with probe.record(torch.tensor([0, 1])):
+        loss(torch.randn(2, 3, 8)).backward()
+    assert probe.result().missing == ["attn.out_proj"]
+    assert {"attn.out_proj.weight", "attn.out_proj.bias"} <= set(probe.coverage.uncovered)
+    probe.strict = True
+    with pytest.raises(RuntimeError, match=r"never ran while recording .*\['attn.out_proj'\]"):
+        probe.result()
+
+
+def test_keyword_input_and_unsupported_embeddings():
+    model = nn.ModuleDict(dict(emb=nn.Embedding(5, 4, scale_grad_by_freq=True), lin=nn.Linear(4, 2)))
+    probe = AlignmentProbe(model, 2)
+    assert probe.coverage.uncovered == ["emb.weight"]  # frequency-scaled gradients can't be split by row
+    x = torch.randn(3, 4)
+    model["lin"](input=x).sum().backward()
+    probe.set_target()
+    with probe.record(torch.tensor([0, 1, 1])):
+        model["lin"](input=x).sum().backward()
+    assert probe.result().dots.abs().sum() > 0
+
+
+def test_tied_weight_never_takes_the_ghost_form_even_when_a_use_is_excluded(seed):
+    """lm_head shares wte's weight: its target is the sum over both uses, which lm_head's
+    target rows alone do not give, so the ghost form must not serve it."""
+    model = tiny_gpt(torch.float64)
+    x_t, y_t = batch(model, batch_size=1)
+    x, y = batch(model)
+    ids = torch.tensor([0, 1, 0, 1, 0, 1])
+    scores = []
+    for capture_rows in (True, False):
+        probe = AlignmentProbe(model, 2, exclude=[model.transformer.wte])
+        model.zero_grad()
+        if capture_rows:
+            with probe.record_target():
+                model(x_t, y_t)[1].backward()
+        else:
+            model(x_t, y_t)[1].backward()
+            probe.set_target()
+        model.zero_grad()
+        with probe.record(ids):
+            model(x, y)[1].backward()
+        scores.append(probe.result().dots)
+        probe.remove()
+    assert_close_scores(scores[0], scores[1], 1e-8)

@@ -1,5 +1,5 @@
-"""AlignmentProbe under torch.distributed (2 gloo CPU processes): result() sums the ranks'
-scores, so every rank sees the scores of the global batch."""
+"""AlignmentProbe under torch.distributed (2 gloo CPU processes): result() averages the
+ranks' scores, as DDP averages their gradients, so every rank sees the same numbers."""
 import os
 import socket
 
@@ -45,7 +45,7 @@ def _worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def test_result_is_summed_over_ranks(tmp_path):
+def test_result_is_averaged_over_ranks(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -60,5 +60,5 @@ def test_result_is_summed_over_ranks(tmp_path):
         _scores(model, probe, x, domain_ids)
     want = probe.result(all_reduce=False)
     for rank in ranks:
-        torch.testing.assert_close(rank["dots"], want.dots, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(rank["dots"], want.dots / 2, rtol=1e-10, atol=1e-12)
         assert rank["counts"].tolist() == want.counts.tolist() == [3, 2, 3]

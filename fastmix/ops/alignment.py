@@ -8,6 +8,8 @@ domain i is G_i = Σ_{n∈i} δ_n x_nᵀ, so against a target gradient V:
 and when V = Δ_tᵀ X_t comes from few target rows, the "ghost" form
 ⟨G_i, V⟩ = Σ_{n∈i} Σ_t (x_n·x_t)(δ_n·δ_t) costs N·M·(d_in+d_out) instead of N·d_in·d_out.
 """
+import math
+
 import torch
 
 from fastmix.ops import _backends, reference
@@ -102,11 +104,16 @@ def _run_ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments, b
     return torch.ops.fastmix.ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments)
 
 
-def ghost_is_cheaper(n_rows, n_target_rows, d_in, d_out):
-    """FLOPs of the ghost form vs forming V once and running the GEMM form."""
+def ghost_is_cheaper(n_rows, n_target_rows, d_in, d_out, target_formed=False):
+    """FLOPs of the ghost form vs the GEMM form (plus forming V, unless it exists)."""
     ghost = n_rows * n_target_rows * (d_in + d_out)
-    dense = n_target_rows * d_in * d_out + n_rows * d_in * d_out
+    dense = n_rows * d_in * d_out + (0 if target_formed else n_target_rows * d_in * d_out)
     return ghost < dense
+
+
+def _rows(t):
+    """`t` (..., d) as a 2-D (rows, d) matrix, also when d or a leading dim is 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 # ---------------------------------------------------------------- public ops
@@ -127,8 +134,7 @@ def rowwise_bilinear(a, m, b, segment_ids=None, num_segments=None, *, backend=No
         if segment_ids is None or num_segments is None:
             raise ValueError("segment_ids and num_segments must be given together")
         ids = _flat_segment_ids(segment_ids, num_segments, a.shape[:-1], a.device, validate_ids)
-    return _run_rowwise_bilinear(a.reshape(-1, a.shape[-1]), m, b.reshape(-1, b.shape[-1]),
-                                 ids, num_segments or 0, backend)
+    return _run_rowwise_bilinear(_rows(a), m, _rows(b), ids, num_segments or 0, backend)
 
 
 def domain_grad_dots(x, grad_out, segment_ids, num_segments, target, *, backend=None,
@@ -144,8 +150,7 @@ def domain_grad_dots(x, grad_out, segment_ids, num_segments, target, *, backend=
     _check_rows("grad_out", grad_out, "x", x)
     _check_matrix("target", target, (grad_out.shape[-1], x.shape[-1]), "x", x)
     ids = _flat_segment_ids(segment_ids, num_segments, x.shape[:-1], x.device, validate_ids)
-    return _run_rowwise_bilinear(grad_out.reshape(-1, grad_out.shape[-1]), target,
-                                 x.reshape(-1, x.shape[-1]), ids, num_segments, backend)
+    return _run_rowwise_bilinear(_rows(grad_out), target, _rows(x), ids, num_segments, backend)
 
 
 def domain_grad_dots_ghost(x, grad_out, segment_ids, num_segments, target_x, target_grad_out,
@@ -165,13 +170,14 @@ def domain_grad_dots_ghost(x, grad_out, segment_ids, num_segments, target_x, tar
             f"and grad_out's d_out={grad_out.shape[-1]}"
         )
     ids = _flat_segment_ids(segment_ids, num_segments, x.shape[:-1], x.device, validate_ids)
-    x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
-    tx, tg = target_x.reshape(-1, x.shape[-1]), target_grad_out.reshape(-1, grad_out.shape[-1])
+    x2, g2, tx, tg = _rows(x), _rows(grad_out), _rows(target_x), _rows(target_grad_out)
     if ghost_is_cheaper(x2.shape[0], tx.shape[0], x2.shape[1], g2.shape[1]):
         return _run_ghost_dots(x2, g2, tx, tg, ids, num_segments, backend)
+    # The formed target is a sum of products: kept in the accumulation dtype (the rows are
+    # widened to match), never rounded back to a 16-bit input dtype.
     acc = reference.accumulation_dtype(x.dtype)
-    target = (tg.to(acc).T @ tx.to(acc)).to(x.dtype)
-    return _run_rowwise_bilinear(g2, target, x2, ids, num_segments, backend)
+    target = tg.to(acc).T @ tx.to(acc)
+    return _run_rowwise_bilinear(g2.to(acc), target, x2.to(acc), ids, num_segments, backend)
 
 
 # ---------------------------------------------------------------- torch.compile support

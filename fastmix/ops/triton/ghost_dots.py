@@ -18,11 +18,11 @@ def _ghost_dots_kernel(x_ptr, g_ptr, tx_ptr, tg_ptr, ids_ptr, out_ptr, n_rows, n
                        d_in, d_out, num_segments, HAS_SEGMENTS: tl.constexpr, ACC: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # offsets pass 2**31
     row_mask = rows < n_rows
     totals = tl.zeros((BLOCK_N,), dtype=ACC)
     for t0 in range(0, n_target, BLOCK_M):
-        targets = t0 + tl.arange(0, BLOCK_M)
+        targets = (t0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         target_mask = targets < n_target
         x_dots = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
         x_dots = tile_product(x_dots, x_ptr, rows, row_mask, tx_ptr, targets, target_mask, d_in,

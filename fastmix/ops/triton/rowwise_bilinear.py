@@ -20,11 +20,11 @@ def _rowwise_bilinear_kernel(a_ptr, m_ptr, b_ptr, ids_ptr, out_ptr, n_rows, p, q
                              HAS_SEGMENTS: tl.constexpr, ACC: tl.constexpr,
                              INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # offsets pass 2**31
     row_mask = rows < n_rows
     totals = tl.zeros((BLOCK_N,), dtype=ACC)
     for p0 in range(0, p, BLOCK_P):
-        cols = p0 + tl.arange(0, BLOCK_P)
+        cols = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
         col_mask = cols < p
         products = tl.zeros((BLOCK_N, BLOCK_P), dtype=ACC)
         products = tile_product(products, b_ptr, rows, row_mask, m_ptr, cols, col_mask, q,
