@@ -35,8 +35,8 @@ def find_cuda_home():
 
 
 def cuda_requested():
-    forced = os.environ.get("FASTMIX_CUDA")
-    if forced not in (None, "", "0", "1"):
+    forced = os.environ.get("FASTMIX_CUDA") or None  # empty counts as unset
+    if forced not in (None, "0", "1"):
         sys.exit(f"FASTMIX_CUDA must be 0 or 1, got {forced!r}")
     return forced
 

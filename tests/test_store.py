@@ -93,3 +93,17 @@ def test_corrupt_store_gives_clear_error(tmp_path, how, message):
 def test_missing_directory(tmp_path):
     with pytest.raises(StoreError, match="fastmix prepare"):
         DomainStore(tmp_path / "nope")
+
+
+def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
+    """Only "\\n" ends a .jsonl record: U+2028 and friends are legal raw inside JSON strings."""
+    import json
+
+    from fastmix.data import DomainStore
+    from fastmix.data.prepare import prepare
+
+    texts = ["one\u2028two", "three\x1cfour\u0085five"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n", encoding="utf-8")
+    prepare(tmp_path / "store", {"d": path}, val_fraction=0.0, quiet=True)
+    assert DomainStore(tmp_path / "store").num_tokens("d") > 0

@@ -21,6 +21,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_svd_cuda_op(const at::Tensor& a) {
   const c10::cuda::CUDAGuard guard(a.device());
   auto [u, s, vh] = prepare_batched_svd(a);
+  TORCH_CHECK(a.size(0) <= INT32_MAX, "fastmix::batched_svd (CUDA): at most 2^31 - 1 matrices "
+              "a call (one thread block each), got ", a.size(0));
   const DType dtype = kernel_dtype(a, "a");
   int limit = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,

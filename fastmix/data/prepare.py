@@ -58,7 +58,10 @@ def _documents(path, start, end, text_field):
     if not path.endswith(".jsonl"):
         yield data
         return
-    for lineno, line in enumerate(data.splitlines(), 1):
+    # "\n" only: str.splitlines() would also split at U+2028 and the like, which JSON
+    # written with ensure_ascii=False carries raw inside strings.
+    for line in data.split("\n"):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -100,6 +103,8 @@ def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, tex
         [(n, os.fspath(p), True) for n, p in dict(targets).items()]
     if not named:
         raise ValueError("give at least one domain (NAME=PATH)")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     sources = [(name, list_files(path)) for name, path, _ in named]
     tok = _make_tokenizer(tokenizer, sources, text_field, bpe_vocab_size)
     workers = workers or min(os.cpu_count() or 1, 8)
