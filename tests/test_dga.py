@@ -213,3 +213,28 @@ def test_bad_options():
     ctx.target_batch = None
     with pytest.raises(ValueError, match="needs a target task"):
         DGA(K).update(ctx)
+
+
+def test_inline_reuses_its_target_for_target_every_steps(seed):
+    model = tiny_gpt(torch.float64)
+
+    def step(mixer, data, n, batch):
+        ctx = make_ctx(model, data, step=n)
+        model.zero_grad(set_to_none=True)
+        with mixer.record(ctx, batch[2]):
+            lm_loss(model, batch[0], batch[1]).backward()
+        mixer.update(ctx)
+        return mixer.scores.clone()
+
+    mixer, data = DGA(K, mode="inline", interval=1, target_every=3), Data(seed)
+    for n in (1, 2):
+        step(mixer, data, n, balanced(1))
+    state = mixer.state_dict()
+    assert state["target_step"] == 1 and "target" in state
+    resumed = DGA(K, mode="inline", interval=1, target_every=3)
+    resumed.load_state_dict(state)
+    batch = balanced(1)
+    assert torch.equal(step(mixer, data, 3, batch), step(resumed, Data(seed + 1), 3, batch))  # same reused target
+    for n in (4, 5):
+        step(mixer, data, n, balanced(1))
+    assert data.calls == 2 and mixer.updates == 5  # targets drawn at steps 1 and 4 only

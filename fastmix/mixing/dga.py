@@ -22,7 +22,10 @@ Three estimators of `a` (`mode`):
   while `.grad` is still zero, the mixer runs the target batch's forward and backward,
   snapshots `.grad` as V, and zeroes it again: V and the domain gradients are then taken at
   the same parameters θ_t, exactly like the other modes. Domains absent from the batch keep
-  their last score (0 before their first appearance).
+  their last score (0 before their first appearance). The target pass is the one extra cost,
+  so it is refreshed every `target_every` steps (default 10) and reused in between: at
+  interval >= 10 every update gets a fresh target; at interval 1 nine steps in ten reuse a
+  target up to 9 steps old (the reused target is saved with the state, for an exact resume).
 
 Score normalisation: the probe returns ⟨∇ of the backpropagated loss restricted to domain i's
 rows, V⟩. With a batch-mean loss over R rows that is (n_i / R) · ⟨∇L_i, V⟩, so
@@ -148,7 +151,7 @@ class DGA:
     tensor on the simplex, every entry >= floor / k."""
 
     def __init__(self, num_domains, step_size=100.0, ema=0.5, floor=0.05, interval=10,
-                 precondition="none", mode="stratified", rows_per_domain=1, target_rows=4):
+                 precondition="none", mode="stratified", rows_per_domain=1, target_rows=4, target_every=10):
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
         if mode not in MODES:
@@ -159,14 +162,15 @@ class DGA:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if not 0 <= floor <= 1:
             raise ValueError(f"floor must be in [0, 1], got {floor}")
-        if int(interval) < 1 or int(rows_per_domain) < 1 or int(target_rows) < 1:
-            raise ValueError("interval, rows_per_domain and target_rows must be >= 1")
+        if min(int(interval), int(rows_per_domain), int(target_rows), int(target_every)) < 1:
+            raise ValueError("interval, rows_per_domain, target_rows and target_every must be >= 1")
         if not math.isfinite(step_size) or step_size < 0:
             raise ValueError(f"step_size must be finite and >= 0, got {step_size}")
         self.num_domains = int(num_domains)
         self.step_size, self.ema, self.floor = float(step_size), float(ema), float(floor)
         self.interval, self.mode, self.precondition = int(interval), mode, precondition
         self.rows_per_domain, self.target_rows = int(rows_per_domain), int(target_rows)
+        self.target_every = int(target_every)
         self._weights = torch.full((num_domains,), 1.0 / num_domains, dtype=torch.float64)
         self.scores = torch.zeros(num_domains, dtype=torch.float64)  # last score of every domain
         self.updates = 0   # updates applied
@@ -175,6 +179,8 @@ class DGA:
         self._probe = None
         self._probe_model = None
         self._inline_step = None  # the step whose training pass the probe is recording
+        self._target_step = None  # inline: the step the probe's target was taken at
+        self._target_state = None  # inline: the target restored from a checkpoint, not yet on the probe
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -197,16 +203,33 @@ class DGA:
             return contextlib.nullcontext()
         probe = self.probe(ctx.model)
         if self._inline_step != ctx.step:  # first micro-batch of this step: .grad is zero
-            if not self._set_inline_target(ctx, probe):
-                self._inline_step = None
-                return contextlib.nullcontext()
+            if self._target_state is not None:  # resumed: the target the run was using
+                probe._target = {id(p): self._target_state[n].to(p.device) for n, p in _trainable(ctx.model)
+                                 if n in self._target_state}
+                probe._target_rows = {}
+                self._target_state = None
+            stale = self._target_step is None or ctx.step - self._target_step >= self.target_every
+            if stale:
+                if not self._set_inline_target(ctx, probe):
+                    self._inline_step = None
+                    return contextlib.nullcontext()
+                self._target_step = ctx.step
             probe.reset()
             self._inline_step = ctx.step
         return probe.record(domain_ids)
 
     def state_dict(self):
-        return {"weights": self._weights.clone(), "scores": self.scores.clone(), "updates": self.updates,
-                "skipped": self.skipped, "num_domains": self.num_domains}
+        state = {"weights": self._weights.clone(), "scores": self.scores.clone(), "updates": self.updates,
+                 "skipped": self.skipped, "num_domains": self.num_domains}
+        if self.mode == "inline" and self._target_step is not None and self.target_every > self.interval:
+            # the target is reused by later updates: keep it for an exact resume
+            if self._target_state is not None:
+                target = self._target_state
+            else:
+                names = self._probe._names
+                target = {names[pid]: t.cpu().clone() for pid, t in self._probe._target.items()}
+            state.update(target_step=self._target_step, target=target)
+        return state
 
     def load_state_dict(self, state):
         k = int(state.get("num_domains", len(state["weights"])))
@@ -216,6 +239,8 @@ class DGA:
         self._weights = state["weights"].to(torch.float64).cpu().clone()
         self.scores = state["scores"].to(torch.float64).cpu().clone()
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
+        self._target_step = state.get("target_step")
+        self._target_state = state.get("target")
 
     # ------------------------------------------------------------------ the update rule
     def apply(self, scores, lr):
@@ -260,30 +285,33 @@ class DGA:
 
     def _set_target(self, ctx, probe):
         """V = ∇L_target at the current parameters, set on the probe; `.grad` left zeroed.
-        Returns V flattened (float64) for the exact mode."""
+        Returns V flattened (float64) in the exact mode, else None."""
         model = ctx.model
         model.zero_grad(set_to_none=True)
         tx, ty = self._target_batch(ctx)
-        with probe.record_target():
+        with probe.record_target():  # sets the target from .grad (and keeps rows for the ghost form)
             with ctx.autocast():
                 loss = ctx.loss_fn(model, tx, ty)
             loss.backward()
-        return self._finish_target(ctx, probe)
+        return self._finish_target(ctx, probe, already_set=True)
 
-    def _finish_target(self, ctx, probe, scale=1.0, grads=None):
+    def _finish_target(self, ctx, probe, scale=1.0, grads=None, already_set=False):
         """Sets the probe's target to `grads` (default: the current `.grad`) / scale, times
         the preconditioner if any; zeroes `.grad`; returns the same target flattened (float64)
-        for the exact mode."""
+        in the exact mode, else None."""
         model = ctx.model
         precondition = self._precondition(ctx)
-        probe.set_target(grads, precondition=precondition, loss_scale=scale)
-        if grads is None:
-            flat = flat_grad(model)
-        else:
-            flat = torch.cat([grads[n].reshape(-1).double() for n, _ in _trainable(model)])
-        flat = flat / scale
-        if precondition is not None:
-            flat = flat * torch.cat([precondition[n].reshape(-1).double() for n, _ in _trainable(model)])
+        if precondition is not None or scale != 1.0 or not already_set:
+            probe.set_target(grads, precondition=precondition, loss_scale=scale)
+        flat = None
+        if self.mode == "exact":
+            if grads is None:
+                flat = flat_grad(model)
+            else:
+                flat = torch.cat([grads[n].reshape(-1).double() for n, _ in _trainable(model)])
+            flat = flat / scale
+            if precondition is not None:
+                flat = flat * torch.cat([precondition[n].reshape(-1).double() for n, _ in _trainable(model)])
         model.zero_grad(set_to_none=True)
         return flat
 

@@ -1,0 +1,119 @@
+"""Overhead of online mixing: training step time with each DGA mode, as a ratio to plain training
+(uniform weights) with the same sampler, model and optimizer.
+
+    pytest bench/bench_mixing.py                      # CPU (and CUDA when a GPU is visible)
+    pytest bench/bench_mixing.py -k k10
+
+One benchmark round = `interval` training steps of the loop's own step (sampler batch, forward,
+backward, clip, AdamW, mixer.update, set_weights, with the mixer's `record` hook around the
+forward and backward), so a round holds exactly one mixer update. Groups:
+
+- k10-interval1 / k10-interval10: the built-in corpus (10 domains), 2-layer 128-wide GPT, batch 16
+  × 64 tokens; plain (baseline), DGA stratified, inline and exact.
+- k8-interval1 / k64-interval1: synthetic stores of 8 and 64 domains, the same model: plain,
+  exact and stratified (the cost of an update against k).
+"""
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from fastmix.data import DomainStore, MixtureSampler, StoreWriter, builtin_store
+from fastmix.mixing import DGA, MixerContext, Uniform
+from fastmix.model import GPT, GPTConfig, lm_loss
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BATCH, BLOCK = 16, 64
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    out = {10: builtin_store()}
+    rng = np.random.default_rng(0)
+    for k in (8, 64):
+        path = tmp_path_factory.mktemp(f"k{k}") / "store"
+        with StoreWriter(path, {"type": "byte", "vocab_size": 257}) as w:
+            for i in range(k):
+                w.add(f"d{i}", rng.integers(0, 256, 5000, dtype=np.uint16), rng.integers(0, 256, 200, dtype=np.uint16))
+            w.add("target", rng.integers(0, 256, 5000, dtype=np.uint16), rng.integers(0, 256, 200, dtype=np.uint16),
+                  target=True)
+        out[k] = DomainStore(path)
+    return out
+
+
+class Loop:
+    """The training loop's step (fastmix.train), without evaluation, logging or checkpoints."""
+
+    def __init__(self, store, mixer, device):
+        torch.manual_seed(0)
+        self.device = torch.device(device)
+        self.model = GPT(GPTConfig(block_size=BLOCK, vocab_size=store.vocab_size, n_layer=2, n_head=4,
+                                   n_embd=128)).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3, fused=device == "cuda")
+        self.mixer, self.store = mixer, store
+        self.sampler = MixtureSampler(store, mixer.weights, BATCH, BLOCK, seed=0)
+        self.target = store.targets[0]
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
+            else contextlib.nullcontext
+        self.step_count = 0
+
+    def to_device(self, *tensors):
+        return tuple(t.to(self.device, non_blocking=True) for t in tensors)
+
+    def context(self, step, batch):
+        return MixerContext(step=step, lr=3e-3, model=self.model, optimizer=self.optimizer, batch=batch,
+                            loss_fn=lm_loss,
+                            target_batch=lambda rows=None: self.to_device(*self.sampler.target_batch(self.target,
+                                                                                                   rows or BATCH)),
+                            balanced_batch=lambda rows: self.to_device(*self.sampler.balanced_batch(rows)),
+                            device=self.device, autocast=self.autocast, num_domains=self.store.num_domains)
+
+    def step(self):
+        self.step_count += 1
+        record = getattr(self.mixer, "record", None)
+        self.optimizer.zero_grad(set_to_none=True)
+        x, y, ids = self.to_device(*self.sampler.next_batch())
+        with record(self.context(self.step_count, None), ids) if record else contextlib.nullcontext():
+            with self.autocast():
+                loss = lm_loss(self.model, x, y)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.mixer.update(self.context(self.step_count, (x, y, ids)))
+        self.sampler.set_weights(self.mixer.weights)
+
+    def steps(self, n):
+        for _ in range(n):
+            self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def _bench(benchmark, stores, k, interval, mode, device):
+    store = stores[k]
+    mixer = Uniform(store.num_domains) if mode == "plain" else DGA(store.num_domains, mode=mode, interval=interval)
+    loop = Loop(store, mixer, device)
+    loop.steps(interval)  # warm-up (one update)
+    rounds = (3 if mode == "exact" else 8 if interval > 1 else 15) if device == "cpu" else 20
+    benchmark.group = f"k{k}-interval{interval}-{device}"
+    benchmark.pedantic(loop.steps, args=(interval,), rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(mode=mode, k=k, interval=interval, device=device,
+                                ms_per_step=benchmark.stats.stats.median * 1e3 / interval)
+    if mode == "plain":
+        benchmark.extra_info["baseline"] = True
+    loop.sampler.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["plain", "stratified", "inline", "exact"])
+@pytest.mark.parametrize("interval", [1, 10])
+def test_dga_overhead(benchmark, stores, interval, mode, device):
+    _bench(benchmark, stores, 10, interval, mode, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["plain", "stratified", "exact"])
+@pytest.mark.parametrize("k", [8, 64])
+def test_exact_vs_stratified_in_k(benchmark, stores, k, mode, device):
+    _bench(benchmark, stores, k, 1, mode, device)
