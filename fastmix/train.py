@@ -101,11 +101,20 @@ def _setup_distributed(device):
 def _open_store(data, rank, world):
     if data != "builtin":
         return DomainStore(data)
+    if world == 1:
+        return builtin_store()
+    # Rank 0 builds the cached corpus once; the others wait for it, and hear if it failed
+    # (a plain barrier would leave them waiting forever).
+    error = [None]
     if rank == 0:
-        store = builtin_store()
-    if world > 1:
-        dist.barrier()  # rank 0 builds the cached corpus once; the others wait for it
-    return store if rank == 0 else builtin_store()
+        try:
+            builtin_store()
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = [f"{type(exc).__name__}: {exc}"]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RuntimeError(f"rank 0 could not build the built-in corpus: {error[0]}")
+    return builtin_store()
 
 
 def _lr_at(step, config):
@@ -166,11 +175,12 @@ def _rng_states():
 
 
 def _set_rng_states(states):
-    torch.set_rng_state(states["torch"])
+    # RNG states must be CPU byte tensors, wherever the checkpoint was mapped to.
+    torch.set_rng_state(states["torch"].cpu())
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def _save_checkpoint(path, step, model, optimizer, sampler, mixer, config):
