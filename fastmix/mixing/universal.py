@@ -19,7 +19,7 @@ from fastmix.mixing.dga import DGA, _build
 
 
 class Universal(DGA):
-    def __init__(self, num_domains, step_size=100.0, ema=0.5, floor=0.05, interval=10, precondition="none",
+    def __init__(self, num_domains, step_size=100.0, ema=0.2, floor=0.05, interval=10, precondition="none",
                  mode="stratified", rows_per_domain=1):
         super().__init__(num_domains, step_size=step_size, ema=ema, floor=floor, interval=interval,
                          precondition=precondition, mode=mode, rows_per_domain=rows_per_domain, target_every=1)
