@@ -38,7 +38,11 @@ class TrainConfig:
     data: str = _opt("builtin", "token store directory (from `fastmix prepare`), or 'builtin' for the built-in corpus")
     out: str = _opt("runs/fastmix", "run directory: metrics.jsonl, ckpt.pt, config.json, weights.png")
     mixer: str = _opt("uniform", "mixer that sets the domain weights (see `--mixer-option`)")
-    mixer_options: dict = _opt(None, "mixer option KEY=VALUE (VALUE parsed as JSON if it can be); repeatable",
+    mixer_options: dict = _opt(None, "mixer option KEY=VALUE (VALUE parsed as JSON if it can be); repeatable. "
+                                     "dga/universal: step_size, ema, floor, interval, precondition=none|adam, "
+                                     "rows_per_domain, mode, and for dga target_rows, target_every; chameleon: "
+                                     "source=online|offline, checkpoint=PATH, lam, mode=pretrain|finetune, "
+                                     "temperature, interval, floor; temperature: temperature",
                                flag="--mixer-option")
     target: Optional[str] = _opt(None, "target task the mixer optimizes for (default: the store's first target)")
     dga_mode: Optional[str] = _opt(None, "how dga/universal estimate the alignment scores: 'stratified' (one balanced "

@@ -78,6 +78,21 @@ def test_chameleon_online_weights_come_from_the_training_forwards(seed):
     torch.testing.assert_close(mixer.weights, chameleon_weights(embeddings, 1.0).double(), rtol=1e-5, atol=1e-7)
 
 
+def test_chameleon_skips_non_finite_embeddings_with_one_warning():
+    import warnings
+
+    mixer = Chameleon(3, floor=0.1)
+    assert mixer._set_weights(torch.randn(3, 4))
+    before = mixer.weights
+    _check_simplex(before, 0.1)
+    with pytest.warns(RuntimeWarning, match="non-finite domain embeddings"):
+        assert not mixer._set_weights(torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 1.0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not mixer._set_weights(torch.full((3, 2), float("inf")))
+    assert torch.equal(mixer.weights, before) and mixer.skipped == 2
+
+
 def _store_with_extra_domain(src, dst):
     """A copy of the store `src` with one more domain ('extra', copied from a target's text)."""
     store = DomainStore(src)
@@ -118,7 +133,8 @@ def _free_port():
 
 
 DDP_RUNS = [("dga", {"mode": "stratified", "interval": 1}), ("dga", {"mode": "inline", "interval": 1}),
-            ("dga", {"mode": "exact", "interval": 2}), ("chameleon", {"interval": 1})]
+            ("dga", {"mode": "exact", "interval": 2}), ("universal", {"mode": "stratified", "interval": 1}),
+            ("chameleon", {"interval": 1})]
 
 
 def _ddp_worker(rank, world, port, store_dir, out):
