@@ -29,9 +29,9 @@ Three estimators of `a` (`mode`):
 
 Score normalisation: the probe returns ⟨∇ of the backpropagated loss restricted to domain i's
 rows, V⟩. With a batch-mean loss over R rows that is (n_i / R) · ⟨∇L_i, V⟩, so
-a_i = dots_i · R / n_i. Under torch.distributed the dots and counts are summed over ranks
-(R is then the rows per rank), which makes the scores, hence the weights, identical on
-every rank; the balanced batch is split between the ranks (each takes `rows_per_domain`
+a_i = dots_i · R / n_i. Under torch.distributed the probe averages the dots over ranks (as DDP
+averages gradients) and sums the counts, so R is the rows of all ranks together; the scores,
+hence the weights, are then the same on every rank; the balanced batch is split between the ranks (each takes `rows_per_domain`
 rows of every domain).
 
 `precondition="adam"` scores ⟨g_i, V / (sqrt(v̂) + eps)⟩ with AdamW's bias-corrected second
@@ -117,7 +117,7 @@ def probe_scores(probe, model, loss_fn, x, y, ids, autocast=contextlib.nullconte
             loss = loss_fn(model, x, y)
         loss.backward()
     result = probe.result()
-    rows = float(result.counts.sum()) / _world()[1]  # rows per rank (each rank's loss is its mean)
+    rows = float(result.counts.sum())  # all ranks: the probe averages the dots over ranks, like DDP
     return normalise_dots(result.dots, result.counts, rows)
 
 
@@ -339,7 +339,7 @@ class DGA:
             return None
         self._inline_step = None
         result = self._probe.result()
-        rows = float(result.counts.sum()) / _world()[1]
+        rows = float(result.counts.sum())  # all ranks (the probe averages dots over ranks)
         fresh = normalise_dots(result.dots, result.counts, rows)
         seen = result.counts.cpu() > 0
         scores = self.scores.clone()
