@@ -9,6 +9,12 @@ def _cmd_info(args):
     print_info()
 
 
+def _cmd_weights(args):
+    from fastmix.weights import run
+
+    run(args)
+
+
 def _cmd_bench(args):
     from fastmix.quickbench import run
 
@@ -90,6 +96,24 @@ def build_parser():
                                        "-m fastmix.train.")
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
+
+    weights = sub.add_parser("weights", help="Chameleon domain weights of a store, from a trained checkpoint",
+                             description="Chameleon domain weights: the checkpoint's model embeds held-out "
+                                         "windows of every domain (mean hidden state of its middle block), "
+                                         "then ridge leverage scores of those embeddings give the weights. "
+                                         "New domains need only their data, no retraining.")
+    weights.add_argument("checkpoint", help="a run directory of `fastmix train` (its ckpt.pt) or a ckpt.pt file")
+    weights.add_argument("--data", default="builtin", help="the store whose domains to weigh (default: builtin)")
+    weights.add_argument("--mode", default="pretrain", choices=["pretrain", "finetune"],
+                         help="pretrain (and transfer): softmax((1/S)/T); finetune: softmax(S/T)")
+    weights.add_argument("--lam", type=float, default=10.0, help="ridge λ, scaled by the number of domains (default 10)")
+    weights.add_argument("--temperature", type=float, default=None,
+                         help="softmax temperature T (default: 5 for pretrain, 0.2 for finetune)")
+    weights.add_argument("--rows", type=int, default=16, help="held-out windows embedded per domain (default 16)")
+    weights.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    weights.add_argument("--json", help="also write {domains, scores, weights} to this file")
+    weights.add_argument("--quiet", action="store_true", help="no progress bar")
+    weights.set_defaults(func=_cmd_weights)
 
     bench = sub.add_parser("bench", help="time each op on every backend here against plain torch",
                            description="Time each op on every available backend against the torch code one "

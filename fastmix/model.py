@@ -95,6 +95,21 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """The model of a `fastmix train` checkpoint (`ckpt.pt`, or the run directory)."""
+        import os
+
+        if os.path.isdir(path):
+            path = os.path.join(path, "ckpt.pt")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        cfg, state = ckpt["config"], ckpt["model"]
+        model = cls(GPTConfig(block_size=cfg["block_size"], vocab_size=state["lm_head.weight"].shape[0],
+                              n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                              dropout=0.0, bias=cfg["bias"]))
+        model.load_state_dict(state)
+        return model.to(device)
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 

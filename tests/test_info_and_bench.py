@@ -20,3 +20,30 @@ def test_bench_times_every_backend_against_torch(capsys):
     assert len(baselines) == 2 and all(line.endswith("1.00x") for line in baselines)
     if _backends.COMPILED:
         assert sum(line.split()[0] == "cpu" for line in lines) == 2
+
+
+def test_weights_from_a_checkpoint(tmp_path, capsys):
+    """`fastmix weights RUN`: Chameleon weights of every domain of the store, on the simplex,
+    and in finetune mode ordered as the leverage scores (inverse order in pretrain mode)."""
+    import json
+
+    from fastmix.data import DomainStore, build_builtin
+
+    store = tmp_path / "store"
+    build_builtin(store, train_tokens=3000, val_tokens=600, target_train_tokens=300)
+    main(["train", "--data", str(store), "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4",
+          "--block-size", "16", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--quiet", "--no-plot"])
+    results = {}
+    for mode in ("pretrain", "finetune"):
+        out = tmp_path / f"{mode}.json"
+        main(["weights", str(tmp_path / "run"), "--data", str(store), "--mode", mode, "--rows", "4",
+              "--quiet", "--json", str(out)])
+        results[mode] = json.loads(out.read_text())
+    assert results["pretrain"]["domains"] == DomainStore(store).domains
+    assert "leverage" in capsys.readouterr().out
+    for mode, result in results.items():
+        weights, scores = result["weights"], result["scores"]
+        assert abs(sum(weights) - 1) < 1e-9 and min(weights) > 0
+        by_score = sorted(range(len(scores)), key=scores.__getitem__)
+        by_weight = sorted(range(len(weights)), key=weights.__getitem__)
+        assert by_weight == (by_score if mode == "finetune" else by_score[::-1])
