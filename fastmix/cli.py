@@ -18,7 +18,7 @@ def _cmd_weights(args):
 def _cmd_bench(args):
     from fastmix.quickbench import run
 
-    run(args.device, args.rows, args.width, args.domains, args.batch)
+    run(args.device, args.rows, args.width, args.domains, args.batch, args.min_time)
 
 
 def _cmd_train(args):
@@ -124,6 +124,8 @@ def build_parser():
     bench.add_argument("--width", type=int, default=768, help="layer width d of domain_grad_dots (default 768)")
     bench.add_argument("--domains", type=int, default=64, help="number of domains k (default 64)")
     bench.add_argument("--batch", type=int, default=256, help="batch of 64x64 matrices for batched_svd (default 256)")
+    bench.add_argument("--min-time", type=float, default=0.5,
+                       help="seconds of repeated runs per measurement, at least 5 runs (default 0.5)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -45,15 +45,15 @@ def _cases(device, rows, width, domains, batch):
            lambda backend: ops.batched_svd(mats, backend=backend))
 
 
-def run(device="cpu", rows=4096, width=768, domains=64, batch=256):
+def run(device="cpu", rows=4096, width=768, domains=64, batch=256, min_seconds=0.5):
     """Prints a table: op, backend, median time, speed-up over the torch baseline."""
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastmix bench: --device cuda but no GPU is visible")
     print(f"{'op':<52} {'backend':<22} {'median ms':>10} {'speed-up':>9}")
     for name, op, baseline, fast in _cases(device, rows, width, domains, batch):
-        base_ms = _median_ms(baseline)
+        base_ms = _median_ms(baseline, min_seconds)
         print(f"{name:<52} {'torch (baseline)':<22} {base_ms:10.3f} {1.0:8.2f}x")
         for backend in ("cpu", "cuda", "triton"):
             if _backends.available(op, backend, device) and not (backend == "triton" and device == "cpu"):
-                ms = _median_ms(lambda: fast(backend))
+                ms = _median_ms(lambda: fast(backend), min_seconds)
                 print(f"{'':<52} {backend:<22} {ms:10.3f} {base_ms / ms:8.2f}x")

@@ -13,7 +13,8 @@ def test_info_lists_versions_and_backend_per_op(capsys):
 
 
 def test_bench_times_every_backend_against_torch(capsys):
-    main(["bench", "--device", "cpu", "--rows", "64", "--width", "16", "--domains", "4", "--batch", "4"])
+    main(["bench", "--device", "cpu", "--rows", "64", "--width", "16", "--domains", "4", "--batch", "4",
+          "--min-time", "0.01"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["op", "backend", "median", "ms", "speed-up"]
     baselines = [line for line in lines if "torch (baseline)" in line]
