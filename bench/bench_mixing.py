@@ -3,6 +3,7 @@
 
     pytest bench/bench_mixing.py                      # CPU (and CUDA when a GPU is visible)
     pytest bench/bench_mixing.py -k k10
+    python bench/bench_mixing.py                      # the same ratios from interleaved rounds
 
 One benchmark round = `interval` training steps of the loop's own step (sampler batch, forward,
 backward, clip, AdamW, mixer.update, set_weights, with the mixer's `record` hook around the
@@ -117,3 +118,53 @@ def test_dga_overhead(benchmark, stores, interval, mode, device):
 @pytest.mark.parametrize("k", [8, 64])
 def test_exact_vs_stratified_in_k(benchmark, stores, k, mode, device):
     _bench(benchmark, stores, k, 1, mode, device)
+
+
+def interleaved(pairs=15):
+    """Ratios measured by alternating rounds of plain training and of each mode (the median of
+    the per-pair ratios): robust to load that drifts during the run, unlike separate tests.
+
+        python bench/bench_mixing.py
+    """
+    import statistics
+    import tempfile
+    import time
+
+    tmp = tempfile.mkdtemp()
+    rng = np.random.default_rng(0)
+    stores = {10: builtin_store()}
+    for k in (8, 64):
+        path = f"{tmp}/k{k}"
+        with StoreWriter(path, {"type": "byte", "vocab_size": 257}) as w:
+            for i in range(k):
+                w.add(f"d{i}", rng.integers(0, 256, 5000, dtype=np.uint16), rng.integers(0, 256, 200, dtype=np.uint16))
+            w.add("target", rng.integers(0, 256, 5000, dtype=np.uint16), rng.integers(0, 256, 200, dtype=np.uint16),
+                  target=True)
+        stores[k] = DomainStore(path)
+    settings = [(10, 1, m) for m in ("stratified", "inline", "exact")] + \
+               [(10, 10, m) for m in ("stratified", "inline", "exact")] + \
+               [(k, 1, m) for k in (8, 64) for m in ("stratified", "exact")]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device {device}; ratio = step time / plain step time (median of {pairs} interleaved pairs)")
+    for k, interval, mode in settings:
+        plain = Loop(stores[k], Uniform(k), device)
+        mixed = Loop(stores[k], DGA(k, mode=mode, interval=interval), device)
+        plain.steps(interval)
+        mixed.steps(interval)
+        ratios, base = [], []
+        for _ in range(pairs if mode != "exact" or interval > 1 else max(5, pairs // 3)):
+            t0 = time.perf_counter()
+            plain.steps(interval)
+            t1 = time.perf_counter()
+            mixed.steps(interval)
+            t2 = time.perf_counter()
+            ratios.append((t2 - t1) / (t1 - t0))
+            base.append((t1 - t0) / interval)
+        print(f"k={k:<3} interval={interval:<3} {mode:<11} {statistics.median(ratios):5.2f}x "
+              f"(plain {statistics.median(base) * 1e3:.1f} ms/step)", flush=True)
+        plain.sampler.close()
+        mixed.sampler.close()
+
+
+if __name__ == "__main__":
+    interleaved()
