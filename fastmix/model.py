@@ -127,7 +127,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            # in fp32 at least (bf16 logits under autocast), never below the logits' own dtype
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
 
