@@ -193,15 +193,9 @@ class Chameleon:
         return domain_embeddings(model, batches, layer, device=device, progress=False).to(torch.float64).cpu()
 
     def _offline_embeddings(self, ctx, domains):
-        from fastmix.model import GPT, GPTConfig
+        from fastmix.model import GPT
 
-        ckpt = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
-        cfg, state = ckpt["config"], ckpt["model"]
-        model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=state["lm_head.weight"].shape[0],
-                              n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0,
-                              bias=cfg["bias"]))
-        model.load_state_dict(state)
-        model.to(ctx.device)
+        model = GPT.from_checkpoint(self.checkpoint, ctx.device)
         return self._balanced_embeddings(ctx, domains, model, "middle")
 
 
