@@ -28,6 +28,16 @@ def device_backend_params(op):
     return params
 
 
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory):
+    """A small built-in corpus store, built once per test run (read-only for the tests)."""
+    from fastmix.data import build_builtin
+
+    path = tmp_path_factory.mktemp("data") / "builtin"
+    build_builtin(path, train_tokens=4000, val_tokens=400, target_train_tokens=400)
+    return str(path)
+
+
 @pytest.fixture
 def seed(request):
     """A fresh seed per test (inputs are never the same twice), printed on failure."""

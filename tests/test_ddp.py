@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastmix.data import MixtureSampler, build_builtin
+from fastmix.data import MixtureSampler
 from fastmix.data.store import DomainStore
 from fastmix.train import TrainConfig, train
 
@@ -19,13 +19,6 @@ TINY = dict(batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16, warmup_
             eval_interval=2, log_interval=1, max_steps=4, quiet=True, plot=False, device="cpu")
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "builtin"
-    build_builtin(path, train_tokens=4000, val_tokens=400, target_train_tokens=400)
-    return str(path)
 
 
 def _free_port():

@@ -13,19 +13,12 @@ import torch.multiprocessing as mp
 
 from fastmix.chameleon import chameleon_weights
 from fastmix.cli import build_parser
-from fastmix.data import DomainStore, StoreWriter, build_builtin
+from fastmix.data import DomainStore, StoreWriter
 from fastmix.mixing import Chameleon
 from fastmix.train import TrainConfig, train
 
 TINY = dict(batch_size=4, block_size=16, n_layer=2, n_head=2, n_embd=16, warmup_steps=2, eval_batches=1,
             quiet=True, plot=False, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "builtin"
-    build_builtin(path, train_tokens=4000, val_tokens=400, target_train_tokens=400)
-    return str(path)
 
 
 def _run(store_dir, out, **overrides):

@@ -5,20 +5,12 @@ import os
 import pytest
 import torch
 
-from fastmix.data import build_builtin
 from fastmix.mixing import MIXERS, Temperature, Uniform, register_mixer
 from fastmix.mixing.baselines import StaticMixer
 from fastmix.train import TrainConfig, add_train_arguments, config_from_args, train
 
 TINY = dict(batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16, warmup_steps=2, eval_batches=1,
             quiet=True, plot=False, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "builtin"
-    build_builtin(path, train_tokens=4000, val_tokens=400, target_train_tokens=400)
-    return str(path)
 
 
 class Drifting(StaticMixer):
