@@ -1,6 +1,6 @@
 """Evidence that the online mixers work, on the built-in corpus (known ground truth).
 
-    .venv/bin/python scripts/evidence.py                  # runs everything (~30 min on 2 CPU cores)
+    .venv/bin/python scripts/evidence.py                  # runs everything (~2.5 min on 2 idle CPU cores)
     .venv/bin/python scripts/evidence.py --steps 100 --seeds 0   # a quick look
 
 For each seed: uniform, universal (DoGE-style) and online Chameleon once (they ignore the

@@ -16,7 +16,7 @@ from fastmix.data.corpus import build_builtin
 from fastmix.data.store import DomainStore, StoreWriter, token_dtype
 from fastmix.data.tokenizer import BPETokenizer, ByteTokenizer
 
-BUILTIN_VERSION = 1
+BUILTIN_VERSION = 2  # bumped whenever a generator changes: the cache is keyed by it
 _CHUNK_BYTES = 8 << 20  # .jsonl files are split into chunks of whole lines this large
 
 
