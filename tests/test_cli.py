@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fastmix.cli import build_parser, main
+from fastmix.data.prepare import BUILTIN_VERSION
 from fastmix.train import TrainConfig
 
 TINY = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
@@ -66,4 +67,4 @@ def test_python_m_train_on_builtin_corpus(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "arith" in proc.stdout and "weights.png" in proc.stdout
-    assert os.listdir(tmp_path / "cache") == ["builtin-v1-seed0"]
+    assert os.listdir(tmp_path / "cache") == [f"builtin-v{BUILTIN_VERSION}-seed0"]
