@@ -15,6 +15,7 @@ forward and backward), so a round holds exactly one mixer update. Groups:
   exact and stratified (the cost of an update against k).
 """
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -28,12 +29,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BATCH, BLOCK = 16, 64
 
 
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
+def make_stores(directory):
+    """{k: store}: the built-in corpus (k = 10) and random-token stores of 8 and 64 domains."""
     out = {10: builtin_store()}
     rng = np.random.default_rng(0)
     for k in (8, 64):
-        path = tmp_path_factory.mktemp(f"k{k}") / "store"
+        path = os.path.join(directory, f"k{k}")
         with StoreWriter(path, {"type": "byte", "vocab_size": 257}) as w:
             for i in range(k):
                 w.add(f"d{i}", rng.integers(0, 256, 5000, dtype=np.uint16), rng.integers(0, 256, 200, dtype=np.uint16))
@@ -41,6 +42,11 @@ def stores(tmp_path_factory):
                   target=True)
         out[k] = DomainStore(path)
     return out
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    return make_stores(tmp_path_factory.mktemp("stores"))
 
 
 class Loop:
@@ -130,17 +136,7 @@ def interleaved(pairs=15):
     import tempfile
     import time
 
-    tmp = tempfile.mkdtemp()
-    rng = np.random.default_rng(0)
-    stores = {10: builtin_store()}
-    for k in (8, 64):
-        path = f"{tmp}/k{k}"
-        with StoreWriter(path, {"type": "byte", "vocab_size": 257}) as w:
-            for i in range(k):
-                w.add(f"d{i}", rng.integers(0, 256, 5000, dtype=np.uint16), rng.integers(0, 256, 200, dtype=np.uint16))
-            w.add("target", rng.integers(0, 256, 5000, dtype=np.uint16), rng.integers(0, 256, 200, dtype=np.uint16),
-                  target=True)
-        stores[k] = DomainStore(path)
+    stores = make_stores(tempfile.mkdtemp())
     settings = [(10, 1, m) for m in ("stratified", "inline", "exact")] + \
                [(10, 10, m) for m in ("stratified", "inline", "exact")] + \
                [(k, 1, m) for k in (8, 64) for m in ("stratified", "exact")]
