@@ -105,8 +105,9 @@ def _bench(benchmark, stores, k, interval, mode, device):
     rounds = (3 if mode == "exact" else 8 if interval > 1 else 15) if device == "cpu" else 20
     benchmark.group = f"k{k}-interval{interval}-{device}"
     benchmark.pedantic(loop.steps, args=(interval,), rounds=rounds, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(mode=mode, k=k, interval=interval, device=device,
-                                ms_per_step=benchmark.stats.stats.median * 1e3 / interval)
+    benchmark.extra_info.update(mode=mode, k=k, interval=interval, device=device)
+    if benchmark.stats:  # None under --benchmark-disable (a smoke run)
+        benchmark.extra_info["ms_per_step"] = benchmark.stats.stats.median * 1e3 / interval
     if mode == "plain":
         benchmark.extra_info["baseline"] = True
     loop.sampler.close()
