@@ -34,7 +34,7 @@ test-py: build
 	$(PY) -m pytest
 
 demo: build
-	$(PY) -m fastmix train --out runs/demo --overwrite --max-steps 1000 --eval-interval 100
+	$(PY) -m fastmix train --out runs/demo --overwrite --max-steps 400 --eval-interval 50 --mixer dga --target english
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
