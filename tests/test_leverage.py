@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HAS_GPU, random_matrix
+from conftest import random_matrix
 from fastmix.ops import _backends, reference, ridge_leverage_scores
 COMPILED_CPU = _backends.has_kernel("batched_svd", "CPU")
 
