@@ -92,7 +92,8 @@ class AlignmentProbe:
         self._target = None  # {id(param): dense target tensor}
         self._target_rows = {}  # {id(linear): (x_t, δ_t)} for the ghost form
         self._target_calls = None  # {id(linear): [[x_t, δ_t], ...]} while record_target runs
-        self._ids = None
+        self._ids = None  # the domain ids of the batch being recorded
+        self._ids_on = {}  # ... and their copies on the devices the layers run on
         self._inv_scale = 1.0
         self.reset()
 
@@ -162,8 +163,7 @@ class AlignmentProbe:
             yield self
         finally:
             self._target_calls = None
-        self.set_target(loss_scale=loss_scale)
-        self._target_rows = {}
+        self.set_target(loss_scale=loss_scale)  # also clears the previous target's rows
         for mid, pairs in calls.items():
             pairs = [(x, g) for x, g in pairs if g is not None]
             if pairs:
@@ -180,7 +180,7 @@ class AlignmentProbe:
             raise RuntimeError("AlignmentProbe.record: call set_target() or record_target() first")
         ids = self._check_ids(domain_ids)
         self._ids = ids
-        self._ids_on = {ids.device: ids}  # moved once per device the layers run on
+        self._ids_on = {ids.device: ids}
         self._inv_scale = 1.0 / loss_scale
         counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
         self._counts = counts if self._counts is None else self._counts + counts
