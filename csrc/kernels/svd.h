@@ -5,8 +5,9 @@
 // u and vh with orthonormal columns / rows (null directions completed to an orthonormal
 // set), like LAPACK's gesdd with full_matrices=False (signs may differ).
 //
-// Method (the CUDA kernel; the CPU kernel differs as said in svd_cpu.cpp: it does not
-// accumulate Z but derives the other side from one product W0 Ũᵀ):
+// Method (the CUDA kernel; the CPU kernel differs as said in svd_cpu.cpp: it rotates the
+// rows of R from a pivoted QR of W0ᵀ, does not accumulate Z, and derives the other side
+// from one product):
 // W holds the p "short side" vectors of A as rows (the columns of A when m >= n,
 // else the rows of A) scaled by a power of two so no square overflows; pairs of rows of W
 // are rotated until every pair is orthogonal to a relative tolerance (|w_i·w_j| <=

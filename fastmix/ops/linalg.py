@@ -22,11 +22,16 @@ from fastmix.ops.alignment import FLOAT_DTYPES, rowwise_bilinear
 OPS = ("batched_svd",)
 
 # CPU: the C++ Jacobi runs batches of at least _CPU_JACOBI_MIN_BATCH matrices with
-# min(m, n) <= _CPU_JACOBI_MAX_P: measured faster than LAPACK through ATen there on the 2-core
-# development machine (bench/bench_linalg.py: ~3x at 8x8, ~1.5x at 32x32, ~0.95x at 64x64,
-# slower for single matrices); everything else goes to torch.linalg.svd.
-_CPU_JACOBI_MAX_P = 32
+# min(m, n) <= _CPU_JACOBI_MAX_P, and batches of at least _CPU_JACOBI_WIDE_MIN_BATCH with
+# min(m, n) <= _CPU_JACOBI_WIDE_MAX_P: measured faster than LAPACK through ATen there on the
+# 2-core development machine (float32 / float64: ~8x at 1024x8x8, ~3.5x at 64x32x32, ~2.2x /
+# 1.65x at 1024x64x64, ~1.5x / 1.3x at 64x96x96, ~0.9x / 1.2x at 8x96x96 (one 8-matrix
+# group, one thread), ~0.9-1.7x at 128x128 (noisy), ~0.3x at 256x256); everything else
+# goes to torch.linalg.svd.
+_CPU_JACOBI_MAX_P = 64
 _CPU_JACOBI_MIN_BATCH = 8
+_CPU_JACOBI_WIDE_MAX_P = 96
+_CPU_JACOBI_WIDE_MIN_BATCH = 16
 # CUDA: one block holds W (p x q), Z (p x p) and 2p values of the compute type, plus p ints
 # and p flags (csrc/kernels/svd_cuda.cu, shared_bytes), plus static shared memory.
 _CUDA_STATIC_SHARED = 1024
@@ -37,7 +42,8 @@ _PRIMAL_MIN_ROWS = 4096
 
 FAST_PATH_NOTE = (
     "batched_svd fast path: CPU, C++ one-sided Jacobi for batches >= "
-    f"{_CPU_JACOBI_MIN_BATCH} with min(m, n) <= {_CPU_JACOBI_MAX_P}, else torch.linalg.svd "
+    f"{_CPU_JACOBI_MIN_BATCH} with min(m, n) <= {_CPU_JACOBI_MAX_P} (batches >= "
+    f"{_CPU_JACOBI_WIDE_MIN_BATCH} with min(m, n) <= {_CPU_JACOBI_WIDE_MAX_P}), else torch.linalg.svd "
     "(LAPACK); CUDA, one-sided Jacobi with a "
     "matrix per thread block when it fits in shared memory: "
     "b*(m*n + p*p + 2p) + 5p + 1 KiB <= the GPU's per-block opt-in limit (p = min(m, n), "
@@ -90,14 +96,20 @@ def svd_backend(device, backend=None):
     return _backends.choose("batched_svd", device, backend)
 
 
+def _cpu_jacobi_faster(p, batch):
+    """Whether the CPU Jacobi kernel beats torch.linalg.svd for `batch` matrices with
+    min(m, n) = p (the measured crossover above)."""
+    return ((p <= _CPU_JACOBI_MAX_P and batch >= _CPU_JACOBI_MIN_BATCH)
+            or (p <= _CPU_JACOBI_WIDE_MAX_P and batch >= _CPU_JACOBI_WIDE_MIN_BATCH))
+
+
 def _svd_flat(a, backend):
     """a (B, m, n) contiguous float32/float64 -> (U, S, Vh) by the chosen backend."""
     m, n = a.shape[-2:]
     name = svd_backend(a.device, backend)
     if name != "reference" and a.numel():
         explicit = backend is not None
-        if name == "cpu" and (explicit or (min(m, n) <= _CPU_JACOBI_MAX_P
-                                           and a.shape[0] >= _CPU_JACOBI_MIN_BATCH)):
+        if name == "cpu" and (explicit or _cpu_jacobi_faster(min(m, n), a.shape[0])):
             return torch.ops.fastmix.batched_svd(a)
         if name == "cuda" and (explicit or _cuda_fits(m, n, a.dtype, a.device)):
             return torch.ops.fastmix.batched_svd(a)
