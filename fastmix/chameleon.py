@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from fastmix.ops.linalg import ridge_leverage_scores
+from fastmix.ops.reference import accumulation_dtype
 
 DEFAULT_TEMPERATURE = {"pretrain": 5.0, "finetune": 0.2}
 
@@ -112,7 +113,7 @@ def masked_mean(hidden, mask=None):
     """Per-sample mean of hidden (B, T, d) over the positions where mask (B, T) is true, in
     float32 (float64 for float64). hidden (B, d) is returned as is. A sample without any
     valid position gives NaN."""
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(hidden.dtype)
     hidden = hidden.detach().to(acc)
     if hidden.dim() == 2:
         return hidden

@@ -30,7 +30,7 @@ from torch import nn
 
 from fastmix import ops
 from fastmix.ops.alignment import ghost_is_cheaper
-from fastmix.ops.reference import segment_sum
+from fastmix.ops.reference import accumulation_dtype, segment_sum
 
 HOOKED = (nn.Linear, nn.Embedding, nn.LayerNorm)
 
@@ -139,7 +139,7 @@ class AlignmentProbe:
                 raise ValueError(f"set_target: parameter {name!r} {where}")
             if grad.shape != p.shape:
                 raise ValueError(f"set_target: {name!r} has shape {tuple(grad.shape)}, expected {tuple(p.shape)}")
-            value = grad.detach().to(torch.float64 if p.dtype == torch.float64 else torch.float32) / loss_scale
+            value = grad.detach().to(accumulation_dtype(p.dtype)) / loss_scale
             if precondition is not None:
                 if name not in precondition:
                     raise ValueError(f"set_target: precondition has no entry for {name!r}")

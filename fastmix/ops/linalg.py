@@ -196,7 +196,7 @@ def _gram(a):
 
 def _leverage_primal(a, lams, rtol, backend):
     """τ_i = a_i · (aᵀa + λI)⁻¹ a_i for 2-D a, streaming the rows through rowwise_bilinear."""
-    work = torch.float64 if a.dtype == torch.float64 else torch.float32
+    work = reference.accumulation_dtype(a.dtype)
     a = a.to(work).contiguous()
     evals, evecs = torch.linalg.eigh(_gram(a))
     evals = evals.clamp_min(0)
