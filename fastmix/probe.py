@@ -19,6 +19,7 @@ for any model whose sequences do not interact (no batch norm): the gradient of d
 is then exactly what the rows of its sequences contribute.
 """
 import contextlib
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -75,8 +76,9 @@ class AlignmentProbe:
         self.num_domains = num_domains
         self.strict = strict
         excluded = {id(m) for m in exclude}
+        # a layer without trainable parameters (LayerNorm without affine, a frozen one) has nothing to score
         self._sites = [(name, m) for name, m in model.named_modules()
-                       if _hookable(m) and id(m) not in excluded]
+                       if _hookable(m) and id(m) not in excluded and self._site_params(m)]
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._unsplittable = set()  # site names whose inputs carry no batch dimension
@@ -94,11 +96,13 @@ class AlignmentProbe:
         self._target_calls = None  # {id(linear): [[x_t, δ_t], ...]} while record_target runs
         self._ids = None  # the domain ids of the batch being recorded
         self._ids_on = {}  # ... and their copies on the devices the layers run on
+        self._outputs = []  # outputs of the layers hooked while recording, for backward()
         self._inv_scale = 1.0
         self.reset()
 
     # ------------------------------------------------------------------ coverage
-    def _site_params(self, module):
+    @staticmethod
+    def _site_params(module):
         params = [module.weight]
         if not isinstance(module, nn.Embedding):
             params.append(module.bias)
@@ -184,10 +188,22 @@ class AlignmentProbe:
         self._inv_scale = 1.0 / loss_scale
         counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
         self._counts = counts if self._counts is None else self._counts + counts
+        self._outputs = []
         try:
             yield self
         finally:
             self._ids = None
+
+    def backward(self, loss):
+        """Backpropagates `loss` (computed while recording) only as far as the scores need:
+        the hooked layers' output gradients, never a parameter gradient, so `.grad` is left
+        as it was. For a pass run only to score domains (DGA's stratified mode), this skips
+        the weight-gradient GEMMs, a third of the pass. Call it inside `record`."""
+        if self._ids is None:
+            raise RuntimeError("AlignmentProbe.backward: call it inside `with probe.record(ids):`")
+        outputs, self._outputs = self._outputs, []
+        if outputs:
+            torch.autograd.grad(loss, outputs, allow_unused=True)
 
     def _check_ids(self, domain_ids):
         if not isinstance(domain_ids, torch.Tensor) or domain_ids.dtype.is_floating_point or domain_ids.dtype == torch.bool:
@@ -253,6 +269,7 @@ class AlignmentProbe:
         row_ids = self._row_ids(self._leading_shape(module, x), name, x.device)
         if row_ids is not None:
             output.register_hook(lambda grad: self._accumulate(module, x, grad, row_ids, inv_scale))
+            self._outputs.append(output)
 
     @staticmethod
     def _leading_shape(module, x):
@@ -286,7 +303,8 @@ class AlignmentProbe:
 
     def _contribution(self, module, x, grad, row_ids):
         k, target = self.num_domains, self._target
-        work = torch.float64 if torch.float64 in (x.dtype, grad.dtype, module.weight.dtype) else torch.float32
+        dtypes = {x.dtype, grad.dtype} | {p.dtype for p in self._site_params(module)}
+        work = torch.float64 if torch.float64 in dtypes else torch.float32
         g = grad.to(work)
         if isinstance(module, nn.Embedding):
             rows = g.reshape(-1, g.shape[-1])
@@ -296,14 +314,18 @@ class AlignmentProbe:
             per_row = (rows * target[id(module.weight)].to(work)[idx]).sum(-1)
             return segment_sum(per_row, row_ids, k)
         if isinstance(module, nn.LayerNorm):
-            x_hat = F.layer_norm(x.to(work), module.normalized_shape, None, None, module.eps)
-            v = torch.zeros_like(x_hat)
-            if module.weight is not None and id(module.weight) in target:
-                v = v + x_hat * target[id(module.weight)].to(work)
-            if module.bias is not None and id(module.bias) in target:
-                v = v + target[id(module.bias)].to(work)
-            dims = tuple(range(-len(module.normalized_shape), 0))
-            return segment_sum((g * v).sum(dims).reshape(-1), row_ids, k)
+            # ⟨g, x̂ ⊙ V_w + V_b⟩ per row: layer_norm with the target as its affine part makes
+            # x̂ ⊙ V_w + V_b in one op (zero for a parameter that is absent or not covered)
+            w, b = module.weight, module.bias
+            covered_w, covered_b = w is not None and id(w) in target, b is not None and id(b) in target
+            if not (covered_w or covered_b):
+                return torch.zeros(k, dtype=work, device=g.device)
+            v_w = target[id(w)].to(work) if covered_w else g.new_zeros(module.normalized_shape)
+            v_b = target[id(b)].to(work) if covered_b else None
+            v = F.layer_norm(x.to(work), module.normalized_shape, v_w, v_b, module.eps)
+            width = math.prod(module.normalized_shape)
+            per_row = torch.linalg.vecdot(g.reshape(-1, width), v.reshape(-1, width))
+            return segment_sum(per_row, row_ids, k)
         # nn.Linear: weight by the GEMM or ghost form, bias element-wise.
         x2, g2 = x.reshape(-1, x.shape[-1]).to(work), g.reshape(-1, g.shape[-1])
         dots = torch.zeros(k, dtype=work, device=g.device)

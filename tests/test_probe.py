@@ -76,6 +76,45 @@ def test_probe_matches_naive_on_gpt(seed, dtype, rtol, bias):
     assert result.dots[1] == 0
 
 
+def test_probe_backward_scores_without_parameter_gradients(seed):
+    """probe.backward(loss): the same scores as loss.backward(), no weight-gradient GEMM
+    (checked with the profiler's op count), and `.grad` left exactly as it was."""
+    model, k = tiny_gpt(torch.float64), 4
+    probe = AlignmentProbe(model, k, strict=True)
+    target, params = set_random_target(model, probe)
+    x, y = batch(model)
+    ids = torch.tensor([0, 2, 2, 0, 3, 1])
+    for p in params:
+        p.grad = torch.randn_like(p)  # a pending gradient the scoring pass must not touch
+    before = [p.grad.clone() for p in params]
+    with probe.record(ids):
+        loss = model(x, y)[1]
+        probe.backward(loss)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    assert_close_scores(probe.result().dots, naive_scores(model, x, y, ids, k, target, params), 1e-5)
+    with pytest.raises(RuntimeError, match="inside `with probe.record"):
+        probe.backward(model(x, y)[1])
+
+
+def test_probe_backward_skips_the_weight_gradient_gemms(seed):
+    model, k = tiny_gpt(), 3
+    probe = AlignmentProbe(model, k)
+    set_random_target(model, probe)
+    x, y = batch(model)
+    ids = torch.randint(0, k, (x.shape[0],))
+
+    def matmuls(backward):
+        with torch.profiler.profile() as prof:
+            with probe.record(ids):
+                loss = model(x, y)[1]
+                backward(loss)
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+
+    full, scoring = matmuls(lambda loss: loss.backward()), matmuls(probe.backward)
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())  # the tied head included
+    assert full - scoring >= linears, (full, scoring)
+
+
 def test_probe_accumulates_over_micro_batches(seed):
     model, k = tiny_gpt(torch.float64), 3
     probe = AlignmentProbe(model, k)
@@ -113,6 +152,46 @@ def test_probe_with_padding_and_per_token_ids(seed):
         ((model(x) - target_y) ** 2 * (ids == i)[..., None]).sum().backward()
         want[i] = flat_grads(model, params) @ target
     assert_close_scores(probe.result().dots, want, 1e-8)
+
+
+@pytest.mark.parametrize("layer_norm", [
+    lambda: nn.LayerNorm(6),
+    lambda: nn.LayerNorm(6, bias=False),
+    lambda: nn.LayerNorm(6, elementwise_affine=False),
+    lambda: nn.LayerNorm((2, 3)),
+], ids=["affine", "no-bias", "no-affine", "2-d-shape"])
+@pytest.mark.parametrize("freeze_weight", [False, True], ids=["trained", "frozen-weight"])
+def test_probe_layer_norm_variants(seed, layer_norm, freeze_weight):
+    """LayerNorm with and without weight or bias, a 2-D normalised shape, a frozen weight:
+    each covered parameter scored, nothing else, against the naive method."""
+    norm = layer_norm()
+    two_d = len(norm.normalized_shape) == 2
+    model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(-1, (2, 3)) if two_d else nn.Identity(), norm,
+                          nn.Flatten(-2) if two_d else nn.Identity(), nn.Tanh(), nn.Linear(6, 2)).double()
+    if norm.weight is not None:
+        with torch.no_grad():  # away from the (1, 0) init, so a wrong x̂ scaling shows
+            norm.weight.uniform_(0.5, 1.5)
+            if norm.bias is not None:
+                norm.bias.uniform_(-0.5, 0.5)
+        norm.weight.requires_grad_(not freeze_weight)
+    k = 3
+    probe = AlignmentProbe(model, k)
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    model.zero_grad()
+    F.mse_loss(model(x[:3]), y[:3]).backward()
+    probe.set_target()
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = flat_grads(model, params)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1])
+    model.zero_grad()
+    with probe.record(ids):
+        F.mse_loss(model(x), y, reduction="sum").backward()
+    want = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        F.mse_loss(model(x[ids == i]), y[ids == i], reduction="sum").backward()
+        want[i] = flat_grads(model, params) @ target
+    assert_close_scores(probe.result().dots, want, 1e-9)
 
 
 def test_probe_under_bf16_autocast_and_loss_scale(seed):

@@ -110,12 +110,13 @@ def normalise_dots(dots, counts, rows):
 
 def probe_scores(probe, model, loss_fn, x, y, ids, autocast=contextlib.nullcontext):
     """Stratified estimator: a_i for every domain in (x, y, ids) from ONE forward and backward
-    under `probe` (whose target must be set). Leaves `.grad` holding the batch's gradient."""
+    under `probe` (whose target must be set). The backward stops at the layers' output
+    gradients: no parameter gradient is computed, `.grad` is left as it was."""
     probe.reset()
     with probe.record(ids):
         with autocast():
             loss = loss_fn(model, x, y)
-        loss.backward()
+        probe.backward(loss)
     result = probe.result()
     rows = float(result.counts.sum())  # all ranks: the probe averages the dots over ranks, like DDP
     return normalise_dots(result.dots, result.counts, rows)
