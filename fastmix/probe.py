@@ -66,7 +66,8 @@ class Coverage:
 class AlignmentResult:
     dots: torch.Tensor  # (k,) float64: ⟨∇L_i, V⟩ for the loss backpropagated while recording
     counts: torch.Tensor  # (k,) int64: domain ids seen per domain (rows or sequences)
-    missing: list  # hooked layers that never ran while recording: their parameters scored nothing
+    missing: list  # hooked layers whose parameters scored nothing: they never ran while recording, or
+    #                ran without a target (first seen after the target was set)
 
 
 class AlignmentProbe:
@@ -96,7 +97,9 @@ class AlignmentProbe:
         self._target_calls = None  # {id(linear): [[x_t, δ_t], ...]} while record_target runs
         self._ids = None  # the domain ids of the batch being recorded
         self._ids_on = {}  # ... and their copies on the devices the layers run on
-        self._outputs = []  # outputs of the layers hooked while recording, for backward()
+        self._output_edges = []  # gradient edges of the layers' outputs while recording, for backward()
+        self._recorded = False  # a record has run: layers that did not fire are missing
+        self._untargeted = set()  # site names that fired with none of their parameters in the target
         self._inv_scale = 1.0
         self.reset()
 
@@ -151,6 +154,7 @@ class AlignmentProbe:
             target[pid] = value
         self._target = target
         self._target_rows = {}  # only record_target() (which calls this first) sets them
+        self._untargeted = set()
         return self
 
     @contextlib.contextmanager
@@ -188,11 +192,12 @@ class AlignmentProbe:
         self._inv_scale = 1.0 / loss_scale
         counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
         self._counts = counts if self._counts is None else self._counts + counts
-        self._outputs = []
+        self._recorded = True
         try:
             yield self
         finally:
             self._ids = None
+            self._output_edges = []  # backward() runs inside: keeping them would hold the activations
 
     def backward(self, loss):
         """Backpropagates `loss` (computed while recording) only as far as the scores need:
@@ -201,9 +206,9 @@ class AlignmentProbe:
         the weight-gradient GEMMs, a third of the pass. Call it inside `record`."""
         if self._ids is None:
             raise RuntimeError("AlignmentProbe.backward: call it inside `with probe.record(ids):`")
-        outputs, self._outputs = self._outputs, []
-        if outputs:
-            torch.autograd.grad(loss, outputs, allow_unused=True)
+        edges, self._output_edges = self._output_edges, []
+        if edges:
+            torch.autograd.grad(loss, edges, allow_unused=True)
 
     def _check_ids(self, domain_ids):
         if not isinstance(domain_ids, torch.Tensor) or domain_ids.dtype.is_floating_point or domain_ids.dtype == torch.bool:
@@ -226,10 +231,12 @@ class AlignmentProbe:
         dots = self._dots if self._dots is not None else torch.zeros(self.num_domains, dtype=torch.float64, device=device)
         counts = self._counts if self._counts is not None else torch.zeros(self.num_domains, dtype=torch.int64)
         counts = counts.to(dots.device)
-        missing = sorted({name for name, _ in self._sites} - self._fired) if self._fired else []
+        never_ran = {name for name, _ in self._sites} - self._fired if self._recorded else set()
+        missing = sorted(never_ran | self._untargeted)
         if self.strict and missing:
-            raise RuntimeError(f"AlignmentProbe(strict=True): hooked layers never ran while recording "
-                               f"(weights used functionally?): {missing}")
+            raise RuntimeError(f"AlignmentProbe(strict=True): hooked layers whose parameters scored nothing: "
+                               f"{missing} (never ran while recording: weights used functionally? or first ran "
+                               "after the target was set: set it again)")
         world = _world_size()
         if all_reduce is None:
             all_reduce = world > 1
@@ -266,10 +273,15 @@ class AlignmentProbe:
             return
         name = self._site_names[id(module)]
         self._fired.add(name)
+        if not any(id(p) in self._target for p in self._site_params(module)):
+            self._untargeted.add(name)  # first ran after set_target, which covered the layers seen so far
+            return
         row_ids = self._row_ids(self._leading_shape(module, x), name, x.device)
         if row_ids is not None:
             output.register_hook(lambda grad: self._accumulate(module, x, grad, row_ids, inv_scale))
-            self._outputs.append(output)
+            # the edge, not the tensor: an in-place op after the layer (ReLU(inplace=True), h += r)
+            # moves the tensor to a later node, whose gradient is not the layer's output gradient
+            self._output_edges.append(torch.autograd.graph.get_gradient_edge(output))
 
     @staticmethod
     def _leading_shape(module, x):
@@ -311,7 +323,7 @@ class AlignmentProbe:
             idx = x.reshape(-1)
             if module.padding_idx is not None:  # that row of the table gets no gradient
                 row_ids = torch.where(idx == module.padding_idx, -1, row_ids)
-            per_row = (rows * target[id(module.weight)].to(work)[idx]).sum(-1)
+            per_row = (rows * target[id(module.weight)].to(work)[idx]).sum(-1)  # the hook checked it is there
             return segment_sum(per_row, row_ids, k)
         if isinstance(module, nn.LayerNorm):
             # ⟨g, x̂ ⊙ V_w + V_b⟩ per row: layer_norm with the target as its affine part makes

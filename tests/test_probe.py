@@ -107,6 +107,27 @@ def test_probe_backward_scores_without_parameter_gradients(seed):
         probe.backward(model(x, y)[1])
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["relu", "relu-inplace"])
+def test_probe_backward_with_an_in_place_op_after_a_layer(seed, inplace):
+    """ReLU(inplace=True) rewrites the layer's output tensor: probe.backward must still take
+    the gradient of the layer's output, not of the rewritten tensor."""
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(inplace=inplace), nn.Linear(16, 3)).double()
+    k = 3
+    probe = AlignmentProbe(model, k, strict=True)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    model.zero_grad()
+    F.mse_loss(model(x[:4]), y[:4]).backward()
+    probe.set_target()
+    params = list(model.parameters())
+    target = flat_grads(model, params)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    model.zero_grad(set_to_none=True)
+    with probe.record(ids):
+        probe.backward(F.mse_loss(model(x), y, reduction="sum"))
+    assert not probe._output_edges  # nothing kept alive after the record
+    assert_close_scores(probe.result().dots, naive_mse_scores(model, x, y, ids, k, target, params), 1e-9)
+
+
 def test_probe_backward_skips_the_weight_gradient_gemms(seed):
     model, k = tiny_gpt(), 3
     probe = AlignmentProbe(model, k)
@@ -376,8 +397,48 @@ def test_layers_whose_hooks_never_run_are_reported():
     assert probe.result().missing == ["attn.out_proj"]
     assert {"attn.out_proj.weight", "attn.out_proj.bias"} <= set(probe.coverage.uncovered)
     probe.strict = True
-    with pytest.raises(RuntimeError, match=r"never ran while recording .*\['attn.out_proj'\]"):
+    with pytest.raises(RuntimeError, match=r"scored nothing: \['attn.out_proj'\] \(never ran while recording"):
         probe.result()
+
+
+def test_a_layer_first_seen_after_the_target_was_set_is_reported_not_guessed(seed):
+    """The target covers the layers seen so far; a layer that runs for the first time later
+    scores nothing (it is reported as missing) until the target is set again."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Embedding(10, 4), nn.Embedding(10, 4), nn.Linear(4, 10)
+
+        def forward(self, x, use_b):
+            h = self.a(x) + (self.b(x) if use_b else 0)
+            return F.cross_entropy(self.head(h).reshape(-1, 10), x.reshape(-1))
+
+    model, ids = Net().double(), torch.tensor([0, 0, 1, 1])
+    x = torch.randint(0, 10, (4, 3))
+    probe = AlignmentProbe(model, 2)
+    model(x, True).backward()
+    probe.set_target()
+    model.zero_grad()
+    with probe.record(ids):
+        model(x, False).backward()  # `b` unused: the next target leaves it out
+    model.zero_grad()
+    model(x, True).backward()
+    probe.set_target()
+    assert "b.weight" in probe.coverage.uncovered
+    model.zero_grad()
+    probe.reset()
+    with probe.record(ids):
+        model(x, True).backward()
+    assert probe.result().missing == ["b"]
+    model.zero_grad()
+    model(x, True).backward()
+    probe.set_target()  # now it covers `b`
+    assert probe.coverage.uncovered == []
+    model.zero_grad()
+    probe.reset()
+    with probe.record(ids):
+        model(x, True).backward()
+    assert probe.result().missing == []
 
 
 def test_keyword_input_and_unsupported_embeddings():
