@@ -169,7 +169,7 @@ def _check_same_on_all_ranks(weights, device):
     """Every rank must sample with the same weights, or the ranks' rows would not be disjoint."""
     reference = weights.to(device).clone()
     dist.broadcast(reference, 0)
-    if not torch.equal(reference.cpu(), weights):
+    if not torch.equal(reference.cpu(), weights.cpu()):  # on the CPU, wherever the mixer keeps them
         raise RuntimeError("mixer weights differ between ranks: a mixer must all-reduce what it measures")
 
 

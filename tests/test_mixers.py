@@ -86,6 +86,27 @@ def test_chameleon_skips_non_finite_embeddings_with_one_warning():
     assert torch.equal(mixer.weights, before) and mixer.skipped == 2
 
 
+def test_loaded_state_is_float64_on_the_cpu_wherever_the_checkpoint_was_mapped():
+    """train.py loads checkpoints with map_location=device: a state mapped to CUDA must still give
+    CPU weights. Fake tensors stand in for CUDA ones on a machine without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastmix.mixing import Temperature, Uniform
+
+    static, chameleon = [Uniform(3), Temperature([1, 2, 3])], Chameleon(3)
+    with FakeTensorMode():
+        def on_cuda(*shape):
+            return torch.ones(*shape, device="cuda")
+
+        for mixer in static:
+            mixer.load_state_dict({"weights": on_cuda(3)})
+        chameleon.load_state_dict({"weights": on_cuda(3), "domains": ["d0", "d1", "d2"], "embeddings": on_cuda(3, 4),
+                                   "accumulator": {"sums": on_cuda(3, 4), "counts": on_cuda(3)}})
+        loaded = [m._weights for m in static] + [chameleon._weights, chameleon.embeddings, *chameleon._acc_state]
+        for tensor in loaded:
+            assert (tensor.device.type, tensor.dtype) == ("cpu", torch.float64)
+
+
 def _store_with_extra_domain(src, dst):
     """A copy of the store `src` with one more domain ('extra', copied from a target's text)."""
     store = DomainStore(src)

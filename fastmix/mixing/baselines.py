@@ -22,7 +22,8 @@ class StaticMixer:
         return {"weights": self._weights.clone()}
 
     def load_state_dict(self, state):
-        self._weights = state["weights"].to(torch.float64).clone()
+        # the loop maps checkpoints to the training device; the weights stay a float64 CPU tensor
+        self._weights = state["weights"].to(torch.float64).cpu().clone()
 
 
 class Uniform(StaticMixer):

@@ -145,7 +145,9 @@ class Chameleon:
             acc = state["accumulator"]
             sums = torch.zeros(k, acc["sums"].shape[1], dtype=torch.float64)
             counts = torch.zeros(k, dtype=torch.float64)
-            sums[index], counts[index] = acc["sums"].to(torch.float64), acc["counts"].to(torch.float64)
+            # .cpu(): the loop maps checkpoints to the training device
+            sums[index] = acc["sums"].to(torch.float64).cpu()
+            counts[index] = acc["counts"].to(torch.float64).cpu()
             self._acc_state = (sums, counts)
             if self._acc is not None:
                 self._install_acc_state()
