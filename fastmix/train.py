@@ -312,67 +312,72 @@ def _train(config, rank, world, device):
             balanced_batch=lambda rows: to_device(*sampler.balanced_batch(rows)),
             device=device, autocast=autocast, num_domains=store.num_domains, grad_clip_coef=grad_clip_coef)
 
-    # optional hooks of the Mixer protocol (fastmix.mixing.base)
+    # optional methods of the Mixer protocol (fastmix.mixing.base)
     mixer_record = getattr(mixer, "record", None)
-    if hasattr(mixer, "prepare"):
-        mixer.prepare(mixer_context(start_step, _lr_at(start_step, config), None))
-        sampler.set_weights(mixer.weights)
+    mixer_close = getattr(mixer, "close", None)
+    try:  # however the run ends, the mixer's hooks leave the model and the prefetch thread stops
+        if hasattr(mixer, "prepare"):
+            mixer.prepare(mixer_context(start_step, _lr_at(start_step, config), None))
+            sampler.set_weights(mixer.weights)
 
-    if start_step == 0:
-        log(0, _lr_at(0, config), None, mixer.weights, evaluate=True)
+        if start_step == 0:
+            log(0, _lr_at(0, config), None, mixer.weights, evaluate=True)
 
-    tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
-    bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=True if (config.quiet or not is_main) else None)
-    window_loss = torch.zeros((), device=device)
-    window_start, window_steps = time.perf_counter(), 0
-    model.train()
-    for step in range(start_step, config.max_steps):
-        lr = _lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        weights = mixer.weights  # the weights this step's batches are drawn with
-        optimizer.zero_grad(set_to_none=True)
-        micro_batches = []
-        step_ctx = mixer_context(step + 1, lr, None) if mixer_record else None
-        for micro in range(config.grad_accum):
-            x, y, domain_ids = to_device(*sampler.next_batch())
-            micro_batches.append((x, y, domain_ids))
-            last = micro == config.grad_accum - 1
-            # the mixer's view of the training pass (DGA inline, online Chameleon), if it wants one
-            with mixer_record(step_ctx, domain_ids) if mixer_record else contextlib.nullcontext():
-                with (contextlib.nullcontext() if last or world == 1 else train_model.no_sync()), autocast():
-                    loss = lm_loss(train_model, x, y) / config.grad_accum
-                loss.backward()
-            window_loss += loss.detach()
-        clip_coef = 1.0
-        if config.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            clip_coef = torch.clamp(config.grad_clip / (norm + 1e-6), max=1.0)  # what clipping multiplied by
-        optimizer.step()
-        done = step + 1
+        tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
+        bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   disable=True if (config.quiet or not is_main) else None)
+        window_loss = torch.zeros((), device=device)
+        window_start, window_steps = time.perf_counter(), 0
+        model.train()
+        for step in range(start_step, config.max_steps):
+            lr = _lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            weights = mixer.weights  # the weights this step's batches are drawn with
+            optimizer.zero_grad(set_to_none=True)
+            micro_batches = []
+            step_ctx = mixer_context(step + 1, lr, None) if mixer_record else None
+            for micro in range(config.grad_accum):
+                x, y, domain_ids = to_device(*sampler.next_batch())
+                micro_batches.append((x, y, domain_ids))
+                last = micro == config.grad_accum - 1
+                # the mixer's view of the training pass (DGA inline, online Chameleon), if it wants one
+                with mixer_record(step_ctx, domain_ids) if mixer_record else contextlib.nullcontext():
+                    with (contextlib.nullcontext() if last or world == 1 else train_model.no_sync()), autocast():
+                        loss = lm_loss(train_model, x, y) / config.grad_accum
+                    loss.backward()
+                window_loss += loss.detach()
+            clip_coef = 1.0
+            if config.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                clip_coef = torch.clamp(config.grad_clip / (norm + 1e-6), max=1.0)  # what clipping multiplied by
+            optimizer.step()
+            done = step + 1
 
-        batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
-        mixer.update(mixer_context(done, lr, batch, clip_coef))
-        sampler.set_weights(mixer.weights)
-        window_steps += 1
-        bar.update(1)
+            batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
+            mixer.update(mixer_context(done, lr, batch, clip_coef))
+            sampler.set_weights(mixer.weights)
+            window_steps += 1
+            bar.update(1)
 
-        evaluate = done % config.eval_interval == 0 or done == config.max_steps
-        if done % config.log_interval == 0 or evaluate:
-            if world > 1:
-                dist.all_reduce(window_loss)
-                window_loss /= world
-            train_loss = window_loss.item() / window_steps
-            elapsed = time.perf_counter() - window_start
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * window_steps / elapsed:,.0f}")
-            log(done, lr, train_loss, weights, evaluate)
-            window_loss.zero_()
-            window_start, window_steps = time.perf_counter(), 0
-        if is_main and (done % config.checkpoint_interval == 0 or done == config.max_steps):
-            _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer, config)
-    bar.close()
-    sampler.close()
+            evaluate = done % config.eval_interval == 0 or done == config.max_steps
+            if done % config.log_interval == 0 or evaluate:
+                if world > 1:
+                    dist.all_reduce(window_loss)
+                    window_loss /= world
+                train_loss = window_loss.item() / window_steps
+                elapsed = time.perf_counter() - window_start
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * window_steps / elapsed:,.0f}")
+                log(done, lr, train_loss, weights, evaluate)
+                window_loss.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            if is_main and (done % config.checkpoint_interval == 0 or done == config.max_steps):
+                _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer, config)
+        bar.close()
+    finally:
+        sampler.close()
+        if mixer_close is not None:
+            mixer_close()
 
     if is_main and records:
         if config.plot:

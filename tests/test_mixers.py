@@ -107,6 +107,34 @@ def test_loaded_state_is_float64_on_the_cpu_wherever_the_checkpoint_was_mapped()
             assert (tensor.device.type, tensor.dtype) == ("cpu", torch.float64)
 
 
+def _hooks_left(model):
+    return [(name, kind) for name, module in model.named_modules()
+            for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+            if getattr(module, kind)]
+
+
+def test_chameleon_online_hooks_leave_the_model_when_the_run_ends(store_dir, tmp_path, monkeypatch):
+    options = {"interval": 2}
+    result = _run(store_dir, tmp_path / "run", max_steps=3, mixer="chameleon", mixer_options=options)
+    assert _hooks_left(result.model) == []
+    # close() keeps the window gathered since the last update (step 3) in the mixer's state
+    saved = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["mixer"]["accumulator"]
+    after_close = result.mixer.state_dict()["accumulator"]
+    assert float(saved["counts"].sum()) > 0
+    assert all(torch.equal(saved[key], after_close[key]) for key in ("sums", "counts"))
+
+    seen = {}
+
+    def failing_update(mixer, ctx):
+        seen["model"] = ctx.model
+        raise RuntimeError("update failed")
+
+    monkeypatch.setattr(Chameleon, "update", failing_update)
+    with pytest.raises(RuntimeError, match="update failed"):
+        _run(store_dir, tmp_path / "failing", max_steps=3, mixer="chameleon", mixer_options=options)
+    assert _hooks_left(seen["model"]) == []
+
+
 def _store_with_extra_domain(src, dst):
     """A copy of the store `src` with one more domain ('extra', copied from a target's text)."""
     store = DomainStore(src)

@@ -6,8 +6,8 @@ feeds `mixer.weights` to the sampler for the next batch. The mixer decides by it
 a step is an update step (e.g. every `interval` steps). Under torch.distributed every rank
 must end up with the same weights (the sampler checks nothing; the loop checks at evals).
 
-Two optional hooks, for mixers that need more than `update` (the loop calls them only if the
-mixer has them):
+Three optional methods, for mixers that need more than `update` (the loop calls them only if
+the mixer has them):
 
 - `prepare(ctx)`: once before the first step of a run, fresh or resumed (`ctx.step` is the
   number of steps already taken, `ctx.batch` is None). E.g. Chameleon computes embeddings of
@@ -18,6 +18,8 @@ mixer has them):
   (DGA's inline mode: AlignmentProbe; online Chameleon: hidden states). Gradients are zero
   when the first micro-batch's context is entered, so a mixer may run a backward of its own
   there (and must leave `.grad` zeroed).
+- `close()`: releases what the mixer attached to the model (hooks, probes); the loop calls it
+  when the run ends, also when it ends with an error.
 """
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional, Protocol, runtime_checkable
@@ -56,7 +58,7 @@ class Mixer(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
-    # optional: prepare(ctx) -> None; record(ctx, domain_ids) -> ContextManager (see above)
+    # optional: prepare(ctx) -> None; record(ctx, domain_ids) -> ContextManager; close() -> None (see above)
 
 
 # name -> factory(store, **options) -> Mixer. New mixers register with one entry.

@@ -54,7 +54,7 @@ class Chameleon:
         self._missing = list(range(k)) if source == "offline" else []  # domains still without embedding
         self._acc = None
         self._acc_model = None
-        self._acc_state = None      # accumulator sums/counts restored from a checkpoint
+        self._acc_state = None      # accumulator sums/counts not in an accumulator (checkpoint, close)
         self.skipped = 0
         self._warned = False
 
@@ -114,8 +114,10 @@ class Chameleon:
         state = {"weights": self._weights.clone(), "domains": list(self.domains), "skipped": self.skipped,
                  "embeddings": None if self.embeddings is None else self.embeddings.clone(),
                  "missing": list(self._missing)}
-        if self._acc is not None and self._acc.sums is not None:
-            state["accumulator"] = {"sums": self._acc.sums.cpu().clone(), "counts": self._acc.counts.cpu().clone()}
+        window = self._window()
+        if window is not None:
+            sums, counts = window
+            state["accumulator"] = {"sums": sums.cpu().clone(), "counts": counts.cpu().clone()}
         return state
 
     def load_state_dict(self, state):
@@ -152,7 +154,20 @@ class Chameleon:
             if self._acc is not None:
                 self._install_acc_state()
 
+    def close(self):
+        """Removes the accumulator's hook from the model; the window's sums stay in the state."""
+        if self._acc is not None:
+            self._acc_state = self._window()
+            self._acc.remove()
+            self._acc = self._acc_model = None
+
     # ------------------------------------------------------------------ internals
+    def _window(self):
+        """(sums, counts) of the embeddings gathered since the last update, or None if nothing was."""
+        if self._acc is not None and self._acc.sums is not None:
+            return self._acc.sums, self._acc.counts
+        return self._acc_state
+
     def _accumulator(self, model):
         if self._acc is None or self._acc_model is not model:
             if self._acc is not None:
