@@ -187,12 +187,22 @@ def _set_rng_states(states):
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
-def _save_checkpoint(path, step, model, optimizer, sampler, mixer, config):
+def _save_checkpoint(path, step, model, optimizer, sampler, mixer, store, config):
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "sampler": sampler.state_dict(), "mixer": mixer.state_dict(), "rng": _rng_states(),
-             "config": dataclasses.asdict(config)}
+             "config": dataclasses.asdict(config), "domains": list(store.domains), "targets": list(store.targets)}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash mid-save keeps the previous checkpoint
+
+
+def _check_resumed_domains(saved, domains):
+    """Mixer and sampler states are indexed by domain position: the store must hold the checkpoint's
+    domains first, in the same order (domains appended since are fine: Chameleon embeds them)."""
+    for i, name in enumerate(saved):
+        if i >= len(domains) or domains[i] != name:
+            now = repr(domains[i]) if i < len(domains) else "missing"
+            raise ValueError(f"--resume: domain {i} of the store is {now}, but in the checkpoint it is {name!r}; "
+                             "the store must hold the checkpoint's domains first, in the same order")
 
 
 def _read_metrics(path, up_to_step=None):
@@ -261,6 +271,7 @@ def _train(config, rank, world, device):
     start_step = 0
     if config.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        _check_resumed_domains(ckpt.get("domains", []), store.domains)  # older checkpoints lack the names
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         mixer.load_state_dict(ckpt["mixer"])
@@ -372,7 +383,7 @@ def _train(config, rank, world, device):
                 window_loss.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             if is_main and (done % config.checkpoint_interval == 0 or done == config.max_steps):
-                _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer, config)
+                _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer, store, config)
         bar.close()
     finally:
         sampler.close()

@@ -1,10 +1,13 @@
 import argparse
 import json
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
+from fastmix.data import DomainStore, StoreWriter
 from fastmix.mixing import MIXERS, Temperature, Uniform, register_mixer
 from fastmix.mixing.baselines import StaticMixer
 from fastmix.train import TrainConfig, add_train_arguments, config_from_args, train
@@ -68,6 +71,35 @@ def test_resume_matches_an_uninterrupted_run(store_dir, tmp_path, mixer):
             assert a["eval"] == b["eval"], a["step"]
     if mixer == "test-drifting":
         assert full[-1]["weights"] != full[1]["weights"]
+
+
+def _store_with_domains(src, dst, domains):
+    """A copy of the store `src` whose domains are `domains` (names of src's domains, in this order)."""
+    store = DomainStore(src)
+    with StoreWriter(dst, store.tokenizer, relations=store.relations) as writer:
+        for name in domains + store.targets:
+            writer.add(name, np.array(store.tokens(name, "train")), np.array(store.tokens(name, "val")),
+                       target=name in store.targets)
+    return str(dst)
+
+
+def test_resume_needs_the_checkpoints_domains_first_in_the_same_order(store_dir, tmp_path):
+    domains = DomainStore(store_dir).domains
+    _run(store_dir, tmp_path / "run", max_steps=2)
+    swapped = _store_with_domains(store_dir, tmp_path / "swapped", [domains[0], domains[2], domains[1], *domains[3:]])
+    mismatch = f"domain 1 of the store is '{domains[2]}', but in the checkpoint it is '{domains[1]}'"
+    with pytest.raises(ValueError, match=re.escape(mismatch)):
+        _run(swapped, tmp_path / "run", max_steps=4, resume=True)
+    fewer = _store_with_domains(store_dir, tmp_path / "fewer", domains[:-1])
+    with pytest.raises(ValueError, match=re.escape(f"domain {len(domains) - 1} of the store is missing")):
+        _run(fewer, tmp_path / "run", max_steps=4, resume=True)
+    # a checkpoint from before the names were saved resumes unchecked
+    path = tmp_path / "run" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert (ckpt["domains"], ckpt["targets"]) == (domains, DomainStore(store_dir).targets)
+    del ckpt["domains"], ckpt["targets"]
+    torch.save(ckpt, path)
+    assert _run(store_dir, tmp_path / "run", max_steps=4, resume=True).metrics[-1]["step"] == 4
 
 
 def test_resume_needs_a_checkpoint(store_dir, tmp_path):

@@ -9,8 +9,8 @@ source="online" (default): embeddings of the model being trained, gathered for f
     the loop's `record` hook); every `interval` steps the weights are recomputed from the
     window's embeddings and the window restarts. Domains that had no row in the window get
     theirs from one no-grad forward of a balanced batch (rows of those domains only).
-Transfer: a run resumed on a store with more domains (same names first, new ones anywhere)
-    gives the new domains embeddings before its first step (offline: with the checkpoint model;
+Transfer: a run resumed on a store with more domains (the checkpoint's first, in the same order,
+    then the new ones: the loop checks it) gives the new domains embeddings before its first step (offline: with the checkpoint model;
     online: all domains re-embedded by the current model) and recomputes the weights from all
     of them: no restart, no proxy retraining.
 
