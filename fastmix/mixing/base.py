@@ -22,7 +22,7 @@ the mixer has them):
   when the run ends, also when it ends with an error.
 """
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional, Protocol, runtime_checkable
+from typing import Callable, ContextManager, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -42,8 +42,10 @@ class MixerContext:
     autocast: Callable[[], ContextManager]  # autocast() -> the loop's mixed-precision context
     num_domains: int
     # the factor gradient clipping multiplied this step's gradients by (1.0: not clipped); the
-    # gradients in `.grad` during `update` are the clipped ones
-    grad_clip_coef: float = 1.0
+    # gradients in `.grad` during `update` are the clipped ones. A float, or a 0-d tensor on the
+    # model's device (the loop leaves it there: reading it would sync with the GPU every step);
+    # use float(...) where a number is needed
+    grad_clip_coef: Union[float, torch.Tensor] = 1.0
 
 
 @runtime_checkable
