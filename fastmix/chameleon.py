@@ -48,13 +48,7 @@ def chameleon_weights(embeddings, lam=10.0, mode="pretrain", temperature=None, *
         raise TypeError(f"embeddings must be floating point, got {embeddings.dtype}")
     if not bool(torch.isfinite(embeddings).all()):
         raise ValueError("embeddings contain NaN or infinity (a domain without samples?)")
-    if mode not in DEFAULT_TEMPERATURE:
-        raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
-        raise ValueError(f"lam must be a number > 0, got {lam!r}")
-    temperature = DEFAULT_TEMPERATURE[mode] if temperature is None else temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    temperature = check_weight_options(lam, mode, temperature)
     out_dtype = embeddings.dtype if embeddings.dtype in (torch.float32, torch.float64) else torch.float32
 
     e = embeddings.detach().to(torch.float64)
@@ -72,6 +66,19 @@ def chameleon_weights(embeddings, lam=10.0, mode="pretrain", temperature=None, *
             weights = torch.softmax((1.0 / scores) / temperature, 0)
     weights, scores = weights.to(out_dtype), scores.to(out_dtype)
     return (weights, scores) if return_scores else weights
+
+
+def check_weight_options(lam=10.0, mode="pretrain", temperature=None):
+    """Raises ValueError, naming the argument and its value, if chameleon_weights cannot take these
+    options (so a caller can check them before it has embeddings); returns the temperature to use."""
+    if mode not in DEFAULT_TEMPERATURE:
+        raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
+        raise ValueError(f"lam must be a number > 0, got {lam!r}")
+    temperature = DEFAULT_TEMPERATURE[mode] if temperature is None else temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    return temperature
 
 
 # ---------------------------------------------------------------- layers and pooling

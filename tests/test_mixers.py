@@ -3,6 +3,7 @@ new domains), DDP on 2 CPU processes (identical weights on every rank), the CLI.
 import contextlib
 import json
 import os
+import re
 import socket
 
 import numpy as np
@@ -105,6 +106,19 @@ def test_loaded_state_is_float64_on_the_cpu_wherever_the_checkpoint_was_mapped()
         loaded = [m._weights for m in static] + [chameleon._weights, chameleon.embeddings, *chameleon._acc_state]
         for tensor in loaded:
             assert (tensor.device.type, tensor.dtype) == ("cpu", torch.float64)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("domains", 0), ("domains", []), ("source", "cache"), ("checkpoint", None), ("lam", -5), ("lam", "10"),
+    ("mode", "train"), ("temperature", -1), ("temperature", 0), ("floor", 1.5), ("floor", float("nan")),
+    ("interval", 0), ("interval", 2.5), ("rows_per_domain", 0),
+])
+def test_chameleon_rejects_bad_options_when_built(option, value):
+    options = {"domains": 3, option: value}
+    if option == "checkpoint":
+        options["source"] = "offline"
+    with pytest.raises(ValueError, match=rf"{option}.*{re.escape(repr(value))}"):
+        Chameleon(**options)
 
 
 def _hooks_left(model):

@@ -10,9 +10,9 @@ source="online" (default): embeddings of the model being trained, gathered for f
     window's embeddings and the window restarts. Domains that had no row in the window get
     theirs from one no-grad forward of a balanced batch (rows of those domains only).
 Transfer: a run resumed on a store with more domains (the checkpoint's first, in the same order,
-    then the new ones: the loop checks it) gives the new domains embeddings before its first step (offline: with the checkpoint model;
-    online: all domains re-embedded by the current model) and recomputes the weights from all
-    of them: no restart, no proxy retraining.
+    then the new ones: the loop checks it) gives the new domains embeddings before its first
+    step (offline: with the checkpoint model; online: all domains re-embedded by the current
+    model) and recomputes the weights from all of them: no restart, no proxy retraining.
 
 Under torch.distributed the embedding sums and counts are all-reduced, so every rank computes
 the same weights. `floor` mixes the weights with uniform (α ← (1 − ε)α + ε/k).
@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from fastmix.chameleon import EmbeddingAccumulator, chameleon_weights, domain_embeddings
+from fastmix.chameleon import EmbeddingAccumulator, chameleon_weights, check_weight_options, domain_embeddings
 from fastmix.mixing.base import register_mixer
 from fastmix.mixing.dga import _all_reduce, shard_balanced, _world
 
@@ -32,22 +32,24 @@ SOURCES = ("online", "offline")
 class Chameleon:
     def __init__(self, domains, source="online", checkpoint=None, lam=10.0, mode="pretrain", temperature=None,
                  interval=10, rows_per_domain=4, floor=0.0, layer="middle"):
-        if isinstance(domains, int):
-            domains = [f"d{i}" for i in range(domains)]
-        self.domains = list(domains)
+        # every option is checked here, not at the first update, which may come many steps later
+        self.domains = [f"d{i}" for i in range(domains)] if isinstance(domains, int) else list(domains)
+        if not self.domains:
+            raise ValueError(f"domains must be a count >= 1 or a list of names, got {domains!r}")
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
         if source == "offline" and not checkpoint:
-            raise ValueError("source='offline' needs checkpoint=PATH (a fastmix ckpt.pt, the proxy model)")
-        if mode not in ("pretrain", "finetune"):
-            raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
-        if not 0 <= floor <= 1:
-            raise ValueError(f"floor must be in [0, 1], got {floor}")
-        if int(interval) < 1 or int(rows_per_domain) < 1:
-            raise ValueError("interval and rows_per_domain must be >= 1")
+            raise ValueError(f"source='offline' needs checkpoint=PATH (a fastmix ckpt.pt, the proxy model), "
+                             f"got checkpoint={checkpoint!r}")
+        check_weight_options(lam, mode, temperature)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+            raise ValueError(f"floor must be a number in [0, 1], got {floor!r}")
+        for name, value in (("interval", interval), ("rows_per_domain", rows_per_domain)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.source, self.checkpoint, self.lam, self.mode = source, checkpoint, float(lam), mode
         self.temperature = temperature
-        self.interval, self.rows_per_domain, self.floor, self.layer = int(interval), int(rows_per_domain), float(floor), layer
+        self.interval, self.rows_per_domain, self.floor, self.layer = interval, rows_per_domain, float(floor), layer
         k = len(self.domains)
         self._weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
         self.embeddings = None      # (k, d) float64 CPU, the ones the weights were computed from
