@@ -172,11 +172,38 @@ class AlignmentProbe:
         finally:
             self._target_calls = None
         self.set_target(loss_scale=loss_scale)  # also clears the previous target's rows
+        modules = {id(m): m for _, m in self._sites}
         for mid, pairs in calls.items():
             pairs = [(x, g) for x, g in pairs if g is not None]
-            if pairs:
-                self._target_rows[mid] = (torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in pairs]),
-                                          torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pairs]))
+            if not pairs or id(modules[mid].weight) not in self._used_once:
+                continue
+            x_t = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in pairs])
+            g_t = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pairs])
+            # with the target formed, the ghost form wins for any batch size or for none
+            if ghost_is_cheaper(1, x_t.shape[0], x_t.shape[1], g_t.shape[1], target_formed=True):
+                self._target_rows[mid] = (x_t, g_t)
+
+    def target_state_dict(self):
+        """The target, to save with a checkpoint: {"dense": {parameter name: V}, "rows": {layer
+        name: (x_t, δ_t)}} on the CPU. The rows are kept so that a restored target takes the
+        ghost form exactly where the original did (the two forms round differently)."""
+        if self._target is None:
+            raise RuntimeError("AlignmentProbe.target_state_dict: no target is set")
+        sites = {id(m): name for name, m in self._sites}
+        return {"dense": {self._names[pid]: t.cpu().clone() for pid, t in self._target.items()},
+                "rows": {sites[mid]: (x.cpu().clone(), g.cpu().clone()) for mid, (x, g) in self._target_rows.items()}}
+
+    def load_target_state_dict(self, state):
+        """Sets the target saved by target_state_dict(), each tensor on its parameter's device."""
+        params = {self._names[id(p)]: p for p in self._trainable}
+        modules = dict(self._sites)
+        unknown = sorted(set(state["dense"]) - set(params)) + sorted(set(state["rows"]) - set(modules))
+        if unknown:
+            raise ValueError(f"load_target_state_dict: the model has no trainable parameter or hooked layer {unknown}")
+        self._target = {id(params[n]): t.to(params[n].device) for n, t in state["dense"].items()}
+        self._target_rows = {id(modules[n]): (x.to(modules[n].weight.device), g.to(modules[n].weight.device))
+                             for n, (x, g) in state["rows"].items()}
+        self._untargeted = set()
 
     # ------------------------------------------------------------------ recording
     @contextlib.contextmanager
@@ -342,9 +369,8 @@ class AlignmentProbe:
         x2, g2 = x.reshape(-1, x.shape[-1]).to(work), g.reshape(-1, g.shape[-1])
         dots = torch.zeros(k, dtype=work, device=g.device)
         if id(module.weight) in target:
-            rows = self._target_rows.get(id(module))
-            if rows is not None and id(module.weight) in self._used_once and ghost_is_cheaper(
-                    x2.shape[0], rows[0].shape[0], x2.shape[1], g2.shape[1], target_formed=True):
+            rows = self._target_rows.get(id(module))  # kept by record_target where the ghost form is cheaper
+            if rows is not None:
                 dots = ops.domain_grad_dots_ghost(x2, g2, row_ids, k, rows[0].to(work), rows[1].to(work),
                                                   validate_ids=False)
             else:

@@ -208,6 +208,11 @@ def test_bad_options():
         DGA(3, precondition="sgd")
     with pytest.raises(ValueError, match="ema"):
         DGA(3, ema=1.0)
+    for name, value in (("interval", 0), ("interval", 2.7), ("target_every", 0), ("rows_per_domain", True)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1, got {value!r}"):
+            DGA(3, **{name: value})
+    with pytest.raises(ValueError, match="step_size must be a finite number >= 0, got '1'"):
+        DGA(3, step_size="1")
     model = tiny_gpt()
     ctx = make_ctx(model, Data(0), step=10)
     ctx.target_batch = None
@@ -215,7 +220,10 @@ def test_bad_options():
         DGA(K).update(ctx)
 
 
-def test_inline_reuses_its_target_for_target_every_steps(seed):
+@pytest.mark.parametrize("target_rows", [4, 1], ids=["dense", "ghost"])
+def test_inline_reuses_its_target_for_target_every_steps(seed, target_rows):
+    """A resumed run scores against the same target, bitwise, also where the target came from
+    few enough rows for the ghost form (with 1 row of 12 tokens, the 16 → 64 MLP layers)."""
     model = tiny_gpt(torch.float64)
 
     def step(mixer, data, n, batch):
@@ -226,15 +234,67 @@ def test_inline_reuses_its_target_for_target_every_steps(seed):
         mixer.update(ctx)
         return mixer.scores.clone()
 
-    mixer, data = DGA(K, mode="inline", interval=1, target_every=3), Data(seed)
+    options = dict(mode="inline", interval=1, target_every=3, target_rows=target_rows)
+    mixer, data = DGA(K, **options), Data(seed)
     for n in (1, 2):
         step(mixer, data, n, balanced(1))
     state = mixer.state_dict()
     assert state["target_step"] == 1 and "target" in state
-    resumed = DGA(K, mode="inline", interval=1, target_every=3)
+    assert bool(state["target"]["rows"]) == (target_rows == 1)
+    resumed = DGA(K, **options)
     resumed.load_state_dict(state)
     batch = balanced(1)
     assert torch.equal(step(mixer, data, 3, batch), step(resumed, Data(seed + 1), 3, batch))  # same reused target
     for n in (4, 5):
         step(mixer, data, n, balanced(1))
     assert data.calls == 2 and mixer.updates == 5  # targets drawn at steps 1 and 4 only
+
+
+def test_adam_preconditioner_gives_zero_to_parameters_adam_has_not_moved(seed):
+    from fastmix.mixing.dga import adam_preconditioner
+
+    model = tiny_gpt()
+    frozen_out = [p for n, p in model.named_parameters() if n.endswith("ln_f.weight")]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p is not frozen_out[0]])
+    assert adam_preconditioner(model, optimizer) is None  # before the first step
+    lm_loss(model, *tokens(2)).backward()
+    optimizer.step()
+    factors = adam_preconditioner(model, optimizer)
+    assert bool((factors["transformer.ln_f.weight"] == 0).all())
+    assert bool((factors["transformer.h.0.mlp.c_fc.weight"] > 0).all())
+
+
+def test_inline_does_not_reuse_a_target_taken_before_adam_had_statistics(seed):
+    model = tiny_gpt()
+    optimizer = torch.optim.AdamW(model.parameters())
+    mixer, data = DGA(K, mode="inline", interval=1, target_every=10, precondition="adam"), Data(seed)
+    for n in (1, 2, 3):
+        ctx = make_ctx(model, data, step=n, optimizer=optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        x, y, ids = balanced(1)
+        with mixer.record(ctx, ids):
+            lm_loss(model, x, y).backward()
+        optimizer.step()
+        mixer.update(ctx)
+    assert data.calls == 2  # step 1's unpreconditioned target served step 1 alone; step 2's is reused
+
+
+def test_inline_under_torch_compile_and_close(seed):
+    """prepare() hooks the model before torch.compile traces it (hooks added later would be
+    ignored: all-zero scores); close() takes the hooks off again."""
+    model = tiny_gpt(torch.float64)
+    compiled = torch.compile(model, backend="eager")
+    mixer, data = DGA(K, mode="inline", interval=2), Data(seed)
+    mixer.prepare(make_ctx(model, data, step=0))
+    for step in (1, 2):  # step 1 is no update step: the compiled model runs before the probe records
+        ctx = make_ctx(model, data, step=step)
+        x, y, ids = balanced(2)
+        model.zero_grad(set_to_none=True)
+        with mixer.record(ctx, ids):
+            lm_loss(compiled, x, y).backward()
+        mixer.update(ctx)
+    tx, ty = Data(seed).target_batch(mixer.target_rows)
+    want = exact_scores(model, lm_loss, x, y, ids, target_flat(model, tx, ty), K)
+    assert rel_err(mixer.scores, want) < 1e-9
+    mixer.close()
+    assert not any(m._forward_hooks for m in model.modules())

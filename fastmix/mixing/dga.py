@@ -74,14 +74,19 @@ def _trainable(model):
 
 
 def adam_preconditioner(model, optimizer):
-    """{name: 1 / (sqrt(v̂) + eps)} from an Adam/AdamW optimizer's state, or None while any
-    trainable parameter has no state yet (before the first step)."""
+    """{name: 1 / (sqrt(v̂) + eps)} from an Adam/AdamW optimizer's state; None before its first
+    step (no state at all). A trainable parameter without state (not in the optimizer, or no
+    gradient yet) gets 0: Adam has not moved it, so it does not count in the direction."""
     groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    trainable = _trainable(model)
+    if not any("exp_avg_sq" in optimizer.state.get(p, {}) for _, p in trainable):
+        return None
     out = {}
-    for name, p in _trainable(model):
+    for name, p in trainable:
         state = optimizer.state.get(p, {})
         if "exp_avg_sq" not in state or id(p) not in groups:
-            return None
+            out[name] = torch.zeros_like(p, dtype=torch.float32)
+            continue
         group = groups[id(p)]
         step = float(state["step"]) if "step" in state else 1.0
         v_hat = state["exp_avg_sq"].float() / (1 - group["betas"][1] ** max(step, 1.0))
@@ -117,9 +122,19 @@ def probe_scores(probe, model, loss_fn, x, y, ids, autocast=contextlib.nullconte
         with autocast():
             loss = loss_fn(model, x, y)
         probe.backward(loss)
-    result = probe.result()
+    result = checked_result(probe)
     rows = float(result.counts.sum())  # all ranks: the probe averages the dots over ranks, like DDP
     return normalise_dots(result.dots, result.counts, rows)
+
+
+def checked_result(probe):
+    """probe.result(), with a warning when layers scored nothing (e.g. a model compiled before
+    the probe hooked it, or weights used functionally): the scores then leave them out."""
+    result = probe.result()
+    if result.missing:
+        warnings.warn(f"DGA: no gradient reached the probe for {result.missing}; their parameters are left out "
+                      "of the alignment scores", RuntimeWarning, stacklevel=3)
+    return result
 
 
 def flat_grad(model):
@@ -164,10 +179,13 @@ class DGA:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if not 0 <= floor <= 1:
             raise ValueError(f"floor must be in [0, 1], got {floor}")
-        if min(int(interval), int(rows_per_domain), int(target_rows), int(target_every)) < 1:
-            raise ValueError("interval, rows_per_domain, target_rows and target_every must be >= 1")
-        if not math.isfinite(step_size) or step_size < 0:
-            raise ValueError(f"step_size must be finite and >= 0, got {step_size}")
+        for name, value in (("interval", interval), ("rows_per_domain", rows_per_domain),
+                            ("target_rows", target_rows), ("target_every", target_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size) \
+                or step_size < 0:
+            raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
         self.num_domains = int(num_domains)
         self.step_size, self.ema, self.floor = float(step_size), float(ema), float(floor)
         self.interval, self.mode, self.precondition = int(interval), mode, precondition
@@ -183,11 +201,24 @@ class DGA:
         self._inline_step = None  # the step whose training pass the probe is recording
         self._target_step = None  # inline: the step the probe's target was taken at
         self._target_state = None  # inline: the target restored from a checkpoint, not yet on the probe
+        self._target_final = True  # False for a target taken before the preconditioner existed
 
     # ------------------------------------------------------------------ protocol
     @property
     def weights(self):
         return self._weights.clone()
+
+    def prepare(self, ctx):
+        """Inline mode hooks the training model now, before its first forward: torch.compile
+        ignores hooks added to a model it has already traced."""
+        if self.mode == "inline":
+            self.probe(ctx.model)
+
+    def close(self):
+        """Detaches the probe from the model (the loop calls this when the run ends)."""
+        if self._probe is not None:
+            self._probe.remove()
+        self._probe = self._probe_model = None
 
     def is_update_step(self, step):
         return step % self.interval == 0
@@ -206,16 +237,15 @@ class DGA:
         probe = self.probe(ctx.model)
         if self._inline_step != ctx.step:  # first micro-batch of this step: .grad is zero
             if self._target_state is not None:  # resumed: the target the run was using
-                probe._target = {id(p): self._target_state[n].to(p.device) for n, p in _trainable(ctx.model)
-                                 if n in self._target_state}
-                probe._target_rows = {}
+                probe.load_target_state_dict(self._target_state)
                 self._target_state = None
             stale = self._target_step is None or ctx.step - self._target_step >= self.target_every
             if stale:
                 if not self._set_inline_target(ctx, probe):
                     self._inline_step = None
                     return contextlib.nullcontext()
-                self._target_step = ctx.step
+                # an unpreconditioned stand-in (Adam has no statistics yet) serves this step only
+                self._target_step = ctx.step if self._target_final else None
             probe.reset()
             self._inline_step = ctx.step
         return probe.record(domain_ids)
@@ -225,11 +255,7 @@ class DGA:
                  "skipped": self.skipped, "num_domains": self.num_domains}
         if self.mode == "inline" and self._target_step is not None and self.target_every > self.interval:
             # the target is reused by later updates: keep it for an exact resume
-            if self._target_state is not None:
-                target = self._target_state
-            else:
-                names = self._probe._names
-                target = {names[pid]: t.cpu().clone() for pid, t in self._probe._target.items()}
+            target = self._target_state if self._target_state is not None else self._probe.target_state_dict()
             state.update(target_step=self._target_step, target=target)
         return state
 
@@ -303,6 +329,7 @@ class DGA:
         in the exact mode, else None."""
         model = ctx.model
         precondition = self._precondition(ctx)
+        self._target_final = self.precondition == "none" or precondition is not None
         if precondition is not None or scale != 1.0 or not already_set:
             probe.set_target(grads, precondition=precondition, loss_scale=scale)
         flat = None
@@ -339,7 +366,7 @@ class DGA:
         if self._inline_step != ctx.step:  # nothing was recorded at this step (no target yet)
             return None
         self._inline_step = None
-        result = self._probe.result()
+        result = checked_result(self._probe)
         rows = float(result.counts.sum())  # all ranks (the probe averages dots over ranks)
         fresh = normalise_dots(result.dots, result.counts, rows)
         seen = result.counts.cpu() > 0
