@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from fastmix import ops
 from fastmix.ops.alignment import ghost_is_cheaper
@@ -70,6 +72,29 @@ class AlignmentResult:
     #                ran without a target (first seen after the target was set)
 
 
+class _ParameterUses(TorchFunctionMode):
+    """Watches one recorded forward for covered parameters entering a differentiable op
+    outside the forward of a hooked layer (a tied weight applied with F.linear, a weight
+    read by a custom op): the gradient then reaches them by a path the hooks never see."""
+
+    def __init__(self, probe):
+        super().__init__()
+        self.probe = probe
+        self.found = {}  # id(parameter): its target, taken out at once so this record's backward skips it
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        probe = self.probe
+        if probe._site_depth == 0 and probe._target is not None and torch.is_grad_enabled():
+            params = [a for a in pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, nn.Parameter) and id(a) in probe._target]
+            if params and any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(out)):
+                for p in params:
+                    self.found[id(p)] = probe._target.pop(id(p))
+        return out
+
+
 class AlignmentProbe:
     def __init__(self, model, num_domains, *, strict=False, exclude=()):
         if num_domains < 1:
@@ -84,9 +109,13 @@ class AlignmentProbe:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._unsplittable = set()  # site names whose inputs carry no batch dimension
         self._fired = set()  # site names whose hooks ran while recording
+        self._used_outside = set()  # ids of parameters also used outside their hooked layers
         if strict and self.coverage.uncovered:
             raise ValueError(f"AlignmentProbe(strict=True): parameters not covered: {self.coverage.uncovered}")
-        self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for _, m in self._sites]
+        # the pre-hooks keep count of hooked forwards in progress, for the watch of the first record
+        self._handles = [handle for _, m in self._sites for handle in (
+            m.register_forward_pre_hook(self._enter_site), m.register_forward_hook(self._forward_hook, with_kwargs=True))]
+        self._site_depth = 0
         self._site_names = {id(m): name for name, m in self._sites}
         # A weight registered once in the whole model has its target from one layer alone;
         # a tied one (embedding = LM head) sums its uses, so the ghost form can't serve it.
@@ -114,10 +143,11 @@ class AlignmentProbe:
     def _covered_ids(self):
         """Parameters of the sites that can be scored: all hooked ones until a record has run,
         then those whose hooks ran (a Linear whose weight is used functionally, e.g. inside
-        nn.MultiheadAttention, never runs its hook) and could be split by row."""
+        nn.MultiheadAttention, never runs its hook), could be split by row, and are not also
+        used outside a hooked layer (seen while watching the first record)."""
         return {id(p) for name, m in self._sites
                 if name not in self._unsplittable and (not self._fired or name in self._fired)
-                for p in self._site_params(m)}
+                for p in self._site_params(m) if id(p) not in self._used_outside}
 
     @property
     def coverage(self):
@@ -219,12 +249,30 @@ class AlignmentProbe:
         self._inv_scale = 1.0 / loss_scale
         counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
         self._counts = counts if self._counts is None else self._counts + counts
+        watch = None if self._recorded else _ParameterUses(self)
         self._recorded = True
+        self._site_depth = 0
         try:
-            yield self
+            if watch is None:
+                yield self
+            else:
+                with watch:
+                    yield self
         finally:
             self._ids = None
             self._output_edges = []  # backward() runs inside: keeping them would hold the activations
+        if watch is not None and watch.found:
+            if not self._fired:  # no hook ran (e.g. a model compiled before the probe): nothing to judge by
+                self._target.update(watch.found)
+                return
+            self._used_outside |= set(watch.found)
+            names = sorted(self._names[pid] for pid in watch.found)
+            message = (f"AlignmentProbe: {names} are also used outside their hooked layers (e.g. a tied weight "
+                       "applied with F.linear), where the hooks cannot see their gradient: they are left out of "
+                       "the scores (see probe.coverage)")
+            if self.strict:
+                raise RuntimeError(message)
+            warnings.warn(message, stacklevel=3)
 
     def backward(self, loss):
         """Backpropagates `loss` (computed while recording) only as far as the scores need:
@@ -281,7 +329,11 @@ class AlignmentProbe:
         self._handles = []
 
     # ------------------------------------------------------------------ hooks
+    def _enter_site(self, module, args):
+        self._site_depth += 1
+
     def _forward_hook(self, module, args, kwargs, output):
+        self._site_depth = max(self._site_depth - 1, 0)
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         x = (args[0] if args else kwargs["input"]).detach()
@@ -350,7 +402,9 @@ class AlignmentProbe:
             idx = x.reshape(-1)
             if module.padding_idx is not None:  # that row of the table gets no gradient
                 row_ids = torch.where(idx == module.padding_idx, -1, row_ids)
-            per_row = (rows * target[id(module.weight)].to(work)[idx]).sum(-1)  # the hook checked it is there
+            if id(module.weight) not in target:  # left out after the hook ran (used outside the layer too)
+                return torch.zeros(k, dtype=work, device=g.device)
+            per_row = (rows * target[id(module.weight)].to(work)[idx]).sum(-1)
             return segment_sum(per_row, row_ids, k)
         if isinstance(module, nn.LayerNorm):
             # ⟨g, x̂ ⊙ V_w + V_b⟩ per row: layer_norm with the target as its affine part makes

@@ -392,8 +392,9 @@ def test_layers_whose_hooks_never_run_are_reported():
     loss(torch.randn(2, 3, 8)).backward()
     probe.set_target()
     assert "attn.out_proj.weight" not in probe.coverage.uncovered  # not known before a record
-    with probe.record(torch.tensor([0, 1])):
-        loss(torch.randn(2, 3, 8)).backward()
+    with pytest.warns(UserWarning, match="out_proj.*used outside their hooked layers"):
+        with probe.record(torch.tensor([0, 1])):  # F.multi_head_attention_forward takes out_proj.weight
+            loss(torch.randn(2, 3, 8)).backward()
     assert probe.result().missing == ["attn.out_proj"]
     assert {"attn.out_proj.weight", "attn.out_proj.bias"} <= set(probe.coverage.uncovered)
     probe.strict = True
@@ -441,6 +442,46 @@ def test_a_layer_first_seen_after_the_target_was_set_is_reported_not_guessed(see
     assert probe.result().missing == []
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["warn", "strict"])
+def test_a_weight_also_used_outside_its_layer_is_left_out_not_mis_scored(seed, strict):
+    """A tied head applied with F.linear(h, wte.weight): the Embedding hook sees one use of
+    the weight, the gradient has both. The first record finds the other use, drops the weight
+    from the target and the coverage (strict: raises), and the scores are exact for the rest."""
+    class TiedLM(nn.Module):
+        def __init__(self, vocab=17, width=8):
+            super().__init__()
+            self.wte, self.fc, self.ln = nn.Embedding(vocab, width), nn.Linear(width, width), nn.LayerNorm(width)
+
+        def forward(self, x, y):
+            logits = F.linear(self.ln(torch.tanh(self.fc(self.wte(x)))), self.wte.weight)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    model, k = TiedLM().double(), 2
+    probe = AlignmentProbe(model, k, strict=strict)
+    x, y = torch.randint(0, 17, (4, 8)), torch.randint(0, 17, (4, 8))
+    ids = torch.tensor([0, 0, 1, 1])
+    model(x[:2], y[:2]).backward()
+    probe.set_target()
+    if strict:
+        with pytest.raises(RuntimeError, match=r"\['wte.weight'\] are also used outside"):
+            with probe.record(ids):
+                model(x, y).backward()
+        return
+    params = [p for n, p in model.named_parameters() if n != "wte.weight"]
+    target = flat_grads(model, params)
+    model.zero_grad()
+    with pytest.warns(UserWarning, match=r"\['wte.weight'\] are also used outside"):
+        with probe.record(ids):
+            model(x, y).backward()
+    assert probe.coverage.uncovered == ["wte.weight"]
+    want = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        (model(x[ids == i], y[ids == i]) * (ids == i).sum() / len(ids)).backward()
+        want[i] = flat_grads(model, params) @ target
+    assert_close_scores(probe.result().dots, want, 1e-9)
+
+
 def test_keyword_input_and_unsupported_embeddings():
     model = nn.ModuleDict(dict(emb=nn.Embedding(5, 4, scale_grad_by_freq=True), lin=nn.Linear(4, 2)))
     probe = AlignmentProbe(model, 2)
@@ -471,8 +512,10 @@ def test_tied_weight_never_takes_the_ghost_form_even_when_a_use_is_excluded(seed
             model(x_t, y_t)[1].backward()
             probe.set_target()
         model.zero_grad()
-        with probe.record(ids):
-            model(x, y)[1].backward()
+        with pytest.warns(UserWarning, match=r"\['transformer.wte.weight'\] are also used outside"):
+            with probe.record(ids):  # the excluded embedding is a use the hooks do not see
+                model(x, y)[1].backward()
+        assert probe.coverage.uncovered == ["transformer.wte.weight"]
         scores.append(probe.result().dots)
         probe.remove()
     assert_close_scores(scores[0], scores[1], 1e-8)
