@@ -220,6 +220,12 @@ def test_bad_options():
         DGA(K).update(ctx)
 
 
+def resumed_from(state, options):
+    mixer = DGA(K, **options)
+    mixer.load_state_dict(state)
+    return mixer
+
+
 @pytest.mark.parametrize("target_rows", [4, 1], ids=["dense", "ghost"])
 def test_inline_reuses_its_target_for_target_every_steps(seed, target_rows):
     """A resumed run scores against the same target, bitwise, also where the target came from
@@ -241,13 +247,18 @@ def test_inline_reuses_its_target_for_target_every_steps(seed, target_rows):
     state = mixer.state_dict()
     assert state["target_step"] == 1 and "target" in state
     assert bool(state["target"]["rows"]) == (target_rows == 1)
-    resumed = DGA(K, **options)
-    resumed.load_state_dict(state)
+    resumed = resumed_from(state, options)
     batch = balanced(1)
     assert torch.equal(step(mixer, data, 3, batch), step(resumed, Data(seed + 1), 3, batch))  # same reused target
     for n in (4, 5):
         step(mixer, data, n, balanced(1))
     assert data.calls == 2 and mixer.updates == 5  # targets drawn at steps 1 and 4 only
+    state = mixer.state_dict()
+    mixer.close()  # the run ends: the state keeps the target step 6 would reuse
+    closed = mixer.state_dict()
+    assert all(torch.equal(closed["target"]["dense"][n], t) for n, t in state["target"]["dense"].items())
+    batch = balanced(1)
+    assert torch.equal(step(mixer, data, 6, batch), step(resumed_from(state, options), Data(seed + 1), 6, batch))
 
 
 def test_adam_preconditioner_gives_zero_to_parameters_adam_has_not_moved(seed):

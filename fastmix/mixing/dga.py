@@ -215,8 +215,11 @@ class DGA:
             self.probe(ctx.model)
 
     def close(self):
-        """Detaches the probe from the model (the loop calls this when the run ends)."""
+        """Detaches the probe from the model (the loop calls this when the run ends). A target
+        that later updates would reuse stays in the state, as on resume."""
         if self._probe is not None:
+            if self.mode == "inline" and self._target_step is not None and self._target_state is None:
+                self._target_state = self._probe.target_state_dict()
             self._probe.remove()
         self._probe = self._probe_model = None
 
