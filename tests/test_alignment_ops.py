@@ -138,6 +138,18 @@ def test_no_rows_gives_zeros(device, backend):
     assert got.shape == (5,) and bool((got == 0).all())
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params("rowwise_bilinear")
+                         + [pytest.param("cpu", "reference", id="cpu-reference")])
+def test_no_segments_gives_an_empty_result(device, backend):
+    """num_segments = 0: every row is padding; the result is empty, not an index error."""
+    a = torch.randn(3, 4, device=device)
+    ids = torch.full((3,), -1, device=device)
+    got = ops.rowwise_bilinear(a, torch.randn(4, 4, device=device), a, ids, 0, backend=backend)
+    assert got.shape == (0,)
+    got = ops.domain_grad_dots_ghost(a, a, ids, 0, a[:1], a[:1], backend=backend)
+    assert got.shape == (0,)
+
+
 @given(n=st.integers(1, 40), p=st.integers(1, 20), q=st.integers(1, 20), k=st.integers(1, 8),
        seed=st.integers(0, 2**31 - 1))
 @settings(max_examples=25, deadline=None)

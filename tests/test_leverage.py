@@ -124,6 +124,18 @@ def test_primal_streaming_matches_numpy(seed, backend, center):
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", primal_backends())
+def test_primal_at_lambda_zero_is_rank_aware_in_float64(seed, backend):
+    """The float64 Gram matrix's null eigenvalues come out of eigh as noise of about
+    n·eps·σ_max², far above rtol·σ_max squared: they must count as zero, not as 1/noise."""
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(200, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 6, generator=g, dtype=torch.float64))
+    got = ridge_leverage_scores(a, 0.0, method="primal", backend=backend)
+    want = ridge_leverage_scores(a, 0.0, method="svd", backend="reference")
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-10)
+    assert abs(float(got.sum()) - 3) < 1e-9  # Σ τ = rank(a)
+
+
 @pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
 def test_auto_streams_when_items_outnumber_columns(seed, monkeypatch):
     from fastmix.ops import linalg

@@ -200,9 +200,12 @@ def _leverage_primal(a, lams, rtol, backend):
     a = a.to(work).contiguous()
     evals, evecs = torch.linalg.eigh(_gram(a))
     evals = evals.clamp_min(0)
-    # eigenvalues of aᵀa are σ²: the rank tolerance applies to σ
-    sigma = evals.sqrt()
-    keep = sigma > rtol * sigma.max() if sigma.numel() else sigma > 0
+    # eigenvalues of aᵀa are σ², so rtol applies to their square roots; and eigh of the
+    # float64 Gram matrix is only accurate to about n·eps·σ_max²: below that an eigenvalue
+    # is noise, and 1/λ at λ = 0 would blow it up
+    top = float(evals.max()) if evals.numel() else 0.0
+    floor = max((rtol * top ** 0.5) ** 2, evals.shape[-1] * torch.finfo(torch.float64).eps * top)
+    keep = evals > floor
     rows = []
     for lam in lams.tolist():
         inv = torch.where(keep, 1.0 / (evals + lam) if lam > 0 else 1.0 / evals,

@@ -10,6 +10,8 @@ def accumulation_dtype(dtype):
 
 def segment_sum(rows, segment_ids, num_segments):
     """Σ of `rows` per segment id; ids outside [0, num_segments) are dropped (no host sync)."""
+    if num_segments == 0:  # every row is dropped, and index_add_ has no slot to park them in
+        return rows.new_zeros(0)
     keep = (segment_ids >= 0) & (segment_ids < num_segments)
     ids = torch.where(keep, segment_ids, 0)
     values = torch.where(keep, rows, 0)
