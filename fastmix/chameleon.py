@@ -14,6 +14,7 @@ nn.ModuleList found in `model.modules()` order (for fastmix's GPT, `transformer.
 12 blocks, h[5], whose output is hidden_states[6] in Hugging Face's numbering).
 """
 import contextlib
+import numbers
 import sys
 
 import torch
@@ -73,12 +74,12 @@ def check_weight_options(lam=10.0, mode="pretrain", temperature=None):
     options (so a caller can check them before it has embeddings); returns the temperature to use."""
     if mode not in DEFAULT_TEMPERATURE:
         raise ValueError(f"mode must be 'pretrain' or 'finetune', got {mode!r}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam > 0:
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not lam > 0:
         raise ValueError(f"lam must be a number > 0, got {lam!r}")
     temperature = DEFAULT_TEMPERATURE[mode] if temperature is None else temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    return temperature
+    return float(temperature)
 
 
 # ---------------------------------------------------------------- layers and pooling

@@ -104,6 +104,12 @@ def test_degenerate_cases():
     np.testing.assert_allclose(w.numpy(), [0.0, 1.0, 0.0], atol=1e-12)
 
 
+def test_numpy_scalars_are_numbers(seed):
+    e = torch.randn(5, 8, dtype=torch.float64)
+    want = chameleon_weights(e, lam=3.0, temperature=2.0)
+    assert torch.equal(chameleon_weights(e, lam=np.float32(3.0), temperature=np.float64(2.0)), want)
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="2-D"):
         chameleon_weights(torch.randn(4))

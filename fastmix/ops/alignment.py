@@ -59,7 +59,8 @@ def _flat_segment_ids(segment_ids, num_segments, leading_shape, device, validate
     if segment_ids.device != device:
         raise ValueError(f"segment_ids is on {segment_ids.device} but the data is on {device}")
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
-        raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
+        raise ValueError(f"num_segments must be an int >= 0 (a Python int), got {num_segments!r} "
+                         f"of type {type(num_segments).__name__}")
     leading = tuple(leading_shape)
     ids_shape = tuple(segment_ids.shape)
     if ids_shape != leading:
