@@ -112,10 +112,9 @@ class AlignmentProbe:
         self._used_outside = set()  # ids of parameters also used outside their hooked layers
         if strict and self.coverage.uncovered:
             raise ValueError(f"AlignmentProbe(strict=True): parameters not covered: {self.coverage.uncovered}")
-        # the pre-hooks keep count of hooked forwards in progress, for the watch of the first record
-        self._handles = [handle for _, m in self._sites for handle in (
-            m.register_forward_pre_hook(self._enter_site), m.register_forward_hook(self._forward_hook, with_kwargs=True))]
-        self._site_depth = 0
+        self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for _, m in self._sites]
+        self._site_depth = 0  # hooked forwards in progress, counted while the first record is watched
+        self._site_entries = 0  # ... and begun
         self._site_names = {id(m): name for name, m in self._sites}
         # A weight registered once in the whole model has its target from one layer alone;
         # a tied one (embedding = LM head) sums its uses, so the ghost form can't serve it.
@@ -251,7 +250,9 @@ class AlignmentProbe:
         self._counts = counts if self._counts is None else self._counts + counts
         watch = None if self._recorded else _ParameterUses(self)
         self._recorded = True
-        self._site_depth = 0
+        self._site_depth = self._site_entries = 0
+        # pre-hooks only while watching: they tell which ops run inside a hooked layer
+        pre_hooks = [m.register_forward_pre_hook(self._enter_site) for _, m in self._sites] if watch is not None else []
         try:
             if watch is None:
                 yield self
@@ -261,8 +262,10 @@ class AlignmentProbe:
         finally:
             self._ids = None
             self._output_edges = []  # backward() runs inside: keeping them would hold the activations
+            for handle in pre_hooks:
+                handle.remove()
         if watch is not None and watch.found:
-            if not self._fired:  # no hook ran (e.g. a model compiled before the probe): nothing to judge by
+            if not (self._fired and self._site_entries):  # hooks not run (compiled before them): no judging
                 self._target.update(watch.found)
                 return
             self._used_outside |= set(watch.found)
@@ -331,6 +334,7 @@ class AlignmentProbe:
     # ------------------------------------------------------------------ hooks
     def _enter_site(self, module, args):
         self._site_depth += 1
+        self._site_entries += 1
 
     def _forward_hook(self, module, args, kwargs, output):
         self._site_depth = max(self._site_depth - 1, 0)
