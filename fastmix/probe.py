@@ -252,7 +252,8 @@ class AlignmentProbe:
         self._recorded = True
         self._site_depth = self._site_entries = 0
         # pre-hooks only while watching: they tell which ops run inside a hooked layer
-        pre_hooks = [m.register_forward_pre_hook(self._enter_site) for _, m in self._sites] if watch is not None else []
+        pre_hooks = ([m.register_forward_pre_hook(self._enter_site) for _, m in self._sites]
+                     if watch is not None else [])
         try:
             if watch is None:
                 yield self
