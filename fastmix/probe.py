@@ -3,8 +3,10 @@ training step already does.
 
 Hooks on nn.Linear, nn.Embedding and nn.LayerNorm see each layer's inputs and output
 gradients; DESIGN.md's key trick turns those into all k domain scores with one extra
-GEMM per layer (fastmix.ops.domain_grad_dots), or the cheaper "ghost" form when the
-target came from few rows. No per-domain gradient is ever formed.
+GEMM-sized product per layer (fastmix.ops.rowwise_bilinear: δ_nᵀ V x_n per row, the
+product never written), or the cheaper "ghost" form when the target came from few rows.
+The per-row terms of all layers are summed, then segment-summed by domain once per record.
+No per-domain gradient is ever formed.
 
     probe = AlignmentProbe(model, num_domains)
     model.zero_grad(); target_loss.backward(); probe.set_target()      # V = ∇L_target
@@ -93,6 +95,34 @@ class _ParameterUses(TorchFunctionMode):
                 for p in params:
                     self.found[id(p)] = probe._target.pop(id(p))
         return out
+
+
+class _RowScores:
+    """One record's scores for the layers whose inputs share a row layout: per-row sums over
+    those layers, segment-summed by domain only when the result is read (one segment sum per
+    record, not one per layer), plus the domain sums of layers in the ghost form."""
+
+    def __init__(self, row_ids, inv_scale):
+        self.row_ids = row_ids  # (rows,) domain id per row, -1 for padding
+        self.inv_scale = inv_scale
+        self.per_row = None  # (rows,) float64
+        self.per_domain = None  # (k,) float64
+
+    def add_rows(self, values):
+        values = values.to(torch.float64)
+        self.per_row = values if self.per_row is None else self.per_row + values
+
+    def add_domains(self, values):
+        values = values.to(torch.float64)
+        self.per_domain = values if self.per_domain is None else self.per_domain + values
+
+    def domain_sums(self, num_domains):
+        out = torch.zeros(num_domains, dtype=torch.float64, device=self.row_ids.device)
+        if self.per_row is not None:
+            out = out + segment_sum(self.per_row, self.row_ids, num_domains)
+        if self.per_domain is not None:
+            out = out + self.per_domain
+        return out * self.inv_scale
 
 
 class AlignmentProbe:
@@ -246,6 +276,8 @@ class AlignmentProbe:
         self._ids = ids
         self._ids_on = {ids.device: ids}
         self._inv_scale = 1.0 / loss_scale
+        self._layouts = {}  # (leading shape, device) -> _RowScores of this record
+        self._records.append(self._layouts)
         counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
         self._counts = counts if self._counts is None else self._counts + counts
         watch = None if self._recorded else _ParameterUses(self)
@@ -299,7 +331,7 @@ class AlignmentProbe:
 
     def reset(self):
         """Clears the accumulated scores (the target is kept)."""
-        self._dots = None
+        self._records = []  # per record: {row layout: _RowScores}
         self._counts = None
 
     def result(self, *, all_reduce=None):
@@ -307,7 +339,10 @@ class AlignmentProbe:
         group is initialised) the dots are averaged over ranks, as DDP averages gradients,
         and the counts summed, so every rank sees the same numbers."""
         device = next(iter(self._target.values())).device if self._target else torch.device("cpu")
-        dots = self._dots if self._dots is not None else torch.zeros(self.num_domains, dtype=torch.float64, device=device)
+        dots = torch.zeros(self.num_domains, dtype=torch.float64, device=device)
+        for layouts in self._records:
+            for scores in layouts.values():
+                dots = dots + scores.domain_sums(self.num_domains).to(device)
         counts = self._counts if self._counts is not None else torch.zeros(self.num_domains, dtype=torch.int64)
         counts = counts.to(dots.device)
         never_ran = {name for name, _ in self._sites} - self._fired if self._recorded else set()
@@ -360,9 +395,9 @@ class AlignmentProbe:
         if not any(id(p) in self._target for p in self._site_params(module)):
             self._untargeted.add(name)  # first ran after set_target, which covered the layers seen so far
             return
-        row_ids = self._row_ids(self._leading_shape(module, x), name, x.device)
-        if row_ids is not None:
-            output.register_hook(lambda grad: self._accumulate(module, x, grad, row_ids, inv_scale))
+        scores = self._layout(self._leading_shape(module, x), name, x.device)
+        if scores is not None:
+            output.register_hook(lambda grad: self._contribute(module, x, grad, scores))
             # the edge, not the tensor: an in-place op after the layer (ReLU(inplace=True), h += r)
             # moves the tensor to a later node, whose gradient is not the layer's output gradient
             self._output_edges.append(torch.autograd.graph.get_gradient_edge(output))
@@ -375,13 +410,18 @@ class AlignmentProbe:
         feature_dims = len(module.normalized_shape) if isinstance(module, nn.LayerNorm) else 1
         return tuple(x.shape[:-feature_dims])
 
-    def _row_ids(self, shape, name, device):
-        """Domain id per row of a layer input whose leading dims are `shape`, on `device`."""
+    def _layout(self, shape, name, device):
+        """This record's accumulator for layer inputs whose leading dims are `shape`, on `device`
+        (it holds the domain id of each row), or None if those rows carry no domain."""
+        if (shape, device) in self._layouts:
+            return self._layouts[shape, device]
         if device not in self._ids_on:
             self._ids_on[device] = self._ids.to(device, non_blocking=True)
         ids = self._ids_on[device]
         if shape[: ids.dim()] == tuple(ids.shape):
-            return ids.reshape(ids.shape + (1,) * (len(shape) - ids.dim())).expand(shape).reshape(-1)
+            row_ids = ids.reshape(ids.shape + (1,) * (len(shape) - ids.dim())).expand(shape).reshape(-1)
+            self._layouts[shape, device] = _RowScores(row_ids, self._inv_scale)
+            return self._layouts[shape, device]
         if name not in self._unsplittable:
             self._unsplittable.add(name)
             message = (f"AlignmentProbe: {name!r} sees inputs of leading shape {shape}, not led by the "
@@ -392,49 +432,41 @@ class AlignmentProbe:
             warnings.warn(message, stacklevel=2)
         return None
 
-    def _accumulate(self, module, x, grad, row_ids, inv_scale):
-        dots = self._contribution(module, x, grad, row_ids)
-        dots = dots.to(torch.float64) * inv_scale
-        self._dots = dots if self._dots is None else self._dots + dots
-
-    def _contribution(self, module, x, grad, row_ids):
-        k, target = self.num_domains, self._target
+    def _contribute(self, module, x, grad, scores):
+        """Adds one layer's ⟨g_n, V⟩ terms for the rows of this call to the record's scores."""
+        target = self._target
         dtypes = {x.dtype, grad.dtype} | {p.dtype for p in self._site_params(module)}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         g = grad.to(work)
         if isinstance(module, nn.Embedding):
-            rows = g.reshape(-1, g.shape[-1])
-            idx = x.reshape(-1)
-            if module.padding_idx is not None:  # that row of the table gets no gradient
-                row_ids = torch.where(idx == module.padding_idx, -1, row_ids)
             if id(module.weight) not in target:  # left out after the hook ran (used outside the layer too)
-                return torch.zeros(k, dtype=work, device=g.device)
-            per_row = (rows * target[id(module.weight)].to(work)[idx]).sum(-1)
-            return segment_sum(per_row, row_ids, k)
-        if isinstance(module, nn.LayerNorm):
+                return
+            idx = x.reshape(-1)
+            per_row = (g.reshape(-1, g.shape[-1]) * target[id(module.weight)].to(work)[idx]).sum(-1)
+            if module.padding_idx is not None:  # that row of the table gets no gradient
+                per_row = torch.where(idx == module.padding_idx, 0, per_row)
+            scores.add_rows(per_row)
+        elif isinstance(module, nn.LayerNorm):
             # ⟨g, x̂ ⊙ V_w + V_b⟩ per row: layer_norm with the target as its affine part makes
             # x̂ ⊙ V_w + V_b in one op (zero for a parameter that is absent or not covered)
             w, b = module.weight, module.bias
             covered_w, covered_b = w is not None and id(w) in target, b is not None and id(b) in target
             if not (covered_w or covered_b):
-                return torch.zeros(k, dtype=work, device=g.device)
+                return
             v_w = target[id(w)].to(work) if covered_w else g.new_zeros(module.normalized_shape)
             v_b = target[id(b)].to(work) if covered_b else None
             v = F.layer_norm(x.to(work), module.normalized_shape, v_w, v_b, module.eps)
             width = math.prod(module.normalized_shape)
-            per_row = torch.linalg.vecdot(g.reshape(-1, width), v.reshape(-1, width))
-            return segment_sum(per_row, row_ids, k)
-        # nn.Linear: weight by the GEMM or ghost form, bias element-wise.
-        x2, g2 = x.reshape(-1, x.shape[-1]).to(work), g.reshape(-1, g.shape[-1])
-        dots = torch.zeros(k, dtype=work, device=g.device)
-        if id(module.weight) in target:
-            rows = self._target_rows.get(id(module))  # kept by record_target where the ghost form is cheaper
-            if rows is not None:
-                dots = ops.domain_grad_dots_ghost(x2, g2, row_ids, k, rows[0].to(work), rows[1].to(work),
-                                                  validate_ids=False)
-            else:
-                dots = ops.domain_grad_dots(x2, g2, row_ids, k, target[id(module.weight)].to(work),
-                                            validate_ids=False)
-        if module.bias is not None and id(module.bias) in target:
-            dots = dots + segment_sum(g2 @ target[id(module.bias)].to(work), row_ids, k)
-        return dots
+            scores.add_rows(torch.linalg.vecdot(g.reshape(-1, width), v.reshape(-1, width)))
+        else:  # nn.Linear: the weight by the fused GEMM form or the ghost form, the bias element-wise
+            x2, g2 = x.reshape(-1, x.shape[-1]).to(work), g.reshape(-1, g.shape[-1])
+            if id(module.weight) in target:
+                rows = self._target_rows.get(id(module))  # kept by record_target where the ghost form is cheaper
+                if rows is not None:
+                    scores.add_domains(ops.domain_grad_dots_ghost(
+                        x2, g2, scores.row_ids, self.num_domains, rows[0].to(work), rows[1].to(work),
+                        validate_ids=False))
+                else:
+                    scores.add_rows(ops.rowwise_bilinear(g2, target[id(module.weight)].to(work), x2))
+            if module.bias is not None and id(module.bias) in target:
+                scores.add_rows(g2 @ target[id(module.bias)].to(work))
