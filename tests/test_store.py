@@ -107,3 +107,60 @@ def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
     path.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n", encoding="utf-8")
     prepare(tmp_path / "store", {"d": path}, val_fraction=0.0, quiet=True)
     assert DomainStore(tmp_path / "store").num_tokens("d") > 0
+
+
+def test_overwrite_replaces_only_a_store(tmp_path):
+    """--force must not delete a directory that is not a fastmix store (it may be the user's data)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "thesis.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=f"{data}.*not a fastmix store"):
+        _write(data, overwrite=True)
+    assert (data / "thesis.txt").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # no temporary left behind
+
+    _write(tmp_path / "s", vocab_size=300)
+    _write(tmp_path / "s", overwrite=True)
+    assert DomainStore(tmp_path / "s").vocab_size == 257
+    assert sorted(os.listdir(tmp_path)) == ["data", "s"]  # the old store is deleted
+
+
+def test_failed_replace_keeps_the_old_store(tmp_path, monkeypatch):
+    _write(tmp_path / "s", vocab_size=300)
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".tmp-" in os.fspath(src):  # moving the new store in
+            raise OSError("disk trouble")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk trouble"):
+        _write(tmp_path / "s", overwrite=True)
+    monkeypatch.undo()
+    assert DomainStore(tmp_path / "s").vocab_size == 300
+    assert os.listdir(tmp_path) == ["s"]
+
+
+def test_failed_commit_leaves_no_temporary(tmp_path):
+    """Two writers of the same store (two processes building the built-in cache): the second
+    commit fails, and must not leave its temporary directory behind."""
+    spec = {"type": "byte", "vocab_size": 257}
+    first, second = StoreWriter(tmp_path / "s", spec), StoreWriter(tmp_path / "s", spec)
+    with first:
+        first.add("a", np.arange(20), np.arange(5))
+    with pytest.raises(FileExistsError, match="already exists"):
+        with second:
+            second.add("a", np.arange(20), np.arange(5))
+    assert os.listdir(tmp_path) == ["s"]
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (np.array([3, -1, 5]), "a: negative train token id -1"),
+    (np.array([3.0, 200.7]), "a: train token ids must be integers"),
+])
+def test_negative_or_float_token_ids_rejected(tmp_path, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        with StoreWriter(tmp_path / "s", {"type": "byte", "vocab_size": 257}) as w:
+            w.add("a", tokens, np.arange(3))
+    assert os.listdir(tmp_path) == []

@@ -160,9 +160,27 @@ class DomainStore:
                 f"{int(self.train_tokens.sum())} train tokens, vocab {self.vocab_size})")
 
 
+def check_output(out, overwrite):
+    """Refuse to write a store at `out` when something is there, unless overwrite is set and
+    it is a fastmix store: --force must never delete a directory of the user's own data."""
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite/--force to replace it)")
+    try:
+        with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+            is_store = json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_store = False
+    if not is_store:
+        raise FileExistsError(f"{out} exists and is not a fastmix store: refusing to replace it "
+                              f"(overwrite/--force only replaces a store; pick another OUT)")
+
+
 class StoreWriter:
     """Writes a store into a temporary directory next to OUT and renames it into place on
-    success, so that a failure never leaves a half-written store behind.
+    success, so that a failure never leaves a half-written store behind. With overwrite, an
+    existing store at OUT (and only a store) is replaced, and deleted once the new one is in.
 
         with StoreWriter(out, tokenizer_spec) as w:
             w.add("code", train_tokens, val_tokens)
@@ -171,8 +189,7 @@ class StoreWriter:
 
     def __init__(self, out, tokenizer_spec, overwrite=False, relations=None, extra_meta=None):
         self.out = os.path.abspath(out)
-        if os.path.exists(self.out) and not overwrite:
-            raise FileExistsError(f"{out} already exists (pass overwrite/--force to replace it)")
+        check_output(self.out, overwrite)
         self.overwrite = overwrite
         self.tokenizer_spec = dict(tokenizer_spec)
         self.vocab_size = int(tokenizer_spec["vocab_size"])
@@ -189,8 +206,14 @@ class StoreWriter:
         """Add a domain (or target task) from its train and val token arrays."""
         for split, tokens in zip(SPLITS, (train, val)):
             tokens = np.asarray(tokens)
-            if tokens.size and int(tokens.max()) >= self.vocab_size:
-                raise ValueError(f"{name}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
+            if tokens.size:
+                # The cast to the store's unsigned dtype would silently turn these into other tokens.
+                if not np.issubdtype(tokens.dtype, np.integer):
+                    raise ValueError(f"{name}: {split} token ids must be integers, got dtype {tokens.dtype}")
+                if int(tokens.min()) < 0:
+                    raise ValueError(f"{name}: negative {split} token id {int(tokens.min())}")
+                if int(tokens.max()) >= self.vocab_size:
+                    raise ValueError(f"{name}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
             tokens.astype(self.dtype, copy=False).tofile(self.token_path(name, split))
         self.register(name, np.asarray(train).size, np.asarray(val).size, target)
 
@@ -221,9 +244,21 @@ class StoreWriter:
         }
         with open(os.path.join(self.tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(self.out) and self.overwrite:
-            shutil.rmtree(self.out)
-        os.replace(self.tmp, self.out)
+        check_output(self.out, self.overwrite)  # again: OUT may have appeared while we wrote
+        if not os.path.lexists(self.out):
+            os.rename(self.tmp, self.out)
+            return
+        # Move the old store aside before the new one goes in, so that a failure keeps one of them.
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.old-", dir=os.path.dirname(self.out))
+        old = os.path.join(aside, "store")
+        os.rename(self.out, old)
+        try:
+            os.rename(self.tmp, self.out)
+        except BaseException:
+            os.rename(old, self.out)
+            os.rmdir(aside)
+            raise
+        shutil.rmtree(aside)
 
     def abort(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -232,8 +267,12 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
+        if exc_type is not None:
             self.abort()
+            return False
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
         return False
