@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -90,3 +91,53 @@ def test_prepare_with_bpe(tmp_path, sources):
     # the saved tokenizer file can be reused for another store
     again = prepare(tmp_path / "s2", {"texts": d}, tokenizer=str(tmp_path / "s" / "tokenizer.json"), quiet=True)
     assert again.vocab_size == store.vocab_size
+
+
+@pytest.mark.parametrize("domains, targets", [
+    ([("a", "one.txt"), ("a", "missing")], []),
+    ({"a": "one.txt"}, {"a": "missing"}),
+])
+def test_prepare_repeated_name_fails_before_any_work(tmp_path, domains, targets):
+    """A repeated name would silently drop a source (or fail only after all the tokenizing)."""
+    (tmp_path / "one.txt").write_text("text")
+    at = lambda pairs: [(n, tmp_path / p) for n, p in (pairs.items() if isinstance(pairs, dict) else pairs)]
+    with pytest.raises(ValueError, match="name 'a' is given more than once"):  # not: "missing" does not exist
+        prepare(tmp_path / "s", at(domains), at(targets), quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.txt"]
+
+
+@pytest.mark.parametrize("line3, message", [
+    ('{"id": 3}', "no field 'text'"),
+    ('{"text": null}', "field 'text' is null, not a string"),
+    ('{"text": 7}', "field 'text' is 7, not a string"),
+    ('["text"]', "no field 'text'"),
+    ('{"text": "unterminated', "not valid JSON"),
+])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepare_bad_jsonl_line_is_located(tmp_path, monkeypatch, line3, message, workers):
+    # fastmix.data.prepare is also the name of the function: patch the module's constant
+    monkeypatch.setattr(sys.modules["fastmix.data.prepare"], "_CHUNK_BYTES", 10)  # line 3 in a later chunk
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n' + line3 + '\n{"text": "four"}\n')
+    with pytest.raises(ValueError, match=f"d.jsonl, line 3: {message}"):
+        prepare(tmp_path / "s", {"d": path}, workers=workers, quiet=True)
+
+
+def test_prepare_skips_a_byte_order_mark_and_reads_upper_case_jsonl(tmp_path):
+    path = tmp_path / "D.JSONL"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "bom"}\n{"text": "x"}\n')
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfplain")
+    store = prepare(tmp_path / "s", {"d": path, "t": tmp_path / "t.txt"}, val_fraction=0.0, quiet=True)
+    tok = store.load_tokenizer()
+    assert tok.decode(store.tokens("d")) == "bomx"
+    assert tok.decode(store.tokens("t")) == "plain"
+
+
+def test_prepare_rejects_compressed_files(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "a.txt").write_text("text")
+    (d / "b.jsonl.GZ").write_bytes(b"\x1f\x8b\x08\x00")
+    with pytest.raises(ValueError, match="b.jsonl.GZ: compressed files are not read"):
+        prepare(tmp_path / "s", {"d": d}, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["texts"]

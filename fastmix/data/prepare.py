@@ -8,37 +8,49 @@ import json
 import math
 import multiprocessing
 import os
+from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 from tqdm import tqdm
 
 from fastmix.data.corpus import build_builtin
-from fastmix.data.store import DomainStore, StoreWriter, token_dtype
+from fastmix.data.store import DomainStore, StoreWriter, check_output, token_dtype
 from fastmix.data.tokenizer import BPETokenizer, ByteTokenizer
 
 BUILTIN_VERSION = 2  # bumped whenever a generator changes: the cache is keyed by it
 _CHUNK_BYTES = 8 << 20  # .jsonl files are split into chunks of whole lines this large
+# Read as text these would be tokenized as their compressed bytes.
+_COMPRESSED = (".gz", ".tgz", ".bz2", ".xz", ".lzma", ".zst", ".lz4", ".zip", ".7z")
 
 
 def list_files(path):
     """A file, or every non-hidden file under a directory (sorted, recursively)."""
     if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
+        files = [path]
+    elif os.path.isdir(path):
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
+        if not files:
+            raise FileNotFoundError(f"{path}: directory has no files")
+    else:
         raise FileNotFoundError(f"{path}: no such file or directory")
-    files = []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".")]
-    if not files:
-        raise FileNotFoundError(f"{path}: directory has no files")
+    for file in files:
+        if file.lower().endswith(_COMPRESSED):
+            raise ValueError(f"{file}: compressed files are not read; decompress it first")
     return files
+
+
+def _is_jsonl(path):
+    return path.lower().endswith(".jsonl")
 
 
 def _chunks(path):
     """(path, start, end) byte ranges: whole text files, or .jsonl split at line boundaries."""
     size = os.path.getsize(path)
-    if not path.endswith(".jsonl") or size <= _CHUNK_BYTES:
+    if not _is_jsonl(path) or size <= _CHUNK_BYTES:
         return [(path, 0, size)]
     ranges, start = [], 0
     with open(path, "rb") as f:
@@ -54,22 +66,43 @@ def _chunks(path):
 def _documents(path, start, end, text_field):
     with open(path, "rb") as f:
         f.seek(start)
-        data = f.read(end - start).decode("utf-8", errors="replace")
-    if not path.endswith(".jsonl"):
+        data = f.read(end - start)
+    # utf-8-sig drops a byte-order mark, which can only be at the start of the file.
+    data = data.decode("utf-8-sig" if start == 0 else "utf-8", errors="replace")
+    if not _is_jsonl(path):
         yield data
         return
     # "\n" only: str.splitlines() would also split at U+2028 and the like, which JSON
     # written with ensure_ascii=False carries raw inside strings.
-    for line in data.split("\n"):
+    for i, line in enumerate(data.split("\n")):
         line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            yield record[text_field]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: a line near byte {start} has no text field {text_field!r} "
-                             f"(use --text-field): {type(e).__name__}: {e}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{_where(path, start, i)}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise ValueError(f"{_where(path, start, i)}: no field {text_field!r} "
+                             f"(use --text-field to name the field that holds the text)")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{_where(path, start, i)}: field {text_field!r} is "
+                             f"{json.dumps(text)[:40]}, not a string")
+        yield text
+
+
+def _where(path, start, line_in_chunk):
+    """"path, line N" for a line of the chunk that starts at byte `start` (for errors only:
+    it counts the lines of the file before the chunk)."""
+    lines_before = 0
+    with open(path, "rb") as f:
+        while f.tell() < start:
+            block = f.read(min(1 << 20, start - f.tell()))
+            if not block:
+                break
+            lines_before += block.count(b"\n")
+    return f"{path}, line {lines_before + line_in_chunk + 1}"
 
 
 def _encode_chunk(task):
@@ -99,12 +132,17 @@ def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, tex
     .jsonl file or a directory. tokenizer: "byte" (default), "bpe" (trained here on the
     data, needs `tokenizers`) or the path of a tokenizer.json file.
     """
-    named = [(n, os.fspath(p), False) for n, p in dict(domains).items()] + \
-        [(n, os.fspath(p), True) for n, p in dict(targets).items()]
+    named = [(n, os.fspath(p), False) for n, p in _pairs(domains)] + \
+        [(n, os.fspath(p), True) for n, p in _pairs(targets)]
     if not named:
         raise ValueError("give at least one domain (NAME=PATH)")
+    repeated = [name for name, count in Counter(name for name, _, _ in named).items() if count > 1]
+    if repeated:
+        raise ValueError(f"name {repeated[0]!r} is given more than once (domains and targets "
+                         f"need distinct names)")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_output(os.path.abspath(out), overwrite)  # before hours of tokenizing, not after
     sources = [(name, list_files(path)) for name, path, _ in named]
     tok = _make_tokenizer(tokenizer, sources, text_field, bpe_vocab_size)
     workers = workers or min(os.cpu_count() or 1, 8)
@@ -134,6 +172,11 @@ def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, tex
             n_val = _split_off_val(writer, name, n, dtype, val_fraction)
             writer.register(name, n - n_val, n_val, target=is_target)
     return DomainStore(out)
+
+
+def _pairs(names_to_paths):
+    """(name, path) pairs from a dict or a sequence of pairs (which may repeat a name)."""
+    return list(names_to_paths.items()) if isinstance(names_to_paths, Mapping) else list(names_to_paths)
 
 
 def _split_off_val(writer, name, n, dtype, val_fraction):
