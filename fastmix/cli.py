@@ -34,20 +34,36 @@ def _name_path(text):
     return name, path
 
 
+# Options of `prepare` for one's own data; None when not given, so that prepare's defaults apply.
+_DATA_OPTIONS = ("target", "tokenizer", "bpe_vocab_size", "text_field", "val_fraction", "workers")
+
+
 def _cmd_prepare(args):
     from fastmix.data import build_builtin, prepare
     from fastmix.data.store import DomainStore
 
+    def fail(message):
+        raise SystemExit(f"fastmix prepare: {message}")
+
     if args.builtin == bool(args.domain):
-        raise SystemExit("fastmix prepare: give either --builtin or at least one --domain NAME=PATH")
-    if args.builtin:
-        build_builtin(args.out, seed=args.seed, overwrite=args.force)
-        store = DomainStore(args.out)
-    else:
-        store = prepare(args.out, args.domain, args.target, tokenizer=args.tokenizer,
-                        bpe_vocab_size=args.bpe_vocab_size, text_field=args.text_field,
-                        val_fraction=args.val_fraction, workers=args.workers, overwrite=args.force,
-                        quiet=args.quiet)
+        fail("give either --builtin or at least one --domain NAME=PATH")
+    # An option that does not apply is an error, not ignored: the store would not be what was asked for.
+    given = {name: getattr(args, name) for name in _DATA_OPTIONS if getattr(args, name) is not None}
+    if args.builtin and given:
+        fail(f"--{next(iter(given)).replace('_', '-')} does not apply to --builtin (its corpus is fixed)")
+    if not args.builtin and args.seed is not None:
+        fail("--seed applies only to --builtin")
+    if args.bpe_vocab_size is not None and args.tokenizer != "bpe":
+        fail("--bpe-vocab-size applies only to --tokenizer bpe")
+    try:
+        if args.builtin:
+            build_builtin(args.out, seed=args.seed or 0, overwrite=args.force)
+            store = DomainStore(args.out)
+        else:
+            targets = given.pop("target", [])
+            store = prepare(args.out, args.domain, targets, overwrite=args.force, quiet=args.quiet, **given)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: the message says what
+        fail(e)
     print(store)
 
 
@@ -55,17 +71,17 @@ def _add_prepare_arguments(p):
     p.add_argument("out", metavar="OUT", help="directory to create the store in (must not exist unless --force)")
     p.add_argument("--domain", action="append", type=_name_path, default=[], metavar="NAME=PATH",
                    help="a training domain: a text file, a .jsonl file or a directory of them; repeatable")
-    p.add_argument("--target", action="append", type=_name_path, default=[], metavar="NAME=PATH",
+    p.add_argument("--target", action="append", type=_name_path, metavar="NAME=PATH",
                    help="a target task (evaluated and used by mixers, never trained on); repeatable")
     p.add_argument("--builtin", action="store_true",
                    help="write the built-in synthetic corpus (10 domains, 3 targets) instead")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in corpus (default: 0)")
-    p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|FILE",
+    p.add_argument("--seed", type=int, default=None, help="seed of the built-in corpus (default: 0)")
+    p.add_argument("--tokenizer", default=None, metavar="byte|bpe|FILE",
                    help="'byte' (default, no download), 'bpe' (trained here on the data; needs the "
                         "`tokenizers` package) or a tokenizer.json file")
-    p.add_argument("--bpe-vocab-size", type=int, default=4096, help="vocabulary size of --tokenizer bpe (default: 4096)")
-    p.add_argument("--text-field", default="text", help="field of each .jsonl record that holds the text (default: text)")
-    p.add_argument("--val-fraction", type=float, default=0.05,
+    p.add_argument("--bpe-vocab-size", type=int, default=None, help="vocabulary size of --tokenizer bpe (default: 4096)")
+    p.add_argument("--text-field", default=None, help="field of each .jsonl record that holds the text (default: text)")
+    p.add_argument("--val-fraction", type=float, default=None,
                    help="fraction of each domain's tokens held out for evaluation (default: 0.05)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count, at most 8)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

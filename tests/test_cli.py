@@ -68,3 +68,32 @@ def test_python_m_train_on_builtin_corpus(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "arith" in proc.stdout and "weights.png" in proc.stdout
     assert os.listdir(tmp_path / "cache") == [f"builtin-v{BUILTIN_VERSION}-seed0"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--builtin", "--target", "q=q.txt"], "--target does not apply to --builtin"),
+    (["--builtin", "--tokenizer", "bpe"], "--tokenizer does not apply to --builtin"),
+    (["--builtin", "--val-fraction", "0.5"], "--val-fraction does not apply to --builtin"),
+    (["--builtin", "--text-field", "body"], "--text-field does not apply to --builtin"),
+    (["--domain", "a=a.txt", "--seed", "3"], "--seed applies only to --builtin"),
+    (["--domain", "a=a.txt", "--bpe-vocab-size", "500"], "--bpe-vocab-size applies only to --tokenizer bpe"),
+])
+def test_prepare_rejects_options_that_do_not_apply(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["prepare", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_force_replaces_only_a_store(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("abc " * 100)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    prepare = ["prepare", "--domain", f"a={tmp_path / 'a.txt'}", "--quiet", "--force"]
+    with pytest.raises(SystemExit, match=f"fastmix prepare: {data} exists and is not a fastmix store"):
+        main([*prepare, str(data)])
+    assert os.listdir(data) == ["notes.txt"]
+    main([*prepare, str(tmp_path / "store")])
+    main([*prepare, str(tmp_path / "store"), "--val-fraction", "0.5"])
+    assert "1 domains" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "data", "store"]
