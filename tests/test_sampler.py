@@ -92,13 +92,35 @@ def test_state_dict_resumes_exactly(store):
 def test_ranks_take_disjoint_interleaved_shares_of_one_global_batch(store):
     single = MixtureSampler(store, [1, 2, 3, 4, 5], 16, BLOCK, seed=2, rank=0, world_size=1)
     ranks = [MixtureSampler(store, [1, 2, 3, 4, 5], 8, BLOCK, seed=2, rank=r, world_size=2) for r in range(2)]
-    for _ in range(3):
+    shifts = set()
+    for _ in range(8):
         x, _, ids = single.next_batch()
         (x0, _, ids0), (x1, _, ids1) = (r.next_batch() for r in ranks)
-        assert torch.equal(x0, x[0::2]) and torch.equal(x1, x[1::2])
-        assert torch.equal(ids0, ids[0::2]) and torch.equal(ids1, ids[1::2])
+        shift = 0 if torch.equal(x0, x[0::2]) else 1  # the same on both ranks, drawn per step
+        assert torch.equal(x0, x[shift::2]) and torch.equal(x1, x[1 - shift::2])
+        assert torch.equal(ids0, ids[shift::2]) and torch.equal(ids1, ids[1 - shift::2])
+        shifts.add(shift)
+    assert shifts == {0, 1}
     for s in [single, *ranks]:
         s.close()
+
+
+def test_each_rank_gets_an_unbiased_stratified_share(store):
+    """The global batch is grouped by domain: without a per-step shift rank 0 would always get
+    the first rows, so the first domains. Here each rank's rows follow the weights."""
+    w = np.array([0.5, 0.5, 0, 0, 0])
+    ranks = [MixtureSampler(store, w, 1, BLOCK, seed=0, rank=r, world_size=2, prefetch=False) for r in range(2)]
+    first = [sum(int(r.next_batch()[2][0] == 0) for _ in range(400)) for r in ranks]
+    assert all(150 < n < 250 for n in first), first  # domain 0 about half the time on every rank
+
+    rng = np.random.default_rng(4)
+    ranks = [MixtureSampler(store, None, 7, BLOCK, seed=5, rank=r, world_size=3, prefetch=False) for r in range(3)]
+    for _ in range(30):
+        w = rng.dirichlet(np.ones(K) * 0.5)
+        for r in ranks:
+            r.set_weights(w)
+            counts = np.bincount(r.next_batch()[2].numpy(), minlength=K)
+            assert np.all(np.abs(counts - w * 7) < 1 + 1e-9), (counts, w * 7)
 
 
 def test_balanced_target_and_eval_batches(store):

@@ -22,9 +22,12 @@ class MixtureSampler:
     allocation="multinomial" draws each row's domain independently.
 
     Under torch.distributed (or with explicit `rank`/`world_size`) one global batch of
-    `batch_size * world_size` rows is drawn, and rank r takes rows r, r + world_size, ...:
-    ranks see disjoint rows, each a stratified share of the global mixture. All ranks must
-    hold the same weights.
+    `batch_size * world_size` rows is drawn, grouped by domain, and rank r takes rows
+    o, o + world_size, ... with o = (r + shift) % world_size, where `shift` is drawn anew at
+    every step (the same on all ranks). So ranks see disjoint rows that together are the global
+    batch, and with stratified allocation each rank's rows are themselves a stratified draw of
+    batch_size rows from the mixture (a fixed o would favour the first domains on rank 0 and
+    the last ones on the last rank). All ranks must hold the same weights.
 
     Cost per batch is O(batch_size · log k): the weights' cumulative sum is computed once
     when they change, not per batch.
@@ -104,7 +107,9 @@ class MixtureSampler:
         global_rows = self.batch_size * self.world_size
         ids = self._allocate(rng, global_rows, cdf)
         starts = (rng.random(global_rows) * self._starts[ids]).astype(np.int64)
-        mine = slice(self.rank, global_rows, self.world_size)
+        # Drawn after the rows, so that a single process (where it is always 0) draws as before.
+        shift = int(rng.integers(self.world_size))
+        mine = slice((self.rank + shift) % self.world_size, global_rows, self.world_size)
         x, y = self._read(ids[mine], starts[mine])
         return x, y, torch.from_numpy(ids[mine].astype(np.int64))
 
