@@ -9,11 +9,11 @@ _MAX_LINES = 20  # beyond this many domains, plot the heaviest ones only
 
 def plot_run(records, domains, targets, path):
     fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(13, 4.5))
-    steps = [r["step"] for r in records]
     final = records[-1]["weights"]
-    shown = sorted(domains, key=lambda d: -final[d])[:_MAX_LINES]
-    for d in shown:
-        ax_w.plot(steps, [r["weights"][d] for r in records], label=d)
+    shown = sorted(domains, key=lambda d: -final.get(d, 0.0))[:_MAX_LINES]
+    for d in shown:  # a domain added on resume has no weight in the records before it
+        present = [r for r in records if d in r["weights"]]
+        ax_w.plot([r["step"] for r in present], [r["weights"][d] for r in present], label=d)
     ax_w.set(title="domain weights", xlabel="step", ylabel="weight", ylim=(0, None))
     ax_w.legend(fontsize=7, ncol=2)
 

@@ -15,6 +15,7 @@ import os
 import random
 import sys
 import time
+import warnings
 import tomllib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -80,6 +81,23 @@ class TrainConfig:
 
     def __post_init__(self):
         self.mixer_options = dict(self.mixer_options or {})
+        for name in ("max_steps", "batch_size", "grad_accum", "block_size", "n_layer", "n_head", "n_embd",
+                     "eval_interval", "log_interval", "checkpoint_interval"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "eval_batches", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        if self.lr_decay_steps is not None:
+            _check_int("lr_decay_steps", self.lr_decay_steps, 1)
+        if self.allocation not in ("stratified", "multinomial"):
+            raise ValueError(f"--allocation must be 'stratified' or 'multinomial', got {self.allocation!r}")
+        mode = self.mixer_options.get("mode")
+        if self.dga_mode is not None and mode is not None and mode != self.dga_mode:
+            raise ValueError(f"--dga-mode {self.dga_mode!r} and --mixer-option mode={mode!r} disagree: give one")
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,10 +205,11 @@ def _set_rng_states(states):
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
-def _save_checkpoint(path, step, model, optimizer, sampler, mixer, store, config):
+def _save_checkpoint(path, step, model, optimizer, sampler, mixer, store, config, loss_window):
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "sampler": sampler.state_dict(), "mixer": mixer.state_dict(), "rng": _rng_states(),
-             "config": dataclasses.asdict(config), "domains": list(store.domains), "targets": list(store.targets)}
+             "config": dataclasses.asdict(config), "domains": list(store.domains), "targets": list(store.targets),
+             "loss_window": loss_window}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash mid-save keeps the previous checkpoint
 
@@ -268,7 +287,7 @@ def _train(config, rank, world, device):
     mixer = build_mixer(config.mixer, store, **mixer_options)
     sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
                              allocation=config.allocation)
-    start_step = 0
+    start_step, loss_window = 0, None
     if config.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         _check_resumed_domains(ckpt.get("domains", []), store.domains)  # older checkpoints lack the names
@@ -281,6 +300,7 @@ def _train(config, rank, world, device):
         sampler.load_state_dict(sampler_state)
         _set_rng_states(ckpt["rng"])
         start_step = ckpt["step"]
+        loss_window = ckpt.get("loss_window")  # older checkpoints: the first record averages fewer steps
     records = _read_metrics(metrics_path, start_step) if config.resume else []
     if is_main:
         os.makedirs(out, exist_ok=True)
@@ -294,8 +314,15 @@ def _train(config, rank, world, device):
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    # held-out splits too short for one window are not evaluated (prepare with a larger --val-fraction)
+    too_short = [n for n in names if store.num_tokens(n, "val") < config.block_size + 1]
+    if too_short and config.eval_batches > 0 and is_main:
+        warnings.warn(f"not evaluated: the held-out split of {too_short} in {config.data} is shorter than "
+                      f"--block-size + 1 = {config.block_size + 1} tokens (`fastmix prepare --val-fraction` "
+                      "sets its size)", stacklevel=2)
+    eval_names = [n for n in names if n not in too_short]
     eval_data = {i: sampler.eval_batches(name, config.eval_batches, config.seed)
-                 for i, name in enumerate(names) if i % world == rank and config.eval_batches > 0}
+                 for i, name in enumerate(eval_names) if i % world == rank and config.eval_batches > 0}
 
     def to_device(*tensors):
         return tuple(t.to(device, non_blocking=True) for t in tensors)
@@ -303,7 +330,7 @@ def _train(config, rank, world, device):
     def log(step, lr, train_loss, weights, evaluate):
         eval_losses = {}
         if evaluate and config.eval_batches > 0:
-            eval_losses = _evaluate(model, eval_data, names, device, autocast, world)
+            eval_losses = _evaluate(model, eval_data, eval_names, device, autocast, world)
         if world > 1:
             _check_same_on_all_ranks(mixer.weights, device)
         record = {"step": step, "lr": lr, "train_loss": train_loss,
@@ -337,8 +364,12 @@ def _train(config, rank, world, device):
         tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
         bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=True if (config.quiet or not is_main) else None)
+        # the training loss summed since the last record, over window_steps steps (carried over a resume)
         window_loss = torch.zeros((), device=device)
-        window_start, window_steps = time.perf_counter(), 0
+        window_steps = 0
+        if loss_window is not None:
+            window_loss, window_steps = loss_window["sum"].to(device).clone(), loss_window["steps"]
+        window_start, timed_steps = time.perf_counter(), 0
         model.train()
         for step in range(start_step, config.max_steps):
             lr = _lr_at(step, config)
@@ -369,21 +400,31 @@ def _train(config, rank, world, device):
             mixer.update(mixer_context(done, lr, batch, clip_coef))
             sampler.set_weights(mixer.weights)
             window_steps += 1
+            timed_steps += 1
             bar.update(1)
 
             evaluate = done % config.eval_interval == 0 or done == config.max_steps
+            regular_record = done % config.log_interval == 0 or done % config.eval_interval == 0
+            checkpoint = done % config.checkpoint_interval == 0 or done == config.max_steps
+            if checkpoint:  # the window an uninterrupted run carries past this step: empty after a record
+                carried = window_loss.clone() if not regular_record else torch.zeros_like(window_loss)
+                if world > 1:
+                    dist.all_reduce(carried)  # the ranks' mean, restored on every rank
+                    carried /= world
+                loss_window = {"sum": carried.cpu(), "steps": 0 if regular_record else window_steps}
             if done % config.log_interval == 0 or evaluate:
                 if world > 1:
                     dist.all_reduce(window_loss)
                     window_loss /= world
                 train_loss = window_loss.item() / window_steps
                 elapsed = time.perf_counter() - window_start
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * window_steps / elapsed:,.0f}")
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * timed_steps / elapsed:,.0f}")
                 log(done, lr, train_loss, weights, evaluate)
                 window_loss.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            if is_main and (done % config.checkpoint_interval == 0 or done == config.max_steps):
-                _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer, store, config)
+                window_steps = 0
+                window_start, timed_steps = time.perf_counter(), 0
+            if is_main and checkpoint:
+                _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer, store, config, loss_window)
         bar.close()
     finally:
         sampler.close()
@@ -432,7 +473,9 @@ def add_train_arguments(parser):
                         help="TOML file of TrainConfig fields (e.g. max_steps = 500); flags override it")
     for f in dataclasses.fields(TrainConfig):
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"]
+        if "default:" not in help_text:  # some say what their None default means
+            help_text += f" (default: {f.default})"
         if f.name == "mixer":
             help_text += f"; available: {', '.join(sorted(MIXERS))}"
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
@@ -475,7 +518,10 @@ def config_from_args(args):
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise SystemExit(f"unknown config keys: {', '.join(sorted(unknown))}")
-    return TrainConfig(**values)
+    try:
+        return TrainConfig(**values)
+    except ValueError as error:  # a bad value: a message, not a traceback
+        raise SystemExit(f"fastmix train: error: {error}") from None
 
 
 def build_parser(parser=None):

@@ -26,6 +26,9 @@ def domain_weights(checkpoint, store, mode="pretrain", lam=10.0, temperature=Non
                    progress=True):
     """{"domains", "scores", "weights"} of the store's domains under the checkpoint's model."""
     model = GPT.from_checkpoint(checkpoint, device).eval()
+    if store.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the store's tokenizer has {store.vocab_size} tokens but the checkpoint's model "
+                         f"{model.config.vocab_size}: embed the store with a model trained on its tokenizer")
     block = model.config.block_size
     batches = [[held_out_windows(store, name, rows, block).to(device)] for name in store.domains]
     embeddings = domain_embeddings(model, batches, "middle", device=device, progress=progress)

@@ -48,3 +48,14 @@ def test_weights_from_a_checkpoint(tmp_path, capsys):
         by_score = sorted(range(len(scores)), key=scores.__getitem__)
         by_weight = sorted(range(len(weights)), key=weights.__getitem__)
         assert by_weight == (by_score if mode == "finetune" else by_score[::-1])
+    # a store whose tokenizer is larger than the checkpoint model's vocabulary
+    import numpy as np
+    import pytest
+
+    from fastmix.data import StoreWriter
+    from fastmix.weights import domain_weights
+
+    with StoreWriter(tmp_path / "wide", {"type": "file", "vocab_size": 5000}) as writer:
+        writer.add("a", np.arange(400) % 5000, np.arange(400) % 5000)
+    with pytest.raises(ValueError, match="the store's tokenizer has 5000 tokens but the checkpoint's model 257"):
+        domain_weights(str(tmp_path / "run" / "ckpt.pt"), DomainStore(tmp_path / "wide"), progress=False)

@@ -172,7 +172,9 @@ def test_chameleon_transfer_to_domains_added_on_resume(store_dir, tmp_path, sour
         assert first.metrics[0]["weights"] == first.metrics[-1]["weights"]  # computed once, before step 1
         assert len(set(first.metrics[0]["weights"].values())) > 1
     bigger = _store_with_extra_domain(store_dir, tmp_path / "bigger")
-    resumed = _run(bigger, tmp_path / "run", max_steps=4, resume=True, mixer="chameleon", mixer_options=options)
+    resumed = _run(bigger, tmp_path / "run", max_steps=4, resume=True, mixer="chameleon", mixer_options=options,
+                   plot=True)  # the plot has records from before the new domain existed
+    assert (tmp_path / "run" / "weights.png").exists()
     mixer = resumed.mixer
     assert mixer.domains[-1] == "extra" and mixer.weights.shape == (11,)
     weights = resumed.metrics[-1]["weights"]
@@ -180,6 +182,13 @@ def test_chameleon_transfer_to_domains_added_on_resume(store_dir, tmp_path, sour
     assert weights["extra"] > 0
     if source == "offline":  # the saved embeddings plus the new domain's, through the same recipe
         torch.testing.assert_close(mixer.weights, chameleon_weights(mixer.embeddings).double())
+
+
+def test_a_static_mixer_resumed_on_more_domains_says_why_it_cannot(store_dir, tmp_path):
+    _run(store_dir, tmp_path / "run", max_steps=2)
+    bigger = _store_with_extra_domain(store_dir, tmp_path / "bigger")
+    with pytest.raises(ValueError, match="Uniform state is for 10 domains, but the store has 11 .only the chameleon"):
+        _run(bigger, tmp_path / "run", max_steps=4, resume=True)
 
 
 def _free_port():

@@ -56,18 +56,22 @@ def test_run_writes_metrics_checkpoint_and_plot(store_dir, tmp_path):
         _run(store_dir, tmp_path / "run", max_steps=6)
 
 
-@pytest.mark.parametrize("mixer", ["uniform", "test-drifting"])
-def test_resume_matches_an_uninterrupted_run(store_dir, tmp_path, mixer):
-    common = dict(mixer=mixer, log_interval=1, eval_interval=4, checkpoint_interval=3, lr_decay_steps=10)
+@pytest.mark.parametrize("mixer,log_interval", [("uniform", 1), ("test-drifting", 1), ("uniform", 3)])
+def test_resume_matches_an_uninterrupted_run(store_dir, tmp_path, mixer, log_interval):
+    """Every record of the uninterrupted run reappears, bitwise. With log_interval 3 the first
+    part stops (step 5) inside a loss window that the resumed run must carry on."""
+    common = dict(mixer=mixer, log_interval=log_interval, eval_interval=4, checkpoint_interval=3, lr_decay_steps=10)
     full = _run(store_dir, tmp_path / "full", max_steps=10, **common).metrics
     _run(store_dir, tmp_path / "part", max_steps=5, **common)
     resumed = _run(store_dir, tmp_path / "part", max_steps=10, resume=True, **common).metrics
     on_disk = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert on_disk == resumed
-    assert [r["step"] for r in resumed] == list(range(11))
-    for a, b in zip(full, resumed):
+    by_step = {r["step"]: r for r in resumed}
+    assert set(by_step) == {r["step"] for r in full} | {5}  # the first part also recorded its last step
+    for a in full:
+        b = by_step[a["step"]]
         assert a["train_loss"] == b["train_loss"] and a["weights"] == b["weights"], a["step"]
-        if a["eval"]:  # (the first part also evaluated at its own last step, 5)
+        if a["eval"]:
             assert a["eval"] == b["eval"], a["step"]
     if mixer == "test-drifting":
         assert full[-1]["weights"] != full[1]["weights"]
@@ -150,3 +154,25 @@ def test_config_precedence(tmp_path):
         bad = tmp_path / "bad.toml"
         bad.write_text("no_such_field = 1\n")
         config_from_args(parser.parse_args(["--config", str(bad)]))
+
+
+def test_a_short_held_out_split_is_skipped_with_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path / "store", {"type": "byte", "vocab_size": 257}) as writer:
+        for name in ("a", "b"):
+            writer.add(name, rng.integers(0, 256, 2000), rng.integers(0, 256, 200))
+        writer.add("t", rng.integers(0, 256, 2000), rng.integers(0, 256, 5), target=True)  # 5 < block + 1
+    with pytest.warns(UserWarning, match=r"not evaluated: the held-out split of \['t'\]"):
+        result = train(TrainConfig(data=str(tmp_path / "store"), out=str(tmp_path / "run"), max_steps=2, **TINY))
+    assert set(result.metrics[-1]["eval"]) == {"a", "b"}
+
+
+def test_bad_numbers_name_their_flag(tmp_path):
+    for flag, value in (("eval_interval", 0), ("grad_accum", 0), ("batch_size", 0), ("seed", -1)):
+        with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be an integer >= "):
+            TrainConfig(**{flag: value})
+    with pytest.raises(ValueError, match="--dga-mode 'inline' and --mixer-option mode='exact' disagree"):
+        TrainConfig(mixer="dga", dga_mode="inline", mixer_options={"mode": "exact"})
+    parser = add_train_arguments(argparse.ArgumentParser())
+    with pytest.raises(SystemExit, match="fastmix train: error: --log-interval must be an integer >= 1"):
+        config_from_args(parser.parse_args(["--log-interval", "0"]))

@@ -22,6 +22,9 @@ class StaticMixer:
         return {"weights": self._weights.clone()}
 
     def load_state_dict(self, state):
+        if len(state["weights"]) != len(self._weights):
+            raise ValueError(f"{type(self).__name__} state is for {len(state['weights'])} domains, but the store has "
+                             f"{len(self._weights)} (only the chameleon mixer takes domains added since the checkpoint)")
         # the loop maps checkpoints to the training device; the weights stay a float64 CPU tensor
         self._weights = state["weights"].to(torch.float64).cpu().clone()
 
