@@ -84,7 +84,7 @@ def _add_prepare_arguments(p):
     p.add_argument("--val-fraction", type=float, default=None,
                    help="fraction of each domain's tokens held out for evaluation (default: 0.05)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count, at most 8)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUT if it is a fastmix store (anything else is never replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
