@@ -304,6 +304,10 @@ def _train(config, rank, world, device):
     records = _read_metrics(metrics_path, start_step) if config.resume else []
     if is_main:
         os.makedirs(out, exist_ok=True)
+        if not config.resume:  # --overwrite: nothing of the old run may outlive it (a crash would mix them)
+            for stale in (ckpt_path, os.path.join(out, "weights.png")):
+                if os.path.exists(stale):
+                    os.remove(stale)
         with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(config), f, indent=1)
         with open(metrics_path, "w", encoding="utf-8") as f:  # drops records past the checkpoint

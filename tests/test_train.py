@@ -176,3 +176,21 @@ def test_bad_numbers_name_their_flag(tmp_path):
     parser = add_train_arguments(argparse.ArgumentParser())
     with pytest.raises(SystemExit, match="fastmix train: error: --log-interval must be an integer >= 1"):
         config_from_args(parser.parse_args(["--log-interval", "0"]))
+
+
+class Crashing(StaticMixer):
+    def update(self, ctx):
+        raise RuntimeError("crash in the first step")
+
+
+register_mixer("test-crashing", lambda store, **options: Crashing(torch.ones(store.num_domains)))
+
+
+def test_overwrite_leaves_nothing_of_the_old_run(store_dir, tmp_path):
+    """A run started with --overwrite that dies before its first checkpoint must not leave the
+    old run's checkpoint behind, for --resume to mix with the new metrics."""
+    _run(store_dir, tmp_path / "run", max_steps=2, plot=True)
+    assert (tmp_path / "run" / "ckpt.pt").exists() and (tmp_path / "run" / "weights.png").exists()
+    with pytest.raises(RuntimeError, match="crash in the first step"):
+        _run(store_dir, tmp_path / "run", max_steps=2, overwrite=True, mixer="test-crashing")
+    assert not (tmp_path / "run" / "ckpt.pt").exists() and not (tmp_path / "run" / "weights.png").exists()
