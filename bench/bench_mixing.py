@@ -131,7 +131,7 @@ def interleaved(pairs=15):
     """Ratios measured by alternating rounds of plain training and of each mode (the median of
     the per-pair ratios): robust to load that drifts during the run, unlike separate tests.
 
-        python bench/bench_mixing.py
+        python bench/bench_mixing.py [--pairs N]      # more pairs: a tighter median on a noisy machine
     """
     import statistics
     import tempfile
@@ -159,8 +159,9 @@ def interleaved(pairs=15):
             ratios.append((t2 - t1) / (t1 - t0))
             base.append((t1 - t0) / interval)
         results[k, interval, mode] = statistics.median(ratios)
+        low, _, high = statistics.quantiles(ratios, n=4)
         print(f"k={k:<3} interval={interval:<3} {mode:<11} {results[k, interval, mode]:5.2f}x "
-              f"(plain {statistics.median(base) * 1e3:.1f} ms/step)", flush=True)
+              f"(quartiles {low:.2f}-{high:.2f}; plain {statistics.median(base) * 1e3:.1f} ms/step)", flush=True)
         plain.sampler.close()
         mixed.sampler.close()
     for k in (8, 10, 64):  # the update's own cost is the step's ratio minus the plain step
@@ -170,4 +171,8 @@ def interleaved(pairs=15):
 
 
 if __name__ == "__main__":
-    interleaved()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="DGA step overheads from interleaved rounds (see the docstring)")
+    parser.add_argument("--pairs", type=int, default=15, help="plain/mixed round pairs per setting (default: 15)")
+    interleaved(parser.parse_args().pairs)
