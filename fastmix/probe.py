@@ -97,6 +97,18 @@ class _ParameterUses(TorchFunctionMode):
         return out
 
 
+def _gradient_anchor(output):
+    """The tensor whose gradient is a layer's output gradient, for hooks: the output, or the
+    tensor it is a reshaped view of (F.linear and F.embedding on 3-D input return views).
+    An in-place op on such a view (ReLU(inplace=True), h += r) rebases the view onto its base,
+    and a hook on the view itself would never fire."""
+    base = output._base
+    if (base is not None and base.numel() == output.numel() and base.data_ptr() == output.data_ptr()
+            and base.is_contiguous() and output.is_contiguous()):
+        return base
+    return output
+
+
 class _RowScores:
     """One record's scores for the layers whose inputs share a row layout: per-row sums over
     those layers, segment-summed by domain only when the result is read (one segment sum per
@@ -254,6 +266,8 @@ class AlignmentProbe:
 
     def load_target_state_dict(self, state):
         """Sets the target saved by target_state_dict(), each tensor on its parameter's device."""
+        if "dense" not in state:  # saved before the rows were kept: {parameter name: V}
+            state = {"dense": state, "rows": {}}
         params = {self._names[id(p)]: p for p in self._trainable}
         modules = dict(self._sites)
         unknown = sorted(set(state["dense"]) - set(params)) + sorted(set(state["rows"]) - set(modules))
@@ -380,6 +394,7 @@ class AlignmentProbe:
         if isinstance(module, nn.Linear) and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # what F.linear multiplied
         inv_scale = self._inv_scale
+        output = _gradient_anchor(output)
         if self._target_calls is not None:
             if isinstance(module, nn.Linear):
                 call = [x, None]
@@ -393,7 +408,9 @@ class AlignmentProbe:
         name = self._site_names[id(module)]
         self._fired.add(name)
         if not any(id(p) in self._target for p in self._site_params(module)):
-            self._untargeted.add(name)  # first ran after set_target, which covered the layers seen so far
+            left_out = name in self._unsplittable or any(id(p) in self._used_outside for p in self._site_params(module))
+            if not left_out:  # first ran after set_target, which covered the layers seen so far
+                self._untargeted.add(name)
             return
         scores = self._layout(self._leading_shape(module, x), name, x.device)
         if scores is not None:

@@ -254,6 +254,11 @@ def test_inline_reuses_its_target_for_target_every_steps(seed, target_rows):
         step(mixer, data, n, balanced(1))
     assert data.calls == 2 and mixer.updates == 5  # targets drawn at steps 1 and 4 only
     state = mixer.state_dict()
+    older = {**state, "target": state["target"]["dense"]}  # as saved before the rows were kept
+    if target_rows == 4:  # (no rows to lose in the dense form)
+        batch = balanced(1)
+        assert torch.equal(step(resumed_from(older, options), Data(seed + 2), 6, batch),
+                           step(resumed_from(state, options), Data(seed + 3), 6, batch))
     mixer.close()  # the run ends: the state keeps the target step 6 would reuse
     closed = mixer.state_dict()
     assert all(torch.equal(closed["target"]["dense"][n], t) for n, t in state["target"]["dense"].items())

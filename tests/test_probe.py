@@ -108,13 +108,17 @@ def test_probe_backward_scores_without_parameter_gradients(seed):
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["relu", "relu-inplace"])
-def test_probe_backward_with_an_in_place_op_after_a_layer(seed, inplace):
-    """ReLU(inplace=True) rewrites the layer's output tensor: probe.backward must still take
-    the gradient of the layer's output, not of the rewritten tensor."""
+@pytest.mark.parametrize("tokens", [None, 5], ids=["2-d", "3-d"])
+@pytest.mark.parametrize("scoring_only", [True, False], ids=["probe.backward", "loss.backward"])
+def test_in_place_op_after_a_layer(seed, inplace, tokens, scoring_only):
+    """ReLU(inplace=True) rewrites the layer's output: the scores must still use the gradient of
+    the layer's output. On 3-D input F.linear returns a view, which the in-place op rebases onto
+    its base; a hook on the view itself would never fire (the layer would score 0)."""
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(inplace=inplace), nn.Linear(16, 3)).double()
     k = 3
     probe = AlignmentProbe(model, k, strict=True)
-    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64)
+    rows = (8,) if tokens is None else (8, tokens)
+    x, y = torch.randn(*rows, 6, dtype=torch.float64), torch.randn(*rows, 3, dtype=torch.float64)
     model.zero_grad()
     F.mse_loss(model(x[:4]), y[:4]).backward()
     probe.set_target()
@@ -123,7 +127,8 @@ def test_probe_backward_with_an_in_place_op_after_a_layer(seed, inplace):
     ids = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
     model.zero_grad(set_to_none=True)
     with probe.record(ids):
-        probe.backward(F.mse_loss(model(x), y, reduction="sum"))
+        loss = F.mse_loss(model(x), y, reduction="sum")
+        probe.backward(loss) if scoring_only else loss.backward()
     assert not probe._output_edges  # nothing kept alive after the record
     assert_close_scores(probe.result().dots, naive_mse_scores(model, x, y, ids, k, target, params), 1e-9)
 
@@ -474,6 +479,16 @@ def test_a_weight_also_used_outside_its_layer_is_left_out_not_mis_scored(seed, s
         with probe.record(ids):
             model(x, y).backward()
     assert probe.coverage.uncovered == ["wte.weight"]
+    model.zero_grad()
+    model(x[:2], y[:2]).backward()
+    probe.set_target()  # without wte.weight now: a layer left out on purpose is not "missing"
+    model.zero_grad()
+    with probe.record(ids):
+        model(x, y).backward()
+    assert probe.result().missing == []
+    probe.reset()
+    with probe.record(ids):
+        model(x, y).backward()
     want = torch.zeros(k, dtype=torch.float64)
     for i in range(k):
         model.zero_grad()
