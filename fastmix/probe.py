@@ -74,26 +74,50 @@ class AlignmentResult:
     #                ran without a target (first seen after the target was set)
 
 
+# Ops that combine a weight with the rows of a batch: a weight entering one of them outside its
+# hooked layer has per-row gradient the hooks never see. Other uses (a regulariser such as
+# Σ p², a logged norm) are not per row, so they do not affect the per-domain scores.
+_ROW_OPS = {F.linear, F.bilinear, F.embedding, F.layer_norm, F.multi_head_attention_forward, torch.matmul, torch.mm,
+            torch.bmm, torch.einsum, torch.addmm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.__matmul__,
+            torch.Tensor.__rmatmul__}
+
+
 class _ParameterUses(TorchFunctionMode):
-    """Watches one recorded forward for covered parameters entering a differentiable op
-    outside the forward of a hooked layer (a tied weight applied with F.linear, a weight
-    read by a custom op): the gradient then reaches them by a path the hooks never see."""
+    """Watches one recorded forward for covered weights that enter a row op (_ROW_OPS) outside
+    the forward of their hooked layer: a tied head applied with F.linear(h, wte.weight) or
+    h @ wte.weight.T. Tensors computed from weights alone (wte.weight.T) carry their weights'
+    ids, so a transpose or reshape on the way does not hide the use."""
 
     def __init__(self, probe):
         super().__init__()
         self.probe = probe
         self.found = {}  # id(parameter): its target, taken out at once so this record's backward skips it
+        self.derived = {}  # id(tensor): (tensor, ids of the covered weights it was computed from)
+
+    def _weights_in(self, tensor):
+        if isinstance(tensor, nn.Parameter):
+            return {id(tensor)} if id(tensor) in self.probe._target or id(tensor) in self.found else set()
+        entry = self.derived.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         probe = self.probe
-        if probe._site_depth == 0 and probe._target is not None and torch.is_grad_enabled():
-            params = [a for a in pytree.tree_leaves((args, kwargs))
-                      if isinstance(a, nn.Parameter) and id(a) in probe._target]
-            if params and any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(out)):
-                for p in params:
-                    self.found[id(p)] = probe._target.pop(id(p))
+        if probe._site_depth or probe._target is None or not torch.is_grad_enabled():
+            return out
+        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        weights = set().union(*(self._weights_in(t) for t in tensors)) if tensors else set()
+        if not weights:
+            return out
+        data = [t for t in tensors if not self._weights_in(t) and not isinstance(t, nn.Parameter)]
+        if data and func in _ROW_OPS:
+            for pid in weights - set(self.found):
+                self.found[pid] = probe._target.pop(pid)
+        elif not data:  # computed from weights alone: remember where it came from
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.derived[id(t)] = (t, weights)
         return out
 
 

@@ -447,21 +447,28 @@ def test_a_layer_first_seen_after_the_target_was_set_is_reported_not_guessed(see
     assert probe.result().missing == []
 
 
+class TiedLM(nn.Module):
+    """A tied head applied outside any hooked layer, as many GPT codebases do."""
+
+    def __init__(self, head="F.linear", vocab=17, width=8):
+        super().__init__()
+        self.wte, self.fc, self.ln = nn.Embedding(vocab, width), nn.Linear(width, width), nn.LayerNorm(width)
+        self.head = head
+
+    def forward(self, x, y):
+        h = self.ln(torch.tanh(self.fc(self.wte(x))))
+        logits = F.linear(h, self.wte.weight) if self.head == "F.linear" else h @ self.wte.weight.T
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["warn", "strict"])
-def test_a_weight_also_used_outside_its_layer_is_left_out_not_mis_scored(seed, strict):
-    """A tied head applied with F.linear(h, wte.weight): the Embedding hook sees one use of
-    the weight, the gradient has both. The first record finds the other use, drops the weight
-    from the target and the coverage (strict: raises), and the scores are exact for the rest."""
-    class TiedLM(nn.Module):
-        def __init__(self, vocab=17, width=8):
-            super().__init__()
-            self.wte, self.fc, self.ln = nn.Embedding(vocab, width), nn.Linear(width, width), nn.LayerNorm(width)
-
-        def forward(self, x, y):
-            logits = F.linear(self.ln(torch.tanh(self.fc(self.wte(x)))), self.wte.weight)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    model, k = TiedLM().double(), 2
+@pytest.mark.parametrize("head", ["F.linear", "matmul"])
+def test_a_weight_also_used_outside_its_layer_is_left_out_not_mis_scored(seed, strict, head):
+    """A tied head applied with F.linear(h, wte.weight) or h @ wte.weight.T: the Embedding hook
+    sees one use of the weight, the gradient has both. The first record finds the other use,
+    drops the weight from the target and the coverage (strict: raises), and the scores are exact
+    for the rest."""
+    model, k = TiedLM(head).double(), 2
     probe = AlignmentProbe(model, k, strict=strict)
     x, y = torch.randint(0, 17, (4, 8)), torch.randint(0, 17, (4, 8))
     ids = torch.tensor([0, 0, 1, 1])
@@ -495,6 +502,24 @@ def test_a_weight_also_used_outside_its_layer_is_left_out_not_mis_scored(seed, s
         (model(x[ids == i], y[ids == i]) * (ids == i).sum() / len(ids)).backward()
         want[i] = flat_grads(model, params) @ target
     assert_close_scores(probe.result().dots, want, 1e-9)
+
+
+def test_a_weight_penalty_in_the_loss_is_not_a_use_outside_the_layers(seed):
+    """Σ p² added to the loss takes every weight outside its layer, but not per row: it is no
+    reason to leave a weight out (the watch looks for row ops only)."""
+    plain = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)).double()
+    probe = AlignmentProbe(plain, 2, strict=True)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+
+    def loss_of(rows):
+        penalty = 1e-3 * sum(p.pow(2).sum() for p in plain.parameters())
+        return F.mse_loss(plain(x[rows]), y[rows], reduction="sum") + penalty
+
+    loss_of(slice(0, 3)).backward()
+    probe.set_target()
+    with probe.record(torch.tensor([0, 0, 1, 1, 0, 1])):
+        loss_of(slice(None)).backward()  # no warning, no error under strict
+    assert probe.coverage.uncovered == [] and probe.result().missing == []
 
 
 def test_keyword_input_and_unsupported_embeddings():
