@@ -307,15 +307,16 @@ class AlignmentProbe:
     def record(self, domain_ids, *, loss_scale=1.0):
         """Around the forward and backward of a batch: adds each domain's ⟨∇L_i, V⟩ for
         the loss backpropagated (divided by `loss_scale`, e.g. a GradScaler's scale).
-        Repeated records accumulate until reset()."""
+        Repeated records accumulate until reset(); a record's backward must run before the
+        next record starts (its per-row terms are then folded into per-domain sums)."""
         if self._target is None:
             raise RuntimeError("AlignmentProbe.record: call set_target() or record_target() first")
         ids = self._check_ids(domain_ids)
         self._ids = ids
         self._ids_on = {ids.device: ids}
         self._inv_scale = 1.0 / loss_scale
+        self._folded = self._domain_sums()  # earlier records are complete: keep their (k,) sums only
         self._layouts = {}  # (leading shape, device) -> _RowScores of this record
-        self._records.append(self._layouts)
         counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
         self._counts = counts if self._counts is None else self._counts + counts
         watch = None if self._recorded else _ParameterUses(self)
@@ -369,18 +370,24 @@ class AlignmentProbe:
 
     def reset(self):
         """Clears the accumulated scores (the target is kept)."""
-        self._records = []  # per record: {row layout: _RowScores}
+        self._layouts = {}  # the last record's scores: {(leading shape, device): _RowScores}
+        self._folded = None  # (k,) float64 sums of the records before it
         self._counts = None
+
+    def _domain_sums(self):
+        device = next(iter(self._target.values())).device if self._target else torch.device("cpu")
+        dots = torch.zeros(self.num_domains, dtype=torch.float64, device=device)
+        if self._folded is not None:
+            dots = dots + self._folded
+        for scores in self._layouts.values():
+            dots = dots + scores.domain_sums(self.num_domains).to(device)
+        return dots
 
     def result(self, *, all_reduce=None):
         """The accumulated scores. Under torch.distributed (by default when a process
         group is initialised) the dots are averaged over ranks, as DDP averages gradients,
         and the counts summed, so every rank sees the same numbers."""
-        device = next(iter(self._target.values())).device if self._target else torch.device("cpu")
-        dots = torch.zeros(self.num_domains, dtype=torch.float64, device=device)
-        for layouts in self._records:
-            for scores in layouts.values():
-                dots = dots + scores.domain_sums(self.num_domains).to(device)
+        dots = self._domain_sums()
         counts = self._counts if self._counts is not None else torch.zeros(self.num_domains, dtype=torch.int64)
         counts = counts.to(dots.device)
         never_ran = {name for name, _ in self._sites} - self._fired if self._recorded else set()
