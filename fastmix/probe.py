@@ -284,9 +284,9 @@ class AlignmentProbe:
         ghost form exactly where the original did (the two forms round differently)."""
         if self._target is None:
             raise RuntimeError("AlignmentProbe.target_state_dict: no target is set")
-        sites = {id(m): name for name, m in self._sites}
         return {"dense": {self._names[pid]: t.cpu().clone() for pid, t in self._target.items()},
-                "rows": {sites[mid]: (x.cpu().clone(), g.cpu().clone()) for mid, (x, g) in self._target_rows.items()}}
+                "rows": {self._site_names[mid]: (x.cpu().clone(), g.cpu().clone())
+                         for mid, (x, g) in self._target_rows.items()}}
 
     def load_target_state_dict(self, state):
         """Sets the target saved by target_state_dict(), each tensor on its parameter's device."""
@@ -438,8 +438,9 @@ class AlignmentProbe:
             return
         name = self._site_names[id(module)]
         self._fired.add(name)
-        if not any(id(p) in self._target for p in self._site_params(module)):
-            left_out = name in self._unsplittable or any(id(p) in self._used_outside for p in self._site_params(module))
+        params = self._site_params(module)
+        if not any(id(p) in self._target for p in params):
+            left_out = name in self._unsplittable or any(id(p) in self._used_outside for p in params)
             if not left_out:  # first ran after set_target, which covered the layers seen so far
                 self._untargeted.add(name)
             return

@@ -416,7 +416,7 @@ def _train(config, rank, world, device):
                     dist.all_reduce(carried)  # the ranks' mean, restored on every rank
                     carried /= world
                 loss_window = {"sum": carried.cpu(), "steps": 0 if regular_record else window_steps}
-            if done % config.log_interval == 0 or evaluate:
+            if regular_record or done == config.max_steps:
                 if world > 1:
                     dist.all_reduce(window_loss)
                     window_loss /= world

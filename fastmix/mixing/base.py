@@ -67,6 +67,14 @@ class Mixer(Protocol):
 MIXERS: dict = {}
 
 
+def check_counts(**counts):
+    """Raises ValueError naming the first option that is not an integer >= 1 (a float such as
+    2.7 would be truncated silently, a bool taken for 0 or 1)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def register_mixer(name, factory):
     MIXERS[name] = factory
     return factory

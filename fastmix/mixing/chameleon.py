@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from fastmix.chameleon import EmbeddingAccumulator, chameleon_weights, check_weight_options, domain_embeddings
-from fastmix.mixing.base import register_mixer
+from fastmix.mixing.base import check_counts, register_mixer
 from fastmix.mixing.dga import _all_reduce, shard_balanced, _world
 
 SOURCES = ("online", "offline")
@@ -44,9 +44,7 @@ class Chameleon:
         check_weight_options(lam, mode, temperature)
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(f"floor must be a number in [0, 1], got {floor!r}")
-        for name, value in (("interval", interval), ("rows_per_domain", rows_per_domain)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_counts(interval=interval, rows_per_domain=rows_per_domain)
         self.source, self.checkpoint, self.lam, self.mode = source, checkpoint, float(lam), mode
         self.temperature = temperature
         self.interval, self.rows_per_domain, self.floor, self.layer = interval, rows_per_domain, float(floor), layer

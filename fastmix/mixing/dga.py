@@ -48,7 +48,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from fastmix.mixing.base import register_mixer
+from fastmix.mixing.base import check_counts, register_mixer
 from fastmix.probe import AlignmentProbe
 
 MODES = ("exact", "stratified", "inline")
@@ -179,10 +179,8 @@ class DGA:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if not 0 <= floor <= 1:
             raise ValueError(f"floor must be in [0, 1], got {floor}")
-        for name, value in (("interval", interval), ("rows_per_domain", rows_per_domain),
-                            ("target_rows", target_rows), ("target_every", target_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_counts(interval=interval, rows_per_domain=rows_per_domain, target_rows=target_rows,
+                     target_every=target_every)
         if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size) \
                 or step_size < 0:
             raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
