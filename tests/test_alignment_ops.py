@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import fastmix.ops as ops
 from conftest import HAS_GPU, backends_for, device_backend_params
-from fastmix.ops import reference
+from fastmix.ops import _backends, reference
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Inputs are rounded to the dtype first, so only accumulation error remains: float32
@@ -204,6 +204,42 @@ def test_compiled_op_checks_its_own_arguments():
     with pytest.raises(RuntimeError, match="segment_ids must be int64"):
         torch.ops.fastmix.rowwise_bilinear(torch.randn(4, 3), torch.randn(3, 2), torch.randn(4, 2),
                                            torch.zeros(4, dtype=torch.int32), 2)
+
+
+def _fake_ops(name):
+    """The compiled op and its Triton twin, where each exists: they share one fake."""
+    import importlib
+
+    found = [getattr(torch.ops.fastmix, name)] if _backends.has_kernel(name, "CPU") else []
+    if _backends.TRITON_INSTALLED:
+        found.append(getattr(importlib.import_module(f"fastmix.ops.triton.{name}"), f"{name}_triton"))
+    return found
+
+
+@pytest.mark.parametrize("name,args,message", [
+    ("rowwise_bilinear", lambda: (torch.randn(4, 3), torch.randn(3, 2), torch.randn(4, 5), None, 0),
+     r"b.shape\[1\] is 5 but must equal m.shape\[1\] \(2\)"),
+    ("rowwise_bilinear", lambda: (torch.randn(4, 3), torch.randn(3, 2).double(), torch.randn(4, 2), None, 0),
+     "m has dtype torch.float64 but a has dtype torch.float32"),
+    ("rowwise_bilinear", lambda: (torch.randn(4, 3), torch.randn(3, 2), torch.randn(4, 2), torch.zeros(3, dtype=torch.long), 2),
+     r"segment_ids must have shape \(4,\)"),
+    ("ghost_dots", lambda: (torch.randn(4, 3), torch.randn(4, 2), torch.randn(2, 5), torch.randn(2, 2),
+                            torch.zeros(4, dtype=torch.long), 2), r"target_x.shape\[1\] is 5"),
+    ("ghost_dots", lambda: (torch.randn(4, 3), torch.randn(4, 2), torch.randn(2, 3), torch.randn(2, 2),
+                            torch.zeros(4, dtype=torch.int32), 2), "segment_ids must be int64"),
+])
+def test_fake_kernels_check_arguments_while_tracing(name, args, message):
+    """Under torch.compile the fake kernel runs instead of the op: a bad call fails there,
+    naming the argument, rather than tracing a wrong shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops_to_check = _fake_ops(name)
+    if not ops_to_check:
+        pytest.skip("neither the compiled op nor Triton is available")
+    with FakeTensorMode():
+        for op in ops_to_check:
+            with pytest.raises(RuntimeError, match=message):
+                op(*args())
 
 
 # ---------------------------------------------------------------- torch.library contracts

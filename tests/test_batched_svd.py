@@ -134,6 +134,19 @@ def test_compiled_op_checks_name_the_argument():
 
 
 @pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
+def test_fake_kernel_checks_arguments_while_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        with pytest.raises(RuntimeError, match="a must be 3-D"):
+            torch.ops.fastmix.batched_svd(torch.randn(4, 4))
+        with pytest.raises(RuntimeError, match="a must be float32 or float64"):
+            torch.ops.fastmix.batched_svd(torch.randn(1, 4, 4).half())
+        u, s, vh = torch.ops.fastmix.batched_svd(torch.randn(2, 5, 3))
+        assert (u.shape, s.shape, vh.shape) == ((2, 5, 3), (2, 3), (2, 3, 3))
+
+
+@pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
 def test_opcheck(seed):
     samples = [torch.randn(3, 6, 4), torch.randn(2, 4, 7, dtype=torch.float64), torch.randn(1, 1, 1)]
     if HAS_GPU:

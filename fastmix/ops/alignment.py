@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fastmix.ops import _backends, reference
+from fastmix.ops import _backends, _fake, reference
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -183,12 +183,5 @@ def domain_grad_dots_ghost(x, grad_out, segment_ids, num_segments, target_x, tar
 
 # ---------------------------------------------------------------- torch.compile support
 if _backends.COMPILED:
-
-    @torch.library.register_fake("fastmix::rowwise_bilinear")
-    def _(a, m, b, segment_ids, num_segments):
-        length = a.shape[0] if segment_ids is None else num_segments
-        return a.new_empty(length, dtype=reference.accumulation_dtype(a.dtype))
-
-    @torch.library.register_fake("fastmix::ghost_dots")
-    def _(x, grad_out, target_x, target_grad_out, segment_ids, num_segments):
-        return x.new_empty(num_segments, dtype=reference.accumulation_dtype(x.dtype))
+    torch.library.register_fake("fastmix::rowwise_bilinear")(_fake.rowwise_bilinear)
+    torch.library.register_fake("fastmix::ghost_dots")(_fake.ghost_dots)

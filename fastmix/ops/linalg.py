@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from fastmix.ops import _backends, reference
+from fastmix.ops import _backends, _fake, reference
 from fastmix.ops.alignment import FLOAT_DTYPES, rowwise_bilinear
 
 OPS = ("batched_svd",)
@@ -264,9 +264,4 @@ def ridge_leverage_scores(a, lam, center=False, *, method="auto", backend=None, 
 
 # ---------------------------------------------------------------- torch.compile support
 if _backends.COMPILED:
-
-    @torch.library.register_fake("fastmix::batched_svd")
-    def _(a):
-        batch, m, n = a.shape
-        p = min(m, n)
-        return a.new_empty(batch, m, p), a.new_empty(batch, p), a.new_empty(batch, p, n)
+    torch.library.register_fake("fastmix::batched_svd")(_fake.batched_svd)

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmix.ops import _fake
 from fastmix.ops.reference import accumulation_dtype
 from fastmix.ops.triton.common import (
     dot_settings, gpu_configs, launch, store_rows, tile_product,
@@ -59,7 +60,4 @@ def rowwise_bilinear_triton(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor,
     return out
 
 
-@rowwise_bilinear_triton.register_fake
-def _(a, m, b, segment_ids, num_segments):
-    length = a.shape[0] if segment_ids is None else num_segments
-    return a.new_empty(length, dtype=accumulation_dtype(a.dtype))
+rowwise_bilinear_triton.register_fake(_fake.rowwise_bilinear)
