@@ -89,6 +89,22 @@ def test_huge_and_tiny_scales(seed, backend, scale):
         np.testing.assert_allclose(got.numpy(), numpy_leverage(a.numpy(), lam), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["svd", "primal"])
+@pytest.mark.parametrize("center", [False, True], ids=["plain", "centred"])
+def test_near_the_float32_limit(seed, method, center):
+    """Entries near float32's largest value: σ_max and the centring sum exceed it, yet the
+    scores are those of the same problem scaled down (τ(a, λ) = τ(a/c, λ/c²))."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(3000 if method == "primal" else 9, 4, generator=g, dtype=torch.float64) + 0.5
+    a = (small * 2e38).float()  # every entry in [1e38, 3e38)
+    lams = [4e76] if method == "primal" else [0.0, 4e76]  # primal needs λ > 0
+    got = ridge_leverage_scores(a, lams, center=center, method=method)
+    assert torch.isfinite(got).all()
+    for row, lam in zip(got, lams):
+        want = numpy_leverage(a.double().numpy() / 2e38, lam / 4e76, center)
+        np.testing.assert_allclose(row.numpy(), want, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("backend", svd_backends())
 def test_tiny_lambda_ill_conditioned(seed, backend):
     g = torch.Generator().manual_seed(seed)

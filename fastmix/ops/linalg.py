@@ -177,8 +177,10 @@ def _default_rtol(m, n, dtype):
     return max(m, n) * torch.finfo(dtype).eps
 
 
-def _leverage_svd(a, lams, rtol, backend, compute_dtype):
+def _leverage_svd(a, scale, lams, rtol, backend, compute_dtype):
+    """Scores of the matrices a (..., m, n) that were divided by `scale` (..., 1, 1)."""
     u, s, _ = batched_svd(a, backend=backend, compute_dtype=compute_dtype)
+    s = s.to(torch.float64) * scale.squeeze(-1).to(torch.float64)  # σ of the unscaled input
     weights = leverage_weights(s, lams, rtol).to(u.dtype)  # (..., L, p)
     return torch.einsum("...mp,...lp->...lm", u * u, weights)
 
@@ -192,6 +194,16 @@ def _gram(a):
         block = a[start:start + chunk].to(torch.float64)
         gram += block.T @ block
     return gram
+
+
+def _power_of_two_scale(x):
+    """2^e ≤ max|x| < 2^(e+1) of every (m, n) matrix of x (..., m, n), as (..., 1, 1): x divided
+    by it is exact and at most 2 in magnitude, so neither the centring mean nor the SVD of
+    inputs near the dtype's largest value overflows (their top singular value may not fit)."""
+    if x.numel() == 0:
+        return torch.ones(*x.shape[:-2], 1, 1, dtype=x.dtype, device=x.device)
+    _, exponent = torch.frexp(x.abs().amax((-2, -1), keepdim=True))
+    return torch.ldexp(torch.ones_like(x[..., :1, :1]), exponent - 1)
 
 
 def _leverage_primal(a, lams, rtol, backend):
@@ -242,7 +254,10 @@ def ridge_leverage_scores(a, lam, center=False, *, method="auto", backend=None, 
     *batch, m, n = a.shape
     if rtol is None:
         rtol = _default_rtol(m, n, work)
+    # τ is unchanged when a is scaled by c and λ by c²: work on a / c, c a power of two
     x = a.to(work)
+    scale = _power_of_two_scale(x)
+    x = x / scale
     if center:
         x = x - x.mean(-2, keepdim=True)
     if method == "auto":
@@ -252,12 +267,12 @@ def ridge_leverage_scores(a, lam, center=False, *, method="auto", backend=None, 
     if method == "primal":
         if a.dim() != 2:
             raise ValueError(f"method='primal' needs a 2-D a (m, n), got shape {tuple(a.shape)}")
-        scores = _leverage_primal(x, lams, rtol, backend)
+        scores = _leverage_primal(x, lams / float(scale) ** 2, rtol, backend)
     elif m == 0 or n == 0:
         scores = torch.zeros(*batch, lams.numel(), m, dtype=work, device=a.device)
     else:
         svd_backend(a.device, backend)  # reject a backend batched_svd cannot use
-        scores = _leverage_svd(x, lams, rtol, backend, compute_dtype)
+        scores = _leverage_svd(x, scale, lams, rtol, backend, compute_dtype)
     scores = scores.to(out_dtype)
     return scores.squeeze(-2) if scalar else scores
 
