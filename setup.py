@@ -1,7 +1,7 @@
 """Builds fastmix._C: the C++ CPU kernels always, the CUDA kernels when a CUDA toolkit and
 a CUDA build of torch are present (no GPU needed). Environment:
   FASTMIX_CUDA=0|1       force the CUDA kernels off or on (on: a failure is an error)
-  TORCH_CUDA_ARCH_LIST   GPU targets; default without a visible GPU: "8.0;9.0"
+  TORCH_CUDA_ARCH_LIST   GPU targets; default without a visible GPU: "8.0;9.0+PTX"
   CUDA_HOME / CUDA_PATH  the CUDA toolkit; else /usr/local/cuda; else the real nvcc on PATH
 """
 import glob
@@ -54,7 +54,8 @@ if FORCED == "1" and not (CUDA_HOME and torch.version.cuda):
 WITH_CUDA = FORCED == "1" or (FORCED is None and bool(CUDA_HOME) and torch.version.cuda is not None)
 
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    # +PTX: GPUs newer than Hopper compile the kernels at load instead of failing to launch
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 
 def extension(with_cuda):

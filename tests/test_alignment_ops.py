@@ -242,6 +242,22 @@ def test_fake_kernels_check_arguments_while_tracing(name, args, message):
                 op(*args())
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_runs_on_the_inputs_gpu_not_the_current_one(backend):
+    """Triton launches on the current device unless told otherwise: inputs on cuda:1 while
+    cuda:0 is current must still run on cuda:1."""
+    if backend not in backends_for("rowwise_bilinear", "cuda"):
+        pytest.skip(f"{backend} not available")
+    args = good_args()
+    on_second = {k: (v.to("cuda:1") if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with torch.cuda.device(0):
+        got = ops.domain_grad_dots(**on_second, backend=backend)
+    want = ops.domain_grad_dots(**args, backend="reference")
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- torch.library contracts
 def opcheck_cases(device):
     a, m, b = torch.randn(9, 5, device=device), torch.randn(5, 4, device=device), torch.randn(9, 4, device=device)

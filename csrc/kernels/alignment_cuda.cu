@@ -81,6 +81,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   if (threadIdx.x < kTile) row_sum[threadIdx.x] = 0;
+  __syncthreads();  // before any thread adds to it (tile_product's own barriers are skipped at depth 0)
   for (int64_t o0 = 0; o0 < p; o0 += kTile) {
     Acc acc[4][4] = {};
     tile_product(b + r0 * q, n_rows - r0, m + o0 * q, p - o0, q, acc, a_tile, b_tile);
@@ -111,6 +112,7 @@ __global__ void __launch_bounds__(kThreads)
   const int ty = threadIdx.x / 16;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;
   if (threadIdx.x < kTile) row_sum[threadIdx.x] = 0;
+  __syncthreads();  // before any thread adds to it (tile_product's own barriers are skipped at depth 0)
   for (int64_t t0 = 0; t0 < n_target; t0 += kTile) {
     Acc x_dots[4][4] = {}, g_dots[4][4] = {};
     tile_product(x + r0 * d_in, n_rows - r0, target_x + t0 * d_in, n_target - t0, d_in, x_dots,

@@ -58,11 +58,14 @@ def gpu_configs(**blocks):
 
 
 def launch(kernel, tuned_kernel, grid_rows, interpreted_blocks, *args, **constexprs):
-    """Runs the autotuned kernel on GPUs; under the interpreter, fixed small tiles."""
+    """Runs the autotuned kernel on GPUs; under the interpreter, fixed small tiles.
+    args[0] is a tensor on the device to run on."""
     if triton_interpreted():
         blocks = dict(interpreted_blocks)
         grid = (triton.cdiv(grid_rows, blocks["BLOCK_N"]),)
         kernel[grid](*args, **constexprs, **blocks)
     else:
         grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_N"]),)  # noqa: E731
-        tuned_kernel[grid](*args, **constexprs)
+        # Triton launches on the current device and its stream, not the tensors' device
+        with torch.cuda.device(args[0].device):
+            tuned_kernel[grid](*args, **constexprs)
