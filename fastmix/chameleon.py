@@ -14,6 +14,7 @@ nn.ModuleList found in `model.modules()` order (for fastmix's GPT, `transformer.
 12 blocks, h[5], whose output is hidden_states[6] in Hugging Face's numbering).
 """
 import contextlib
+import math
 import numbers
 import sys
 
@@ -38,7 +39,8 @@ def chameleon_weights(embeddings, lam=10.0, mode="pretrain", temperature=None, *
 
     Degenerate cases follow the limits of the formula: one domain gets weight 1; if all
     centred embeddings are zero (identical domains) S is uniform; in pretrain mode, domains
-    with S_i = 0 (an embedding equal to the mean of all) have 1/S = ∞ and share the weight.
+    with S_i = 0 (an embedding equal to the mean of all) have 1/S = ∞ and share the weight,
+    as do domains whose 1/S or S/T overflows float64.
     """
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
@@ -58,13 +60,16 @@ def chameleon_weights(embeddings, lam=10.0, mode="pretrain", temperature=None, *
     total = raw.sum()
     scores = raw / total if total > 0 else torch.full_like(raw, 1.0 / k)
     if mode == "finetune":
-        weights = torch.softmax(scores / temperature, 0)
+        logits = scores / temperature
     else:
-        zero = scores <= 0
-        if bool(zero.any()):  # 1/S = ∞: the limit of the softmax
-            weights = zero.to(torch.float64) / zero.sum()
-        else:
-            weights = torch.softmax((1.0 / scores) / temperature, 0)
+        logits = torch.where(scores > 0, 1.0 / scores, math.inf) / temperature
+    # An infinite logit (S = 0, an S below float64's range, or an extreme T) takes the
+    # softmax's limit: those domains share the weight, where the softmax itself gives NaN.
+    infinite = torch.isinf(logits)
+    if bool(infinite.any()):
+        weights = infinite.to(torch.float64) / infinite.sum()
+    else:
+        weights = torch.softmax(logits, 0)
     weights, scores = weights.to(out_dtype), scores.to(out_dtype)
     return (weights, scores) if return_scores else weights
 

@@ -104,6 +104,16 @@ def test_degenerate_cases():
     np.testing.assert_allclose(w.numpy(), [0.0, 1.0, 0.0], atol=1e-12)
 
 
+@pytest.mark.parametrize("offset", [3e-156, 1e-158, 1e-160])
+def test_a_score_below_float64_range_takes_the_limit_not_nan(offset):
+    """S_1 ≈ 1e-312..1e-321 is not 0, but 1/S_1 overflows: the pretrain weights are the limit
+    [0, 1, 0] (the softmax of an infinite logit would be NaN everywhere)."""
+    e = torch.tensor([[1.0, 0.0], [offset, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    np.testing.assert_allclose(chameleon_weights(e).numpy(), [0.0, 1.0, 0.0], atol=1e-12)
+    w = chameleon_weights(e, mode="finetune", temperature=1e-310)  # S/T overflows for the two others
+    np.testing.assert_allclose(w.numpy(), [0.5, 0.0, 0.5], atol=1e-12)
+
+
 def test_numpy_scalars_are_numbers(seed):
     e = torch.randn(5, 8, dtype=torch.float64)
     want = chameleon_weights(e, lam=3.0, temperature=2.0)
