@@ -1,5 +1,7 @@
 """The `fastmix` command: one subcommand per job, each with its own --help."""
 import argparse
+import contextlib
+import os
 import sys
 
 
@@ -9,10 +11,23 @@ def _cmd_info(args):
     print_info()
 
 
+@contextlib.contextmanager
+def _usage_errors(command):
+    """A UsageError (a mistake in what was asked for) ends the command with its message alone;
+    any other error is a bug, and keeps its traceback."""
+    from fastmix.train import UsageError
+
+    try:
+        yield
+    except UsageError as error:
+        raise SystemExit(f"fastmix {command}: error: {error}") from None
+
+
 def _cmd_weights(args):
     from fastmix.weights import run
 
-    run(args)
+    with _usage_errors("weights"):
+        run(args)
 
 
 def _cmd_bench(args):
@@ -22,9 +37,20 @@ def _cmd_bench(args):
 
 
 def _cmd_train(args):
-    from fastmix.train import config_from_args, train
+    from fastmix.train import checkpoint_step, config_from_args, train
 
-    train(config_from_args(args))
+    config = config_from_args(args)
+    try:
+        with _usage_errors("train"):
+            train(config)
+    except KeyboardInterrupt:
+        step = checkpoint_step(config.out)
+        if step is None:
+            where = f"no checkpoint was written yet in {config.out}"
+        else:
+            where = f"the last checkpoint (step {step}) is in {config.out}: continue with --resume"
+        print(f"fastmix train: interrupted; {where}", file=sys.stderr)
+        raise SystemExit(130) from None  # what a shell reports for a Ctrl-C
 
 
 def _name_path(text):
@@ -43,7 +69,7 @@ def _cmd_prepare(args):
     from fastmix.data.store import DomainStore
 
     def fail(message):
-        raise SystemExit(f"fastmix prepare: {message}")
+        raise SystemExit(f"fastmix prepare: error: {message}")
 
     if args.builtin == bool(args.domain):
         fail("give either --builtin or at least one --domain NAME=PATH")
@@ -55,6 +81,8 @@ def _cmd_prepare(args):
         fail("--seed applies only to --builtin")
     if args.bpe_vocab_size is not None and args.tokenizer != "bpe":
         fail("--bpe-vocab-size applies only to --tokenizer bpe")
+    if os.path.lexists(args.out) and not args.force:
+        fail(f"{args.out} already exists: pass --force to replace it (only a fastmix store is ever replaced)")
     try:
         if args.builtin:
             build_builtin(args.out, seed=args.seed or 0, overwrite=args.force)
@@ -119,9 +147,10 @@ def build_parser():
                                          "then ridge leverage scores of those embeddings give the weights. "
                                          "New domains need only their data, no retraining.")
     weights.add_argument("checkpoint", help="a run directory of `fastmix train` (its ckpt.pt) or a ckpt.pt file")
-    weights.add_argument("--data", default="builtin", help="the store whose domains to weigh (default: builtin)")
+    weights.add_argument("--data", help="the store whose domains to weigh, or 'builtin' (default: the store the "
+                                        "checkpoint was trained on)")
     weights.add_argument("--mode", default="pretrain", choices=["pretrain", "finetune"],
-                         help="pretrain (and transfer): softmax((1/S)/T); finetune: softmax(S/T)")
+                         help="pretrain (and transfer): softmax((1/S)/T); finetune: softmax(S/T) (default: pretrain)")
     weights.add_argument("--lam", type=float, default=10.0, help="ridge λ, scaled by the number of domains (default 10)")
     weights.add_argument("--temperature", type=float, default=None,
                          help="softmax temperature T (default: 5 for pretrain, 0.2 for finetune)")
@@ -153,8 +182,12 @@ def _gpu_visible():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C before a command could say more (train says where its checkpoint is)
+        print("fastmix: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

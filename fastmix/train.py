@@ -16,7 +16,6 @@ import random
 import sys
 import time
 import warnings
-import tomllib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,8 +25,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fastmix.data import DomainStore, MixtureSampler, builtin_store
+from fastmix.data.store import StoreError
 from fastmix.mixing import MIXERS, MixerContext, build_mixer
+from fastmix.mixing.base import mixer_options
+from fastmix.mixing.dga import MODES
 from fastmix.model import GPT, GPTConfig, lm_loss
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, installed as tomli
+    import tomli as tomllib
+
+
+class UsageError(ValueError):
+    """A mistake in what was asked for (a flag, the config, the data, the checkpoint): the
+    `fastmix` commands print its message alone, where any other error keeps its traceback."""
 
 
 def _opt(default, help, **kw):
@@ -43,12 +55,14 @@ class TrainConfig:
                                      "dga/universal: step_size, ema, floor, interval, precondition=none|adam, "
                                      "rows_per_domain, mode, and for dga target_rows, target_every; chameleon: "
                                      "source=online|offline, checkpoint=PATH, lam, mode=pretrain|finetune, "
-                                     "temperature, interval, floor; temperature: temperature",
+                                     "temperature, interval, rows_per_domain, floor, layer=middle|INDEX|MODULE; "
+                                     "temperature: temperature",
                                flag="--mixer-option")
     target: Optional[str] = _opt(None, "target task the mixer optimizes for (default: the store's first target)")
     dga_mode: Optional[str] = _opt(None, "how dga/universal estimate the alignment scores: 'stratified' (one balanced "
-                                         "pass, default), 'inline' (the training pass itself) or 'exact' (a "
-                                         "backward per domain, slow); same as --mixer-option mode=...")
+                                         "pass; the default), 'inline' (the training pass itself) or 'exact' (a "
+                                         "backward per domain, slow); same as --mixer-option mode=...",
+                                   choices=MODES)
     max_steps: int = _opt(300, "optimizer steps to train for (with --resume: up to this step)")
     lr_decay_steps: Optional[int] = _opt(None, "steps of the cosine schedule (default: --max-steps)")
     batch_size: int = _opt(16, "sequences per micro-batch, per process")
@@ -70,11 +84,13 @@ class TrainConfig:
     eval_batches: int = _opt(2, "held-out batches per domain and target at each evaluation")
     log_interval: int = _opt(10, "write a metrics.jsonl record every N steps")
     checkpoint_interval: int = _opt(100, "write ckpt.pt every N steps (and always at the end)")
-    allocation: str = _opt("stratified", "rows per domain: 'stratified' (systematic) or 'multinomial'")
+    allocation: str = _opt("stratified", "rows per domain: 'stratified' (systematic) or 'multinomial'",
+                           choices=("stratified", "multinomial"))
     device: str = _opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     compile: bool = _opt(False, "torch.compile the model")
     seed: int = _opt(0, "seed of the model init and of the data order")
-    resume: bool = _opt(False, "continue the run in --out from its checkpoint (its config.json, then these flags)")
+    resume: bool = _opt(False, "continue the run in --out from its checkpoint (its config.json, then these flags; "
+                               "the mixer and the model's shape stay the checkpoint's)")
     overwrite: bool = _opt(False, "start afresh even if --out already holds a run")
     quiet: bool = _opt(False, "no progress bar and no summary")
     plot: bool = _opt(True, "write weights.png at the end")
@@ -90,6 +106,11 @@ class TrainConfig:
             _check_int("lr_decay_steps", self.lr_decay_steps, 1)
         if self.allocation not in ("stratified", "multinomial"):
             raise ValueError(f"--allocation must be 'stratified' or 'multinomial', got {self.allocation!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd {self.n_embd} must be a multiple of --n-head {self.n_head} "
+                             "(every head gets n_embd / n_head dimensions)")
+        if self.dga_mode is not None and self.dga_mode not in MODES:
+            raise ValueError(f"--dga-mode must be one of {', '.join(MODES)}, got {self.dga_mode!r}")
         mode = self.mixer_options.get("mode")
         if self.dga_mode is not None and mode is not None and mode != self.dga_mode:
             raise ValueError(f"--dga-mode {self.dga_mode!r} and --mixer-option mode={mode!r} disagree: give one")
@@ -105,6 +126,8 @@ def _check_int(name, value, low):
 
 def _setup_distributed(device):
     """(rank, world_size, device, created_group) from torchrun's environment, if any."""
+    if device != "auto":  # before a process group exists that an error would leave behind
+        check_device(device)
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
@@ -118,6 +141,20 @@ def _setup_distributed(device):
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     return rank, world, torch.device(device), created
+
+
+def check_device(device):
+    """UsageError unless `device` names a torch device that is here (before any work is done)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPUs here "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
 def _open_store(data, rank, world):
@@ -214,14 +251,74 @@ def _save_checkpoint(path, step, model, optimizer, sampler, mixer, store, config
     os.replace(path + ".tmp", path)  # atomic: a crash mid-save keeps the previous checkpoint
 
 
+def checkpoint_step(out):
+    """The step of the checkpoint in the run directory `out`; None when it has none."""
+    path = os.path.join(out, "ckpt.pt")
+    if not os.path.exists(path):
+        return None
+    # mmap: the step without reading the model and optimizer states
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
+
+
+# What a resumed run cannot change: the mixer (the checkpoint holds its state) and the model's
+# shape (the checkpoint's weights would not fit).
+_KEPT_ON_RESUME = ("mixer", "n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
+def _check_resumed_config(saved, step, config):
+    """Refuses a resume that changes what the checkpoint fixes, or that has nothing to train."""
+    for name in _KEPT_ON_RESUME:
+        if name in saved and saved[name] != getattr(config, name):
+            raise UsageError(f"--resume: --{name.replace('_', '-')} {getattr(config, name)} differs from the "
+                             f"checkpoint's {saved[name]!r}; a resumed run keeps its mixer and model shape "
+                             "(leave the flag out, or start a new run in another --out)")
+    if step >= config.max_steps:
+        raise UsageError(f"--resume: the checkpoint is at step {step} >= --max-steps {config.max_steps}: "
+                         "nothing to do (give a larger --max-steps to train on)")
+
+
+def _check_resumed_store(ckpt, store, data):
+    vocab = ckpt["model"]["lm_head.weight"].shape[0]
+    if vocab != store.vocab_size:
+        raise UsageError(f"--resume: --data {data} has a vocabulary of {store.vocab_size} tokens, the "
+                         f"checkpoint's model {vocab}: resume on a store made with the same tokenizer")
+    _check_resumed_domains(ckpt.get("domains", []), store.domains)  # older checkpoints lack the names
+
+
 def _check_resumed_domains(saved, domains):
     """Mixer and sampler states are indexed by domain position: the store must hold the checkpoint's
     domains first, in the same order (domains appended since are fine: Chameleon embeds them)."""
     for i, name in enumerate(saved):
         if i >= len(domains) or domains[i] != name:
             now = repr(domains[i]) if i < len(domains) else "missing"
-            raise ValueError(f"--resume: domain {i} of the store is {now}, but in the checkpoint it is {name!r}; "
+            raise UsageError(f"--resume: domain {i} of the store is {now}, but in the checkpoint it is {name!r}; "
                              "the store must hold the checkpoint's domains first, in the same order")
+
+
+def _check_resumed_mixer_options(saved, options, mixer, name):
+    """The options that the mixer's saved state depends on (its `state_options`) must stay."""
+    defaults = mixer_options(name) or {}
+    before = _with_dga_mode(saved.get("mixer_options"), saved.get("dga_mode"))
+    for key in getattr(mixer, "state_options", ()):
+        old, now = before.get(key, defaults.get(key)), options.get(key, defaults.get(key))
+        if old != now:
+            raise UsageError(f"--resume: mixer option {key}={now!r} differs from the checkpoint's {old!r}; "
+                             f"the {name} mixer's saved state depends on it")
+
+
+def _with_dga_mode(options, dga_mode):
+    """The options to build the mixer with: --mixer-option's, and mode from --dga-mode."""
+    return dict(options or {}) if dga_mode is None else {"mode": dga_mode, **(options or {})}
+
+
+def _build_mixer(config, store):
+    if config.dga_mode is not None and config.mixer not in ("dga", "universal"):
+        raise UsageError(f"--dga-mode is for --mixer dga or universal, not {config.mixer!r}")
+    options = _with_dga_mode(config.mixer_options, config.dga_mode)
+    try:
+        return build_mixer(config.mixer, store, **options), options
+    except ValueError as error:  # the mixer refuses an option, or the store
+        raise UsageError(f"--mixer {config.mixer}: {error}") from None
 
 
 def _read_metrics(path, up_to_step=None):
@@ -263,15 +360,26 @@ def _train(config, rank, world, device):
     out = config.out
     ckpt_path = os.path.join(out, "ckpt.pt")
     metrics_path = os.path.join(out, "metrics.jsonl")
+    # Everything the user may have got wrong is checked before the run directory is touched.
     if os.path.exists(ckpt_path) and not (config.resume or config.overwrite):
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, "
-                              "--overwrite to start afresh, or another --out")
-    if config.resume and not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    store = _open_store(config.data, rank, world)
+        raise UsageError(f"{out} already holds a run: pass --resume to continue it, "
+                         "--overwrite to start afresh, or another --out")
+    ckpt = None
+    if config.resume:
+        if not os.path.exists(ckpt_path):
+            raise UsageError(f"--resume: no checkpoint at {ckpt_path} (leave out --resume to start a run there)")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        _check_resumed_config(ckpt["config"], ckpt["step"], config)
+    try:
+        store = _open_store(config.data, rank, world)
+    except StoreError as error:  # missing, not a store, truncated: the message says which
+        raise UsageError(f"--data: {error}") from None
     target = config.target or (store.targets[0] if store.targets else None)
     if target is not None and target not in store.targets:
-        raise ValueError(f"--target {target!r} is not a target task of the store; it has: {store.targets}")
+        raise UsageError(f"--target {target!r} is not a target task of the store; its targets: "
+                         f"{', '.join(store.targets) or 'none'}")
+    if ckpt is not None:
+        _check_resumed_store(ckpt, store, config.data)
     names = store.domains + store.targets
 
     torch.manual_seed(config.seed)
@@ -279,21 +387,22 @@ def _train(config, rank, world, device):
                           n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
                           bias=config.bias)).to(device)
     optimizer = _optimizer(model, config, device)
-    mixer_options = dict(config.mixer_options)
-    if config.dga_mode is not None:
-        if config.mixer not in ("dga", "universal"):
-            raise ValueError(f"--dga-mode is for --mixer dga or universal, not {config.mixer!r}")
-        mixer_options.setdefault("mode", config.dga_mode)
-    mixer = build_mixer(config.mixer, store, **mixer_options)
-    sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
-                             allocation=config.allocation)
+    mixer, options = _build_mixer(config, store)
+    if ckpt is not None:
+        _check_resumed_mixer_options(ckpt["config"], options, mixer, config.mixer)
+    try:
+        sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
+                                 allocation=config.allocation)
+    except ValueError as error:  # domains too short for a window
+        raise UsageError(f"--data {config.data}: {error} (a smaller --block-size fits them)") from None
     start_step, loss_window = 0, None
-    if config.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        _check_resumed_domains(ckpt.get("domains", []), store.domains)  # older checkpoints lack the names
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        mixer.load_state_dict(ckpt["mixer"])
+        try:
+            mixer.load_state_dict(ckpt["mixer"])
+        except ValueError as error:  # e.g. a static mixer's state on a store with domains added since
+            raise UsageError(f"--resume: {error}") from None
         sampler_state = ckpt["sampler"]
         if len(sampler_state["weights"]) != store.num_domains:  # domains added to the store since
             sampler_state = {**sampler_state, "weights": mixer.weights.numpy()}
@@ -478,11 +587,14 @@ def add_train_arguments(parser):
     for f in dataclasses.fields(TrainConfig):
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         help_text = f.metadata["help"]
-        if "default:" not in help_text:  # some say what their None default means
+        if f.default is not None and "default:" not in help_text:  # a None default: the help says what it means
             help_text += f" (default: {f.default})"
-        if f.name == "mixer":
-            help_text += f"; available: {', '.join(sorted(MIXERS))}"
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.name == "mixer":  # the registry, as it is now (mixers may be registered after import)
+            kwargs["choices"] = sorted(MIXERS)
+            kwargs["help"] += f"; available: {', '.join(kwargs['choices'])}"
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.type is dict:
@@ -504,38 +616,59 @@ def _key_value(text):
 
 
 def config_from_args(args):
-    """TrainConfig from parsed flags: defaults < --config TOML < a resumed run's config < flags."""
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    if "mixer_options" in given:
-        given["mixer_options"] = dict(given["mixer_options"])
-    values = {}
-    if getattr(args, "config", None):
-        with open(args.config, "rb") as f:
-            values.update({k.replace("-", "_"): v for k, v in tomllib.load(f).items()})
-    if given.get("resume", values.get("resume", False)):
-        saved = os.path.join(given.get("out", values.get("out", TrainConfig.out)), "config.json")
-        if os.path.exists(saved):
-            with open(saved, encoding="utf-8") as f:
-                values.update(json.load(f))
-    values.update(given)
-    values["resume"] = given.get("resume", values.get("resume", False))
-    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise SystemExit(f"unknown config keys: {', '.join(sorted(unknown))}")
+    """TrainConfig from parsed flags: defaults < --config TOML < a resumed run's config < flags;
+    each --mixer-option sets one option over those below it."""
     try:
-        return TrainConfig(**values)
-    except ValueError as error:  # a bad value: a message, not a traceback
+        return TrainConfig(**_config_values(args))
+    except ValueError as error:  # a bad value or file (UsageError included): a message, not a traceback
         raise SystemExit(f"fastmix train: error: {error}") from None
 
 
-def build_parser(parser=None):
-    parser = parser or argparse.ArgumentParser(
-        prog="python -m fastmix.train", description="Train a GPT on a mixture of domains (see `fastmix train`).")
-    return add_train_arguments(parser)
+def _config_values(args):
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    if "mixer_options" in given:
+        given["mixer_options"] = dict(given["mixer_options"])
+    layers = []
+    if getattr(args, "config", None):
+        layers.append((f"--config {args.config}", _read_toml(args.config)))
+    toml = layers[0][1] if layers else {}
+    resume = given.get("resume", toml.get("resume", False))
+    if resume:
+        saved = os.path.join(given.get("out", toml.get("out", TrainConfig.out)), "config.json")
+        if os.path.exists(saved):
+            try:
+                with open(saved, encoding="utf-8") as f:
+                    layers.append((saved, json.load(f)))
+            except json.JSONDecodeError as error:
+                raise UsageError(f"--resume: {saved} is corrupt ({error})") from None
+    values, options = {}, {}
+    for source, layer in layers + [("flags", given)]:
+        unknown = set(layer) - fields
+        if unknown:
+            raise UsageError(f"{source}: unknown keys {', '.join(sorted(unknown))} (the keys are the flags' "
+                             "names, e.g. max_steps for --max-steps)")
+        if not isinstance(layer.get("mixer_options", {}), dict):
+            raise UsageError(f"{source}: mixer_options must be a table of option = value")
+        options.update(layer.get("mixer_options", {}))
+        values.update(layer)
+    return {**values, "mixer_options": options, "resume": resume}
+
+
+def _read_toml(path):
+    try:
+        with open(path, "rb") as f:
+            return {k.replace("-", "_"): v for k, v in tomllib.load(f).items()}
+    except OSError as error:
+        raise UsageError(f"--config {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"--config {path}: not valid TOML: {error}") from None
 
 
 def main(argv=None):
-    train(config_from_args(build_parser().parse_args(argv)))
+    from fastmix.cli import main as fastmix_main  # one place turns user errors and Ctrl-C into messages
+
+    fastmix_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

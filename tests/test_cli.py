@@ -1,13 +1,19 @@
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastmix.cli import build_parser, main
 from fastmix.data.prepare import BUILTIN_VERSION
+from fastmix.mixing import MIXERS, register_mixer
+from fastmix.mixing.base import mixer_options
+from fastmix.mixing.baselines import StaticMixer
 from fastmix.train import TrainConfig
 
 TINY = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
@@ -90,10 +96,183 @@ def test_prepare_force_replaces_only_a_store(tmp_path, capsys):
     data.mkdir()
     (data / "notes.txt").write_text("mine")
     prepare = ["prepare", "--domain", f"a={tmp_path / 'a.txt'}", "--quiet", "--force"]
-    with pytest.raises(SystemExit, match=f"fastmix prepare: {data} exists and is not a fastmix store"):
+    with pytest.raises(SystemExit, match=f"fastmix prepare: error: {data} exists and is not a fastmix store"):
         main([*prepare, str(data)])
     assert os.listdir(data) == ["notes.txt"]
     main([*prepare, str(tmp_path / "store")])
     main([*prepare, str(tmp_path / "store"), "--val-fraction", "0.5"])
     assert "1 domains" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "data", "store"]
+
+
+def _error(argv):
+    """The message a command exits with: one line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str), e.value.code
+    return e.value.code
+
+
+def _truncated_copy(store_dir, dst):
+    shutil.copytree(store_dir, dst)
+    token_file = sorted((dst / "tokens").iterdir())[0]
+    os.truncate(token_file, token_file.stat().st_size - 2)
+    return str(dst)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--target", "englsh"],
+     "--target 'englsh' is not a target task of the store; its targets: arith, strings, english"),
+    (["--data", "{tmp}/missing"], "--data: {tmp}/missing: no such store directory .build one with `fastmix prepare`"),
+    (["--data", "{tmp}"], "--data: {tmp}: not a fastmix store"),
+    (["--data", "truncated"], "--data: .*add_digits.train.bin: .* .truncated or corrupt store"),
+    (["--mixer", "uniform", "--dga-mode", "inline"], "--dga-mode is for --mixer dga or universal, not 'uniform'"),
+    (["--mixer", "dga", "--mixer-option", "stepsize=3"],
+     "--mixer dga: unknown option 'stepsize' for mixer 'dga'; its options: step_size, ema, floor, interval, "
+     "precondition, mode, rows_per_domain, target_rows, target_every"),
+    (["--mixer", "temperature", "--mixer-option", "temperature=-1"], "--mixer temperature: temperature must be > 0"),
+    (["--n-embd", "18", "--n-head", "4"], "--n-embd 18 must be a multiple of --n-head 4"),
+    (["--config", "{tmp}/missing.toml"], "--config {tmp}/missing.toml: No such file or directory"),
+    (["--config", "bad.toml"], "--config {tmp}/bad.toml: not valid TOML: Invalid value .at line 1, column 13"),
+    (["--device", "gpu"], "--device 'gpu' is not a torch device"),
+    (["--resume"], "--resume: no checkpoint at {tmp}/run/ckpt.pt"),
+])
+def test_train_user_errors_are_one_line_and_leave_no_run(store_dir, tmp_path, extra, message):
+    (tmp_path / "bad.toml").write_text("max_steps = \n")
+    paths = {"truncated": _truncated_copy(store_dir, tmp_path / "truncated"), "bad.toml": str(tmp_path / "bad.toml")}
+    extra = [paths.get(arg, arg.replace("{tmp}", str(tmp_path))) for arg in extra]
+    argv = ["train", "--data", store_dir, "--out", str(tmp_path / "run"), "--max-steps", "2", *TINY, *extra]
+    error = _error(argv)
+    assert re.fullmatch(f"fastmix train: error: {message.replace('{tmp}', str(tmp_path))}.*", error), error
+    assert "\n" not in error and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_train_on_cuda_without_a_gpu_says_so(store_dir, tmp_path):
+    error = _error(["train", "--data", store_dir, "--out", str(tmp_path / "run"), *TINY, "--device", "cuda"])
+    assert error == "fastmix train: error: --device cuda: no CUDA GPU is visible here; use --device cpu"
+
+
+@pytest.mark.parametrize("flag, value", [("--mixer", "dgaa"), ("--dga-mode", "fast")])
+def test_train_choices(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_train_into_a_run_says_how_to_go_on(store_dir, tmp_path):
+    argv = ["train", "--data", store_dir, "--out", str(tmp_path / "run"), "--max-steps", "1", *TINY, "--quiet",
+            "--no-plot"]
+    main(argv)
+    assert _error(argv) == (f"fastmix train: error: {tmp_path / 'run'} already holds a run: pass --resume to "
+                            "continue it, --overwrite to start afresh, or another --out")
+
+
+def test_resume_refuses_what_the_checkpoint_fixes(store_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--data", store_dir, "--out", str(out), *TINY, "--quiet", "--no-plot"]
+    main([*argv, "--mixer", "dga", "--mixer-option", "interval=2", "--max-steps", "2"])
+    config = (out / "config.json").read_text()
+    for extra, message in [
+        (["--mixer", "uniform"], "--mixer uniform differs from the checkpoint's 'dga'"),
+        (["--mixer", "chameleon"], "--mixer chameleon differs from the checkpoint's 'dga'"),
+        (["--n-embd", "32"], "--n-embd 32 differs from the checkpoint's 16"),
+        (["--no-bias"], "--bias False differs from the checkpoint's True"),
+        (["--dga-mode", "inline"], "mixer option mode='inline' differs from the checkpoint's 'stratified'"),
+        (["--max-steps", "1"], "the checkpoint is at step 2 >= --max-steps 1: nothing to do"),
+        (["--max-steps", "2"], "the checkpoint is at step 2 >= --max-steps 2: nothing to do"),
+    ]:
+        error = _error([*argv, "--resume", "--max-steps", "3", *extra])
+        assert error.startswith(f"fastmix train: error: --resume: {message}"), error
+        assert (out / "config.json").read_text() == config
+    # what may change: --max-steps, options the mixer's state does not depend on (the others stay as saved)
+    main([*argv, "--resume", "--max-steps", "3", "--mixer-option", "step_size=50"])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["mixer_options"] == {"interval": 2, "step_size": 50} and saved["max_steps"] == 3
+
+
+class Interrupted(StaticMixer):
+    """Ctrl-C during step 3."""
+
+    def update(self, ctx):
+        if ctx.step == 3:
+            raise KeyboardInterrupt
+
+
+register_mixer("test-interrupted", lambda store: Interrupted(torch.ones(store.num_domains)))
+
+
+@pytest.mark.parametrize("checkpoint_interval, where", [
+    (2, "the last checkpoint (step 2) is in {out}: continue with --resume"),
+    (5, "no checkpoint was written yet in {out}"),
+])
+def test_ctrl_c_says_where_the_run_can_go_on(store_dir, tmp_path, capsys, checkpoint_interval, where):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", store_dir, "--out", out, "--mixer", "test-interrupted", "--max-steps", "5",
+              "--checkpoint-interval", str(checkpoint_interval), *TINY, "--quiet", "--no-plot"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == f"fastmix train: interrupted; {where.format(out=out)}\n"
+
+
+def test_help_says_no_none_defaults_and_lists_every_mixer_option(capsys):
+    train_help = _help(["train"], capsys)
+    assert "(default: None)" not in train_help
+    assert "(default: pretrain)" in " ".join(_help(["weights"], capsys).split())
+    # "...; dga/universal: step_size, ...; chameleon: source=online|offline, ...": the options per mixer
+    help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "mixer_options").metadata["help"]
+    listed = {}
+    for part in help_text.split("; "):
+        names, sep, options = part.partition(": ")
+        for name in names.split("/") if sep else ():
+            listed[name.split()[-1]] = options
+    for name in MIXERS:
+        for option in mixer_options(name) or ():  # None: a factory that does not say (test mixers)
+            assert re.search(rf"\b{option}\b", listed.get(name, "")), (name, option)
+
+
+def _two_domain_store(tmp_path, out, domains=("a", "b")):
+    for name in domains:
+        (tmp_path / f"{name}.txt").write_text(f"{name}bc " * 400)
+    main(["prepare", str(out), *[f"--domain={name}={tmp_path / f'{name}.txt'}" for name in domains],
+          "--val-fraction", "0.2", "--quiet", "--force"])
+    return str(out)
+
+
+def test_weights_weighs_the_checkpoints_own_store(tmp_path, capsys):
+    store = _two_domain_store(tmp_path, tmp_path / "store")
+    run = str(tmp_path / "run")
+    main(["train", "--data", store, "--out", run, "--max-steps", "1", *TINY, "--quiet", "--no-plot"])
+    capsys.readouterr()
+    main(["weights", run, "--quiet"])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["a", "b"]
+    _two_domain_store(tmp_path, tmp_path / "store", domains=("a", "c"))
+    capsys.readouterr()
+    assert _error(["weights", run, "--quiet"]) == (
+        f"fastmix weights: error: the checkpoint was trained on {store}, whose domains have changed since: "
+        "give --data to weigh the domains of a store")
+    main(["weights", run, "--data", store, "--quiet"])  # named: any store with the model's tokenizer
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["a", "c"]
+    missing = tmp_path / "nothing"
+    assert _error(["weights", str(missing)]) == (f"fastmix weights: error: {missing}: no such checkpoint (give a run "
+                                                 "directory of `fastmix train`, or its ckpt.pt)")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tokenizer", "BPE"],
+     "--tokenizer 'BPE': expected byte, bpe or a tokenizer.json FILE, and there is no such file"),
+    (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1), got 1.5"),
+])
+def test_prepare_errors_name_their_flag(tmp_path, extra, message):
+    (tmp_path / "a.txt").write_text("abc " * 100)
+    argv = ["prepare", str(tmp_path / "store"), "--domain", f"a={tmp_path / 'a.txt'}", "--quiet", *extra]
+    assert _error(argv) == f"fastmix prepare: error: {message}"
+    assert not (tmp_path / "store").exists()
+
+
+def test_prepare_into_something_that_exists_names_force(tmp_path):
+    (tmp_path / "a.txt").write_text("abc " * 100)
+    assert _error(["prepare", str(tmp_path), "--domain", f"a={tmp_path / 'a.txt'}"]) == (
+        f"fastmix prepare: error: {tmp_path} already exists: pass --force to replace it (only a fastmix store is "
+        "ever replaced)")

@@ -133,6 +133,18 @@ def test_prepare_skips_a_byte_order_mark_and_reads_upper_case_jsonl(tmp_path):
     assert tok.decode(store.tokens("t")) == "plain"
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"tokenizer": "BPE"}, "--tokenizer 'BPE': expected byte, bpe or a tokenizer.json FILE, and there is no such file"),
+    ({"val_fraction": 1.0}, "--val-fraction must be in [0, 1), got 1.0"),
+])
+def test_prepare_bad_options_name_their_flag_before_any_work(tmp_path, option, message):
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ValueError) as e:
+        prepare(tmp_path / "s", {"a": tmp_path / "a.txt"}, quiet=True, **option)
+    assert str(e.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
 def test_prepare_rejects_compressed_files(tmp_path):
     d = tmp_path / "texts"
     d.mkdir()

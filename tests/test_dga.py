@@ -1,13 +1,16 @@
 """DGA and Universal: the three estimators agree with the published one, the update rule,
 robustness (simplex, floor, NaN), and state."""
 import contextlib
+import inspect
 import math
+import types
 import warnings
 
 import pytest
 import torch
 
-from fastmix.mixing import DGA, MixerContext, Universal
+from fastmix.mixing import DGA, MixerContext, Universal, build_mixer
+from fastmix.mixing.base import mixer_options
 from fastmix.mixing.dga import exact_scores, flat_grad, probe_scores
 from fastmix.model import GPT, GPTConfig, lm_loss
 from fastmix.probe import AlignmentProbe
@@ -218,6 +221,25 @@ def test_bad_options():
     ctx.target_batch = None
     with pytest.raises(ValueError, match="needs a target task"):
         DGA(K).update(ctx)
+
+
+def test_dga_needs_a_target_when_built_universal_does_not():
+    """Refused when the mixer is built, not at its first update, after a run directory and steps."""
+    store = types.SimpleNamespace(num_domains=K, targets=[], path="/data/store")
+    with pytest.raises(ValueError, match="DGA needs a target task, and the store /data/store has none.*universal"):
+        build_mixer("dga", store)
+    assert build_mixer("universal", store).num_domains == K
+
+
+def test_unknown_options_are_named_with_the_ones_there_are():
+    store = types.SimpleNamespace(num_domains=K, targets=["t"], path="/data/store")
+    for name, cls in (("dga", DGA), ("universal", Universal)):
+        options = list(inspect.signature(cls).parameters)[1:]  # after num_domains, which the store gives
+        assert list(mixer_options(name)) == options
+        with pytest.raises(ValueError) as e:
+            build_mixer(name, store, stepsize=3)
+        assert str(e.value) == f"unknown option 'stepsize' for mixer {name!r}; its options: {', '.join(options)}"
+    assert "target_rows" not in mixer_options("universal")  # its target is the training gradient
 
 
 def resumed_from(state, options):

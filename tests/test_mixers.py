@@ -5,6 +5,7 @@ import json
 import os
 import re
 import socket
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from fastmix.chameleon import chameleon_weights
 from fastmix.cli import build_parser
 from fastmix.data import DomainStore, StoreWriter
 from fastmix.mixing import Chameleon
-from fastmix.train import TrainConfig, train
+from fastmix.train import TrainConfig, UsageError, train
 
 TINY = dict(batch_size=4, block_size=16, n_layer=2, n_head=2, n_embd=16, warmup_steps=2, eval_batches=1,
             quiet=True, plot=False, device="cpu")
@@ -111,7 +112,7 @@ def test_loaded_state_is_float64_on_the_cpu_wherever_the_checkpoint_was_mapped()
 @pytest.mark.parametrize("option,value", [
     ("domains", 0), ("domains", []), ("source", "cache"), ("checkpoint", None), ("lam", -5), ("lam", "10"),
     ("mode", "train"), ("temperature", -1), ("temperature", 0), ("floor", 1.5), ("floor", float("nan")),
-    ("interval", 0), ("interval", 2.5), ("rows_per_domain", 0),
+    ("interval", 0), ("interval", 2.5), ("rows_per_domain", 0), ("checkpoint", "no/such/ckpt.pt"),
 ])
 def test_chameleon_rejects_bad_options_when_built(option, value):
     options = {"domains": 3, option: value}
@@ -182,6 +183,26 @@ def test_chameleon_transfer_to_domains_added_on_resume(store_dir, tmp_path, sour
     assert weights["extra"] > 0
     if source == "offline":  # the saved embeddings plus the new domain's, through the same recipe
         torch.testing.assert_close(mixer.weights, chameleon_weights(mixer.embeddings).double())
+
+
+def test_chameleon_resumed_keeps_the_options_its_embeddings_come_from(store_dir, tmp_path):
+    _run(store_dir, tmp_path / "run", max_steps=2, mixer="chameleon", mixer_options={"interval": 2})
+    with pytest.raises(UsageError, match="--resume: mixer option layer=0 differs from the checkpoint's 'middle'"):
+        _run(store_dir, tmp_path / "run", max_steps=4, resume=True, mixer="chameleon",
+             mixer_options={"interval": 2, "layer": 0})
+    resumed = _run(store_dir, tmp_path / "run", max_steps=4, resume=True, mixer="chameleon",
+                   mixer_options={"interval": 2, "lam": 5.0})  # the weights' recipe may change
+    assert resumed.metrics[-1]["step"] == 4
+
+
+def test_static_mixers_name_their_options():
+    from fastmix.mixing import build_mixer
+
+    store = types.SimpleNamespace(num_domains=2, train_tokens=np.array([10, 30]))  # what the factories read
+    with pytest.raises(ValueError, match="unknown option 'foo' for mixer 'uniform'; its options: none"):
+        build_mixer("uniform", store, foo=1)
+    with pytest.raises(ValueError, match="unknown option 'temp' for mixer 'temperature'; its options: temperature"):
+        build_mixer("temperature", store, temp=2)
 
 
 def test_a_static_mixer_resumed_on_more_domains_says_why_it_cannot(store_dir, tmp_path):

@@ -1,7 +1,10 @@
 import argparse
+import importlib.util
 import json
 import os
 import re
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -10,7 +13,8 @@ import torch
 from fastmix.data import DomainStore, StoreWriter
 from fastmix.mixing import MIXERS, Temperature, Uniform, register_mixer
 from fastmix.mixing.baselines import StaticMixer
-from fastmix.train import TrainConfig, add_train_arguments, config_from_args, train
+import fastmix.train
+from fastmix.train import TrainConfig, UsageError, add_train_arguments, check_device, config_from_args, train
 
 TINY = dict(batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16, warmup_steps=2, eval_batches=1,
             quiet=True, plot=False, device="cpu")
@@ -52,7 +56,7 @@ def test_run_writes_metrics_checkpoint_and_plot(store_dir, tmp_path):
     assert (tmp_path / "run" / "weights.png").stat().st_size > 1000
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 6 and {"model", "optimizer", "sampler", "mixer", "rng", "config"} <= set(ckpt)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UsageError, match="--resume"):
         _run(store_dir, tmp_path / "run", max_steps=6)
 
 
@@ -107,7 +111,7 @@ def test_resume_needs_the_checkpoints_domains_first_in_the_same_order(store_dir,
 
 
 def test_resume_needs_a_checkpoint(store_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(UsageError, match="no checkpoint"):
         _run(store_dir, tmp_path / "none", max_steps=2, resume=True)
 
 
@@ -115,6 +119,34 @@ def test_grad_accum_and_temperature_mixer(store_dir, tmp_path):
     result = _run(store_dir, tmp_path / "r", max_steps=2, grad_accum=2, mixer="temperature",
                   mixer_options={"temperature": 3.0}, target="strings")
     assert result.metrics[-1]["step"] == 2
+
+
+def test_resume_needs_a_store_of_the_same_vocabulary(store_dir, tmp_path):
+    _run(store_dir, tmp_path / "run", max_steps=2)
+    store = DomainStore(store_dir)
+    with StoreWriter(tmp_path / "bpe", {"type": "byte", "vocab_size": 300}) as writer:  # another tokenizer's size
+        for name in store.domains:
+            writer.add(name, np.array(store.tokens(name, "train")), np.array(store.tokens(name, "val")))
+    with pytest.raises(UsageError, match="has a vocabulary of 300 tokens, the checkpoint's model 257"):
+        _run(str(tmp_path / "bpe"), tmp_path / "run", max_steps=4, resume=True)
+
+
+def test_domains_too_short_for_a_window_name_block_size(store_dir, tmp_path):
+    with pytest.raises(UsageError, match=r"fewer than block_size \+ 1 = 4097 training tokens.*a smaller --block-size"):
+        _run(store_dir, tmp_path / "run", max_steps=1, block_size=4096)
+    assert not (tmp_path / "run").exists()
+
+
+def test_device_must_be_here():
+    check_device("cpu")
+    with pytest.raises(UsageError, match="--device 'gpu' is not a torch device"):
+        check_device("gpu")
+    if torch.cuda.is_available():
+        with pytest.raises(UsageError, match="there are only"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(UsageError, match="no CUDA GPU is visible here"):
+            check_device("cuda:0")
 
 
 def test_bad_target_and_mixer(store_dir, tmp_path):
@@ -150,10 +182,36 @@ def test_config_precedence(tmp_path):
     (out / "config.json").write_text(json.dumps({**TrainConfig().__dict__, "n_embd": 24, "max_steps": 5}))
     config = config_from_args(parser.parse_args(["--out", str(out), "--resume", "--max-steps", "9"]))
     assert (config.n_embd, config.max_steps, config.resume) == (24, 9, True)
-    with pytest.raises(SystemExit):
-        bad = tmp_path / "bad.toml"
-        bad.write_text("no_such_field = 1\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no_such_field = 1\n")
+    with pytest.raises(SystemExit, match=f"fastmix train: error: --config {bad}: unknown keys no_such_field"):
         config_from_args(parser.parse_args(["--config", str(bad)]))
+    bad.write_text("mixer_options = 3\n")
+    with pytest.raises(SystemExit, match="mixer_options must be a table"):
+        config_from_args(parser.parse_args(["--config", str(bad)]))
+
+
+def test_mixer_options_add_up_over_the_layers(tmp_path):
+    """A --mixer-option sets one option: the others of the TOML file or the resumed run stay."""
+    parser = add_train_arguments(argparse.ArgumentParser())
+    toml = tmp_path / "c.toml"
+    toml.write_text('resume = true\nout = "%s"\n[mixer_options]\ninterval = 5\nfloor = 0.1\n' % (tmp_path / "run"))
+    os.makedirs(tmp_path / "run")
+    saved = {**TrainConfig().__dict__, "resume": False, "mixer_options": {"floor": 0.2, "ema": 0.5}}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    config = config_from_args(parser.parse_args(["--config", str(toml), "--mixer-option", "ema=0.1"]))
+    assert config.mixer_options == {"interval": 5, "floor": 0.2, "ema": 0.1}
+    assert config.resume  # from the TOML file, not the run's saved config
+
+
+def test_python_3_10_reads_toml_with_tomli(monkeypatch):
+    tomli = types.ModuleType("tomli")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on 3.10: importing it fails
+    monkeypatch.setitem(sys.modules, "tomli", tomli)
+    spec = importlib.util.spec_from_file_location("train_on_py310", fastmix.train.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.tomllib is tomli
 
 
 def test_a_short_held_out_split_is_skipped_with_a_warning(tmp_path):

@@ -141,7 +141,10 @@ def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, tex
         raise ValueError(f"name {repeated[0]!r} is given more than once (domains and targets "
                          f"need distinct names)")
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if tokenizer not in ("byte", "bpe") and not os.path.isfile(tokenizer):
+        raise ValueError(f"--tokenizer {os.fspath(tokenizer)!r}: expected byte, bpe or a tokenizer.json FILE, "
+                         "and there is no such file")
     check_output(os.path.abspath(out), overwrite)  # before hours of tokenizing, not after
     sources = [(name, list_files(path)) for name, path, _ in named]
     tok = _make_tokenizer(tokenizer, sources, text_field, bpe_vocab_size)

@@ -20,7 +20,12 @@ the mixer has them):
   there (and must leave `.grad` zeroed).
 - `close()`: releases what the mixer attached to the model (hooks, probes); the loop calls it
   when the run ends, also when it ends with an error.
+
+And one optional attribute: `state_options`, the names of the options that the mixer's saved
+state depends on (e.g. DGA's mode: an inline run saves its target). A resumed run must keep
+them; the loop refuses a change.
 """
+import inspect
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional, Protocol, Union, runtime_checkable
 
@@ -75,13 +80,35 @@ def check_counts(**counts):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def register_mixer(name, factory):
+def register_mixer(name, factory, options_of=None):
+    """Registers factory(store, **options) -> Mixer as `name`. A factory that passes its options
+    on to a class names it in `options_of`: the class's parameters after its first (which the
+    factory fills from the store) become the factory's signature, so that build_mixer can tell
+    an unknown option, and list the known ones."""
+    if options_of is not None:
+        options = list(inspect.signature(options_of).parameters.values())[1:]
+        store = inspect.Parameter("store", inspect.Parameter.POSITIONAL_ONLY)
+        factory.__signature__ = inspect.Signature([store, *options])
     MIXERS[name] = factory
     return factory
+
+
+def mixer_options(name):
+    """{option: default} of the mixer `name`, from its factory's signature; None when the factory
+    takes **options that it passes on unnamed (they are then not checked)."""
+    options = list(inspect.signature(MIXERS[name]).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in options):
+        return None
+    return {p.name: p.default for p in options}
 
 
 def build_mixer(name, store, **options):
     """The mixer `name` for a DomainStore; `options` are passed to its factory."""
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; available: {', '.join(sorted(MIXERS))}")
+    known = mixer_options(name)
+    unknown = [key for key in options if known is not None and key not in known]
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for mixer {name!r}; its options: "
+                         f"{', '.join(known) or 'none'}")
     return MIXERS[name](store, **options)

@@ -47,5 +47,5 @@ class Temperature(StaticMixer):
         super().__init__((counts / counts.sum()) ** (1.0 / self.temperature))
 
 
-register_mixer("uniform", lambda store, **options: Uniform(store.num_domains, **options))
-register_mixer("temperature", lambda store, **options: Temperature(store.train_tokens, **options))
+register_mixer("uniform", lambda store, **options: Uniform(store.num_domains, **options), options_of=Uniform)
+register_mixer("temperature", lambda store, **options: Temperature(store.train_tokens, **options), options_of=Temperature)

@@ -18,6 +18,7 @@ Under torch.distributed the embedding sums and counts are all-reduced, so every 
 the same weights. `floor` mixes the weights with uniform (α ← (1 − ε)α + ε/k).
 """
 import contextlib
+import os
 import warnings
 
 import torch
@@ -30,6 +31,9 @@ SOURCES = ("online", "offline")
 
 
 class Chameleon:
+    # the saved embeddings (and the window's sums) come from this model and this layer
+    state_options = ("source", "checkpoint", "layer")
+
     def __init__(self, domains, source="online", checkpoint=None, lam=10.0, mode="pretrain", temperature=None,
                  interval=10, rows_per_domain=4, floor=0.0, layer="middle"):
         # every option is checked here, not at the first update, which may come many steps later
@@ -38,9 +42,13 @@ class Chameleon:
             raise ValueError(f"domains must be a count >= 1 or a list of names, got {domains!r}")
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-        if source == "offline" and not checkpoint:
-            raise ValueError(f"source='offline' needs checkpoint=PATH (a fastmix ckpt.pt, the proxy model), "
-                             f"got checkpoint={checkpoint!r}")
+        if source == "offline":
+            if not checkpoint:
+                raise ValueError(f"source='offline' needs checkpoint=PATH (a fastmix ckpt.pt, the proxy model), "
+                                 f"got checkpoint={checkpoint!r}")
+            if not (os.path.isfile(checkpoint) or os.path.isfile(os.path.join(checkpoint, "ckpt.pt"))):
+                raise ValueError(f"checkpoint={checkpoint!r}: no such fastmix checkpoint (a ckpt.pt, or a run "
+                                 "directory holding one)")
         check_weight_options(lam, mode, temperature)
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(f"floor must be a number in [0, 1], got {floor!r}")
@@ -216,4 +224,4 @@ class Chameleon:
         return self._balanced_embeddings(ctx, domains, model, "middle")
 
 
-register_mixer("chameleon", lambda store, **options: Chameleon(store.domains, **options))
+register_mixer("chameleon", lambda store, **options: Chameleon(store.domains, **options), options_of=Chameleon)

@@ -167,6 +167,9 @@ class DGA:
     """Dynamic Gradient Alignment (see the module docstring). `weights` is a float64 CPU
     tensor on the simplex, every entry >= floor / k."""
 
+    # an inline run saves its target, taken in its mode and preconditioned as it says
+    state_options = ("mode", "precondition")
+
     def __init__(self, num_domains, step_size=100.0, ema=0.2, floor=0.05, interval=10,
                  precondition="none", mode="stratified", rows_per_domain=1, target_rows=4, target_every=10):
         if num_domains < 1:
@@ -376,10 +379,12 @@ class DGA:
         return scores
 
 
-def _build(cls):
-    def factory(store, **options):
-        return cls(store.num_domains, **options)
-    return factory
+def _build_dga(store, **options):
+    # refused now rather than at the first update, after steps of training and a run directory
+    if not store.targets:
+        raise ValueError(f"DGA needs a target task, and the store {store.path} has none: add one "
+                         "(`fastmix prepare ... --target NAME=PATH`), or use --mixer universal, which needs none")
+    return DGA(store.num_domains, **options)
 
 
-register_mixer("dga", _build(DGA))
+register_mixer("dga", _build_dga, options_of=DGA)

@@ -15,7 +15,7 @@ the next step) and divided by the clipping factor, so that clipping does not cha
 import torch
 
 from fastmix.mixing.base import register_mixer
-from fastmix.mixing.dga import DGA, _build
+from fastmix.mixing.dga import DGA
 
 
 class Universal(DGA):
@@ -64,4 +64,4 @@ class Universal(DGA):
         self._pending = None if pending is None else {n: g.clone() for n, g in pending.items()}
 
 
-register_mixer("universal", _build(Universal))
+register_mixer("universal", lambda store, **options: Universal(store.num_domains, **options), options_of=Universal)
