@@ -242,9 +242,9 @@ def _set_rng_states(states):
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
-def _save_checkpoint(path, step, model, optimizer, sampler, mixer, store, config, loss_window):
+def _save_checkpoint(path, step, model, optimizer, sampler, mixer_state, store, config, loss_window):
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "sampler": sampler.state_dict(), "mixer": mixer.state_dict(), "rng": _rng_states(),
+             "sampler": sampler.state_dict(), "mixer": mixer_state, "rng": _rng_states(),
              "config": dataclasses.asdict(config), "domains": list(store.domains), "targets": list(store.targets),
              "loss_window": loss_window}
     torch.save(state, path + ".tmp")
@@ -536,8 +536,11 @@ def _train(config, rank, world, device):
                 window_loss.zero_()
                 window_steps = 0
                 window_start, timed_steps = time.perf_counter(), 0
-            if is_main and checkpoint:
-                _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer, store, config, loss_window)
+            if checkpoint:
+                mixer_state = mixer.state_dict()  # on every rank: a mixer may gather per-rank state
+                if is_main:
+                    _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer_state, store, config,
+                                     loss_window)
         bar.close()
     finally:
         sampler.close()

@@ -88,6 +88,63 @@ def test_chameleon_skips_non_finite_embeddings_with_one_warning():
     assert torch.equal(mixer.weights, before) and mixer.skipped == 2
 
 
+def _chameleon_ctx(model, k, rows=8):
+    from fastmix.mixing import MixerContext
+    from fastmix.model import lm_loss
+
+    def balanced_batch(rows_per_domain):
+        tokens = torch.randint(0, model.config.vocab_size, (k * rows_per_domain, rows))
+        return tokens, tokens, torch.arange(k).repeat_interleave(rows_per_domain)
+
+    return MixerContext(step=1, lr=1e-3, model=model, optimizer=None, batch=None, loss_fn=lm_loss,
+                        target_batch=None, balanced_batch=balanced_batch, device=torch.device("cpu"),
+                        autocast=contextlib.nullcontext, num_domains=k)
+
+
+def test_chameleon_online_skips_the_update_of_a_model_gone_nan(seed):
+    """Non-finite hidden states leave every domain without a row: that is no embedding (the
+    update is skipped with a warning), not a zero vector that resets the weights to uniform."""
+    from fastmix.model import GPT, GPTConfig
+
+    k = 3
+    model = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=2, n_head=2, n_embd=8))
+    mixer, ctx = Chameleon(k, interval=1, lam=0.1), _chameleon_ctx(model, k)
+    x, ids = torch.randint(0, 17, (6, 8)), torch.tensor([0, 1, 2, 0, 1, 2])
+    with mixer.record(ctx, ids), torch.no_grad():
+        model(x)
+    mixer.update(ctx)
+    before = mixer.weights
+    assert not torch.allclose(before, torch.full((k,), 1 / k, dtype=torch.float64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    with mixer.record(ctx, ids), torch.no_grad():
+        model(x)
+    with pytest.warns(RuntimeWarning, match="non-finite domain embeddings"):
+        mixer.update(ctx)
+    assert torch.equal(mixer.weights, before) and mixer.skipped == 1
+
+
+def test_chameleon_offline_embeds_with_the_layer_it_was_given(tmp_path, seed):
+    from fastmix.chameleon import domain_embeddings
+    from fastmix.model import GPT, GPTConfig
+
+    k = 3
+    proxy = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=4, n_head=2, n_embd=8))
+    torch.save({"config": dict(block_size=8, n_layer=4, n_head=2, n_embd=8, bias=True), "model": proxy.state_dict()},
+               tmp_path / "ckpt.pt")
+    ctx = _chameleon_ctx(proxy, k)
+    batch = ctx.balanced_batch(4)
+    ctx.balanced_batch = lambda rows: batch
+    mixer = Chameleon(k, source="offline", checkpoint=str(tmp_path / "ckpt.pt"), layer=0)
+    mixer.prepare(ctx)
+    x, _, ids = batch
+    want = domain_embeddings(proxy, [[x[ids == i]] for i in range(k)], 0, progress=False).double()
+    middle = domain_embeddings(proxy, [[x[ids == i]] for i in range(k)], "middle", progress=False).double()
+    torch.testing.assert_close(mixer.embeddings, want)
+    assert not torch.allclose(mixer.embeddings, middle)
+
+
 def test_loaded_state_is_float64_on_the_cpu_wherever_the_checkpoint_was_mapped():
     """train.py loads checkpoints with map_location=device: a state mapped to CUDA must still give
     CPU weights. Fake tensors stand in for CUDA ones on a machine without a GPU."""
@@ -246,6 +303,43 @@ def test_ddp_ranks_hold_identical_weights(store_dir, tmp_path):
     for i in r0:
         assert torch.equal(r0[i], r1[i]), DDP_RUNS[i]
         assert not torch.equal(r0[i], torch.full_like(r0[i], 0.1)), DDP_RUNS[i]  # updated
+
+
+def _ddp_resume_worker(rank, world, port, store_dir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        common = dict(mixer="chameleon", mixer_options={"interval": 4}, log_interval=1, eval_interval=100,
+                      checkpoint_interval=2, lr_decay_steps=4, **TINY)
+        full = train(TrainConfig(data=store_dir, out=os.path.join(out, "full"), max_steps=4, **common))
+        train(TrainConfig(data=store_dir, out=os.path.join(out, "part"), max_steps=2, **common))
+        dist.barrier()  # rank 0 has written the checkpoint
+        resumed = train(TrainConfig(data=store_dir, out=os.path.join(out, "part"), max_steps=4, resume=True,
+                                    **common))
+        torch.save({"full": full.mixer.weights, "resumed": resumed.mixer.weights},
+                   os.path.join(out, f"resume{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_ddp_resume_mid_window_is_exact(store_dir, tmp_path):
+    """Online Chameleon's window of embeddings differs per rank (each sees its own rows): a
+    checkpoint in mid-window must keep every rank's, not rank 0's for all."""
+    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), store_dir, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"resume{rank}.pt")
+        assert torch.equal(got["full"], got["resumed"]), rank
+        assert not torch.equal(got["full"], torch.full_like(got["full"], 0.1))  # updated at step 4
+
+
+def test_chameleon_window_saved_by_ddp_resumes_in_one_process():
+    """A checkpoint of 2 ranks' windows, resumed by one process: it holds their sum."""
+    mixer = Chameleon(2)
+    sums, counts = torch.randn(2, 2, 3, dtype=torch.float64), torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    mixer.load_state_dict({"weights": torch.full((2,), 0.5), "domains": ["d0", "d1"],
+                           "accumulator": {"sums": sums, "counts": counts}})
+    assert torch.equal(mixer._acc_state[0], sums.sum(0)) and torch.equal(mixer._acc_state[1], counts.sum(0))
 
 
 def test_cli_help_and_dga_run(store_dir, tmp_path, capsys):

@@ -61,9 +61,11 @@ class Mixer(Protocol):
 
     def update(self, ctx: MixerContext) -> None: ...
 
-    def state_dict(self) -> dict: ...
+    def state_dict(self) -> dict:
+        """Called on every rank at a checkpoint (so it may be collective); rank 0's is saved."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict) -> None:
+        """Called on every rank with the saved state (rank 0's)."""
 
     # optional: prepare(ctx) -> None; record(ctx, domain_ids) -> ContextManager; close() -> None (see above)
 

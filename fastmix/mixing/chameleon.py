@@ -18,10 +18,12 @@ Under torch.distributed the embedding sums and counts are all-reduced, so every 
 the same weights. `floor` mixes the weights with uniform (α ← (1 − ε)α + ε/k).
 """
 import contextlib
+import math
 import os
 import warnings
 
 import torch
+import torch.distributed as dist
 
 from fastmix.chameleon import EmbeddingAccumulator, chameleon_weights, check_weight_options, domain_embeddings
 from fastmix.mixing.base import check_counts, register_mixer
@@ -114,9 +116,11 @@ class Chameleon:
                 ctx.model(x)
             ctx.model.train(was_training)
         sums = _all_reduce(acc.sums.clone())
-        counts = _all_reduce(acc.counts.clone())
+        counts = _all_reduce(acc.counts.clone()).unsqueeze(1)
         acc.reset()
-        self._set_weights((sums / counts.clamp(min=1e-300).unsqueeze(1)).cpu())
+        # a domain still without a (finite) row has no embedding: NaN skips the update, where a
+        # zero vector would pass for one (a model gone NaN would silently reset the weights)
+        self._set_weights(torch.where(counts > 0, sums / counts.clamp(min=1e-300), math.nan).cpu())
 
     def state_dict(self):
         state = {"weights": self._weights.clone(), "domains": list(self.domains), "skipped": self.skipped,
@@ -124,8 +128,9 @@ class Chameleon:
                  "missing": list(self._missing)}
         window = self._window()
         if window is not None:
-            sums, counts = window
-            state["accumulator"] = {"sums": sums.cpu().clone(), "counts": counts.cpu().clone()}
+            # every rank's own window (the ranks see different rows): (world, k, d) and (world, k)
+            sums, counts = (_gather(t) for t in window)
+            state["accumulator"] = {"sums": sums.cpu(), "counts": counts.cpu()}
         return state
 
     def load_state_dict(self, state):
@@ -152,12 +157,19 @@ class Chameleon:
         self._missing = sorted(missing | set(added))
         self._acc_state = None
         if "accumulator" in state:
-            acc = state["accumulator"]
-            sums = torch.zeros(k, acc["sums"].shape[1], dtype=torch.float64)
-            counts = torch.zeros(k, dtype=torch.float64)
             # .cpu(): the loop maps checkpoints to the training device
-            sums[index] = acc["sums"].to(torch.float64).cpu()
-            counts[index] = acc["counts"].to(torch.float64).cpu()
+            saved_sums, saved_counts = (state["accumulator"][key].to(torch.float64).cpu() for key in ("sums", "counts"))
+            if saved_counts.dim() == 1:  # saved by one process (before per-rank windows were saved)
+                saved_sums, saved_counts = saved_sums[None], saved_counts[None]
+            rank, world = _world()
+            if saved_counts.shape[0] == world:  # each rank takes its own window back
+                saved_sums, saved_counts = saved_sums[rank], saved_counts[rank]
+            else:  # another world size: rank 0 holds the whole window, the next all-reduce spreads it
+                scale = 1.0 if rank == 0 else 0.0
+                saved_sums, saved_counts = saved_sums.sum(0) * scale, saved_counts.sum(0) * scale
+            sums = torch.zeros(k, saved_sums.shape[1], dtype=torch.float64)
+            counts = torch.zeros(k, dtype=torch.float64)
+            sums[index], counts[index] = saved_sums, saved_counts
             self._acc_state = (sums, counts)
             if self._acc is not None:
                 self._install_acc_state()
@@ -221,7 +233,19 @@ class Chameleon:
         from fastmix.model import GPT
 
         model = GPT.from_checkpoint(self.checkpoint, ctx.device)
-        return self._balanced_embeddings(ctx, domains, model, "middle")
+        return self._balanced_embeddings(ctx, domains, model, self.layer)
+
+
+def _gather(tensor):
+    """(world, *shape): every rank's `tensor`, on every rank (under torch.distributed)."""
+    world = _world()[1]
+    if world == 1:
+        return tensor[None].clone()
+    if dist.get_backend() == "nccl":  # a window restored from a checkpoint sits on the CPU
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
 
 
 register_mixer("chameleon", lambda store, **options: Chameleon(store.domains, **options), options_of=Chameleon)
