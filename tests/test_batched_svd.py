@@ -1,4 +1,6 @@
 """batched_svd against numpy float64 on fresh random inputs, every backend here."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -94,36 +96,50 @@ def test_half_inputs_and_float64_compute(seed):
     check_svd(a, u, s, vh, 1e-6)
 
 
-def test_empty_inputs():
-    for shape in [(0, 4, 4), (2, 0, 3), (2, 3, 0)]:
-        u, s, vh = batched_svd(torch.randn(shape))
-        m, n = shape[1:]
-        assert u.shape == (shape[0], m, min(m, n)) and vh.shape == (shape[0], min(m, n), n)
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(0, 4, 4), (2, 0, 3), (2, 3, 0)], ids=lambda s: "x".join(map(str, s)))
+def test_empty_inputs(seed, device, backend, dtype, shape):
+    batch, m, n = shape
+    u, s, vh = batched_svd(torch.randn(shape, device=device).to(dtype), backend=backend)
+    assert (u.shape, s.shape, vh.shape) == ((batch, m, min(m, n)), (batch, min(m, n)), (batch, min(m, n), n))
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert u.dtype == s.dtype == vh.dtype == out_dtype and u.device.type == device
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_transposed_input(seed, device, backend, dtype):
+    a = make("gaussian", (3, 9, 7), dtype, device, torch.Generator().manual_seed(seed)).transpose(-1, -2)
+    assert not a.is_contiguous()
+    check_svd(a, *batched_svd(a, backend=backend), TOL[dtype])
+    if backend != "reference":  # the op itself too, not only the contiguous copy batched_svd passes it
+        check_svd(a, *torch.ops.fastmix.batched_svd(a), TOL[dtype])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_input_raises(bad):
+def test_non_finite_input_raises(seed, bad):
     a = torch.randn(2, 4, 4)
     a[1, 2, 3] = bad
     with pytest.raises(ValueError, match="NaN or infinity"):
         batched_svd(a)
 
 
-def test_bad_inputs_raise():
-    with pytest.raises(TypeError, match="float32"):
+def test_bad_inputs_raise(seed):
+    with pytest.raises(TypeError, match="a must be float32, float64, bfloat16 or float16, got torch.int64"):
         batched_svd(torch.ones(3, 3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="at least 2 dims"):
+    with pytest.raises(ValueError, match=re.escape("a must have at least 2 dims (..., m, n), got shape (5,)")):
         batched_svd(torch.randn(5))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match="a must be a torch.Tensor, got ndarray"):
         batched_svd(np.ones((3, 3)))
-    with pytest.raises(ValueError, match="no triton backend"):
+    with pytest.raises(ValueError, match="batched_svd has no triton backend"):
         batched_svd(torch.randn(3, 3), backend="triton")
-    with pytest.raises(ValueError, match="compute_dtype"):
+    with pytest.raises(ValueError, match="compute_dtype must be torch.float32, torch.float64 or None"):
         batched_svd(torch.randn(3, 3), compute_dtype=torch.float16)
 
 
 @pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
-def test_compiled_op_checks_name_the_argument():
+def test_compiled_op_checks_name_the_argument(seed):
     op = torch.ops.fastmix.batched_svd
     with pytest.raises(RuntimeError, match="a must be 3-D"):
         op(torch.randn(4, 4))
@@ -134,7 +150,7 @@ def test_compiled_op_checks_name_the_argument():
 
 
 @pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
-def test_fake_kernel_checks_arguments_while_tracing():
+def test_fake_kernel_checks_arguments_while_tracing(seed):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -148,7 +164,8 @@ def test_fake_kernel_checks_arguments_while_tracing():
 
 @pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
 def test_opcheck(seed):
-    samples = [torch.randn(3, 6, 4), torch.randn(2, 4, 7, dtype=torch.float64), torch.randn(1, 1, 1)]
+    samples = [torch.randn(3, 6, 4), torch.randn(2, 4, 7, dtype=torch.float64), torch.randn(1, 1, 1),
+               torch.randn(2, 4, 5).transpose(-1, -2)]  # non-contiguous
     if HAS_GPU:
         samples.append(torch.randn(4, 16, 16, device="cuda"))
     for a in samples:
@@ -156,5 +173,10 @@ def test_opcheck(seed):
 
 
 def test_backend_choice_and_note():
-    assert svd_backend("cpu") in ("cpu", "reference")
+    assert svd_backend("cpu") == ("cpu" if COMPILED_CPU else "reference")
+    assert svd_backend("cpu", "reference") == "reference"
+    if HAS_GPU:
+        assert svd_backend("cuda") == ("cuda" if _backends.has_kernel("batched_svd", "CUDA") else "reference")
+    with pytest.raises(ValueError, match="batched_svd has no triton backend"):
+        svd_backend("cpu", "triton")
     assert "torch.linalg.svd" in FAST_PATH_NOTE

@@ -46,6 +46,7 @@ _tuned = triton.autotune(
 @torch.library.custom_op("fastmix::rowwise_bilinear_triton", mutates_args=())
 def rowwise_bilinear_triton(a: torch.Tensor, m: torch.Tensor, b: torch.Tensor,
                             segment_ids: Optional[torch.Tensor], num_segments: int) -> torch.Tensor:
+    _fake.check_rowwise_bilinear(a, m, b, segment_ids, num_segments)  # the kernel trusts the shapes
     acc_dtype = accumulation_dtype(a.dtype)
     length = a.shape[0] if segment_ids is None else num_segments
     out = torch.zeros(length, dtype=acc_dtype, device=a.device)
