@@ -25,6 +25,13 @@ def _check_float(name, t):
         raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
 
 
+def _check_data(name, t):
+    """The first data argument: a float tensor of rows (..., d)."""
+    _check_float(name, t)
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least 1 dim (..., d), got a 0-dim tensor")
+
+
 def _check_same(name, t, like_name, like):
     _check_float(name, t)
     if t.dtype != like.dtype:
@@ -127,7 +134,7 @@ def rowwise_bilinear(a, m, b, segment_ids=None, num_segments=None, *, backend=No
     per-segment sums (num_segments,). Negative ids are padding; ids >= num_segments
     raise (`validate_ids=False` skips that check and its GPU sync; such rows are dropped).
     """
-    _check_float("a", a)
+    _check_data("a", a)
     _check_rows("b", b, "a", a)
     _check_matrix("m", m, (a.shape[-1], b.shape[-1]), "a", a)
     ids = None
@@ -147,7 +154,7 @@ def domain_grad_dots(x, grad_out, segment_ids, num_segments, target, *, backend=
     row's domain (leading shape, or first dim for one id per sequence; negative = padding).
     Returns float32 (float64 for float64 inputs) of shape (num_segments,).
     """
-    _check_float("x", x)
+    _check_data("x", x)
     _check_rows("grad_out", grad_out, "x", x)
     _check_matrix("target", target, (grad_out.shape[-1], x.shape[-1]), "x", x)
     ids = _flat_segment_ids(segment_ids, num_segments, x.shape[:-1], x.device, validate_ids)
@@ -160,7 +167,7 @@ def domain_grad_dots_ghost(x, grad_out, segment_ids, num_segments, target_x, tar
     target_x (..., d_in) and target_grad_out (..., d_out). Uses the ghost form (the target
     never formed, nor any N x M product written) when it needs fewer FLOPs, else forms
     the target once and runs the GEMM form."""
-    _check_float("x", x)
+    _check_data("x", x)
     _check_rows("grad_out", grad_out, "x", x)
     _check_same("target_x", target_x, "x", x)
     _check_rows("target_grad_out", target_grad_out, "target_x", target_x)

@@ -254,6 +254,8 @@ def ridge_leverage_scores(a, lam, center=False, *, method="auto", backend=None, 
     *batch, m, n = a.shape
     if rtol is None:
         rtol = _default_rtol(m, n, work)
+    elif isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 <= rtol < math.inf:
+        raise ValueError(f"rtol must be a finite number >= 0 (or None for the default), got {rtol!r}")
     # τ is unchanged when a is scaled by c and λ by c²: work on a / c, c a power of two
     x = a.to(work)
     scale = _power_of_two_scale(x)
