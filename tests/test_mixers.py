@@ -145,6 +145,18 @@ def test_chameleon_offline_embeds_with_the_layer_it_was_given(tmp_path, seed):
     assert not torch.allclose(mixer.embeddings, middle)
 
 
+def test_chameleon_offline_refuses_a_proxy_of_a_smaller_vocabulary(tmp_path):
+    from fastmix.mixing import build_mixer
+    from fastmix.model import GPT, GPTConfig
+
+    proxy = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=1, n_head=2, n_embd=8))
+    torch.save({"config": {}, "model": proxy.state_dict()}, tmp_path / "ckpt.pt")
+    options = dict(source="offline", checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match="its model reads 17 tokens but the store's tokenizer has 257"):
+        build_mixer("chameleon", types.SimpleNamespace(domains=["a", "b"], vocab_size=257), **options)
+    assert build_mixer("chameleon", types.SimpleNamespace(domains=["a", "b"], vocab_size=17), **options)
+
+
 def test_loaded_state_is_float64_on_the_cpu_wherever_the_checkpoint_was_mapped():
     """train.py loads checkpoints with map_location=device: a state mapped to CUDA must still give
     CPU weights. Fake tensors stand in for CUDA ones on a machine without a GPU."""

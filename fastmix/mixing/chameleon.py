@@ -248,4 +248,15 @@ def _gather(tensor):
     return torch.stack(parts)
 
 
-register_mixer("chameleon", lambda store, **options: Chameleon(store.domains, **options), options_of=Chameleon)
+def _build_chameleon(store, **options):
+    mixer = Chameleon(store.domains, **options)
+    if mixer.source == "offline":  # the proxy must read the store's tokens (else an index error mid-forward)
+        path = mixer.checkpoint if os.path.isfile(mixer.checkpoint) else os.path.join(mixer.checkpoint, "ckpt.pt")
+        vocab = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["model"]["lm_head.weight"].shape[0]
+        if store.vocab_size > vocab:
+            raise ValueError(f"checkpoint={mixer.checkpoint!r}: its model reads {vocab} tokens but the store's "
+                             f"tokenizer has {store.vocab_size}: the proxy must be trained on this tokenizer")
+    return mixer
+
+
+register_mixer("chameleon", _build_chameleon, options_of=Chameleon)
