@@ -126,20 +126,6 @@ def test_non_contiguous_inputs_and_ids(seed, device, backend, dtype, per_sequenc
     assert_matches(got, want, scale, dtype)
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params("rowwise_bilinear"))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rowwise_bilinear_rows_and_segments(seed, device, backend, dtype):
-    n, p, q, k = 45, 21, 18, 6
-    a, b = torch.randn(n, p, device=device).to(dtype), torch.randn(n, q, device=device).to(dtype)
-    m = torch.randn(p, q, device=device).to(dtype)
-    want_rows, scale_rows = explicit_rows(a, m, b)
-    assert_matches(ops.rowwise_bilinear(a, m, b, backend=backend), want_rows, scale_rows, dtype)
-
-    ids = rows_ids((n,), k, device)
-    got = ops.rowwise_bilinear(a, m, b, ids, k, backend=backend)
-    assert_matches(got, sum_by_domain(want_rows, ids.cpu(), k), sum_by_domain(scale_rows, ids.cpu(), k), dtype)
-
-
 # Sizes that cross every tile and loop boundary of each kernel more than once, with ragged
 # tails: the C++ kernels' 64-row chunks, 6 x 16 register tiles and kDepth = 256 slices of
 # q (csrc/kernels/alignment_cpu.cpp), the CUDA kernels' 64-row tiles and 16-deep slices,
@@ -155,12 +141,14 @@ def crossing_sizes(sizes, backend):
 
 @pytest.mark.parametrize("device,backend", device_backend_params("rowwise_bilinear"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rowwise_bilinear_crosses_every_tile_boundary(seed, device, backend, dtype):
-    n, p, q, k = crossing_sizes(BILINEAR_CROSSING, backend)
+@pytest.mark.parametrize("size", ["small", "crossing"])
+def test_rowwise_bilinear_rows_and_segments(seed, device, backend, dtype, size):
+    n, p, q, k = (45, 21, 18, 6) if size == "small" else crossing_sizes(BILINEAR_CROSSING, backend)
     a, b = torch.randn(n, p, device=device).to(dtype), torch.randn(n, q, device=device).to(dtype)
     m = torch.randn(p, q, device=device).to(dtype)
     want_rows, scale_rows = explicit_rows(a, m, b)
     assert_matches(ops.rowwise_bilinear(a, m, b, backend=backend), want_rows, scale_rows, dtype)
+
     ids = rows_ids((n,), k, device)
     got = ops.rowwise_bilinear(a, m, b, ids, k, backend=backend)
     assert_matches(got, sum_by_domain(want_rows, ids.cpu(), k), sum_by_domain(scale_rows, ids.cpu(), k), dtype)
