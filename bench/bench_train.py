@@ -4,9 +4,10 @@
     pytest bench/bench_train.py -k sampler
 
 GPT step: tokens/s of one optimizer step (forward, backward, AdamW) at two model sizes; the
-figure is in the benchmark's extra_info (and printed with -s). Sampler: cost of one batch
-with 10, 10³ and 10⁵ domains under uniform weights (every batch touches new domains); it
-should stay flat in the number of domains.
+figure is in the benchmark's extra_info (and printed with -s). Group "gpt step DEVICE", baseline
+the small (demo) model. Sampler: cost of one batch with 10, 10³ and 10⁵ domains under uniform
+weights (every batch touches new domains); group "sampler", baseline 10 domains: the ratios
+should stay near 1, flat in the number of domains.
 """
 import numpy as np
 import pytest
@@ -44,10 +45,13 @@ def test_gpt_step(benchmark, size, device):
             torch.cuda.synchronize()
 
     step()  # warm-up
+    benchmark.group = f"gpt step {device}"
     benchmark.pedantic(step, rounds=10 if device == "cpu" else 50, iterations=1, warmup_rounds=1)
-    tokens_per_s = s["batch"] * s["block_size"] / benchmark.stats.stats.mean
-    benchmark.extra_info.update(tokens_per_s=round(tokens_per_s), params=model.num_params(), device=device)
-    print(f"\nGPT {size} on {device}: {tokens_per_s:,.0f} tokens/s ({model.num_params():,} parameters)")
+    benchmark.extra_info.update(baseline=size == "small", params=model.num_params(), device=device)
+    if benchmark.stats:  # None under --benchmark-disable (a smoke run)
+        tokens_per_s = s["batch"] * s["block_size"] / benchmark.stats.stats.median
+        benchmark.extra_info["tokens_per_s"] = round(tokens_per_s)
+        print(f"\nGPT {size} on {device}: {tokens_per_s:,.0f} tokens/s ({model.num_params():,} parameters)")
 
 
 @pytest.fixture(scope="module", params=[10, 1_000, 100_000], ids=lambda k: f"{k}-domains")
@@ -63,6 +67,7 @@ def many_domain_store(request, tmp_path_factory):
 
 def test_sampler_batch(benchmark, many_domain_store):
     sampler = MixtureSampler(many_domain_store, None, batch_size=16, block_size=64, seed=0, prefetch=False)
+    benchmark.group = "sampler"
     benchmark(sampler.next_batch)
-    benchmark.extra_info["domains"] = many_domain_store.num_domains
+    benchmark.extra_info.update(domains=many_domain_store.num_domains, baseline=many_domain_store.num_domains == 10)
     sampler.close()
