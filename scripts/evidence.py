@@ -12,11 +12,16 @@ mean over seeds), results.json; prints the table. Runs are kept in --runs and re
 complete (delete them to rerun).
 """
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
+
+import torch
 
 from fastmix.data import BUILTIN_PARTIAL_RELATIONS, BUILTIN_RELATIONS, BUILTIN_TARGETS
 from fastmix.train import TrainConfig, train
@@ -133,14 +138,29 @@ def main(argv=None):
                 results[(m, t, seed)] = records
         for t in args.targets:
             results[("dga", t, seed)] = run_one(args, "dga", seed, t)
-    text = table(results, args.targets, args.seeds, args.steps)
+    measured = provenance()
+    text = table(results, args.targets, args.seeds, args.steps) + "\n\nMeasured: " + \
+        ", ".join(f"{key} {value}" for key, value in measured.items())
     plots(results, args.targets, args.seeds, args.out)
     with open(os.path.join(args.out, "evidence.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({f"{m}/{t}/{s}": {"final_target_loss": final_eval(r, t), "final_weights": r[-1]["weights"]}
-                   for (m, t, s), r in results.items()}, f, indent=1)
+        json.dump({"measured": measured,
+                   "runs": {f"{m}/{t}/{s}": {"final_target_loss": final_eval(r, t), "final_weights": r[-1]["weights"]}
+                            for (m, t, s), r in results.items()}}, f, indent=1)
     print(text)
+
+
+def provenance():
+    """What the figures were measured with: commit, date, machine, versions."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    return {"commit": commit, "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores", "python": platform.python_version(),
+            "torch": torch.__version__, "device": "cpu"}
 
 
 if __name__ == "__main__":
