@@ -7,9 +7,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 _MAX_LINES = 20  # beyond this many domains, plot the heaviest ones only
 
 
-def plot_run(records, domains, targets, path):
+def plot_run(records, domains, targets, path, final=None):
+    """The plot of a run's records into `path`. `final` ({domain: w}): the mixer's weights at the
+    end, after its last update (a record holds the weights its step's batch was drawn with):
+    they pick the heaviest domains to show; default the last record's weights."""
     fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(13, 4.5))
-    final = records[-1]["weights"]
+    final = records[-1]["weights"] if final is None else final
     shown = sorted(domains, key=lambda d: -final.get(d, 0.0))[:_MAX_LINES]
     for d in shown:  # a domain added on resume has no weight in the records before it
         present = [r for r in records if d in r["weights"]]

@@ -89,8 +89,8 @@ class TrainConfig:
     device: str = _opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     compile: bool = _opt(False, "torch.compile the model")
     seed: int = _opt(0, "seed of the model init and of the data order")
-    resume: bool = _opt(False, "continue the run in --out from its checkpoint (its config.json, then these flags; "
-                               "the mixer and the model's shape stay the checkpoint's)")
+    resume: bool = _opt(False, "continue the run in --out from its checkpoint (its config.json, then --config, "
+                               "then these flags; the mixer and the model's shape stay the checkpoint's)")
     overwrite: bool = _opt(False, "start afresh even if --out already holds a run")
     quiet: bool = _opt(False, "no progress bar and no summary")
     plot: bool = _opt(True, "write weights.png at the end")
@@ -104,6 +104,13 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 0)
         if self.lr_decay_steps is not None:
             _check_int("lr_decay_steps", self.lr_decay_steps, 1)
+        for name in ("beta1", "beta2"):  # here, not in AdamW: a resumed run sets them on the loaded groups
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"--{name} must be a number in [0, 1), got {value!r}")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
+                or not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be a number >= 0, got {self.weight_decay!r}")
         if self.allocation not in ("stratified", "multinomial"):
             raise ValueError(f"--allocation must be 'stratified' or 'multinomial', got {self.allocation!r}")
         if self.n_embd % self.n_head:
@@ -189,9 +196,18 @@ def _lr_at(step, config):
 def _optimizer(model, config, device):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                             fused=device.type == "cuda")
+    groups = [{"params": decay}, {"params": no_decay}]
+    for group, settings in zip(groups, _group_settings(config)):
+        group.update(settings)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
+
+
+def _group_settings(config):
+    """What the config sets in each of _optimizer's groups (matrices, then the others): applied
+    when the optimizer is built, and again after a resumed run loads the checkpoint's optimizer
+    (whose groups hold the settings of the run that saved it), so that config.json tells the truth."""
+    betas = (config.beta1, config.beta2)
+    return [{"weight_decay": config.weight_decay, "betas": betas}, {"weight_decay": 0.0, "betas": betas}]
 
 
 def _autocast(device):
@@ -228,27 +244,34 @@ def _check_same_on_all_ranks(weights, device):
         raise RuntimeError("mixer weights differ between ranks: a mixer must all-reduce what it measures")
 
 
-def _rng_states():
+def _rng_states(device):
+    """The RNG states a resumed run restores. CUDA: the training device's own state only (a
+    process trains on one GPU; the others' states are not its to save)."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def _set_rng_states(states):
+def _set_rng_states(states, device):
     # RNG states must be CPU byte tensors, wherever the checkpoint was mapped to.
     torch.set_rng_state(states["torch"].cpu())
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    cuda = states.get("cuda")
+    if cuda is not None and device.type == "cuda":  # onto this process's device only
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every GPU's state, by index
+            if not cuda:
+                return
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
-def _save_checkpoint(path, step, model, optimizer, sampler, mixer_state, store, config, loss_window):
+def _save_checkpoint(path, step, model, optimizer, sampler, mixer_state, store, config, loss_window, device):
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "sampler": sampler.state_dict(), "mixer": mixer_state, "rng": _rng_states(),
+             "sampler": sampler.state_dict(), "mixer": mixer_state, "rng": _rng_states(device),
              "config": dataclasses.asdict(config), "domains": list(store.domains), "targets": list(store.targets),
              "loss_window": loss_window}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-save keeps the previous checkpoint
+    _replace_atomic(path, lambda tmp: torch.save(state, tmp))  # a crash mid-save keeps the previous checkpoint
 
 
 def checkpoint_step(out):
@@ -296,14 +319,35 @@ def _check_resumed_domains(saved, domains):
 
 
 def _check_resumed_mixer_options(saved, options, mixer, name):
-    """The options that the mixer's saved state depends on (its `state_options`) must stay."""
+    """The options that the mixer's saved state depends on (its `state_options`, names or a
+    method: fastmix.mixing.base) must stay."""
     defaults = mixer_options(name) or {}
-    before = _with_dga_mode(saved.get("mixer_options"), saved.get("dga_mode"))
-    for key in getattr(mixer, "state_options", ()):
-        old, now = before.get(key, defaults.get(key)), options.get(key, defaults.get(key))
-        if old != now:
-            raise UsageError(f"--resume: mixer option {key}={now!r} differs from the checkpoint's {old!r}; "
-                             f"the {name} mixer's saved state depends on it")
+    before = {**defaults, **_with_dga_mode(saved.get("mixer_options"), saved.get("dga_mode"))}
+    now = {**defaults, **options}
+    state_options = getattr(mixer, "state_options", ())
+    if callable(state_options):
+        changed = state_options(before, now)
+    else:
+        changed = [key for key in state_options if before.get(key) != now.get(key)]
+    if changed:
+        key = changed[0]
+        raise UsageError(f"--resume: mixer option {key}={now.get(key)!r} differs from the checkpoint's "
+                         f"{before.get(key)!r}; the {name} mixer's saved state depends on it")
+
+
+def _check_windows(config, store, target):
+    """UsageError unless every domain's training split holds a window of --block-size + 1 tokens,
+    and the target's does where the mixer draws target batches (`target`: None where it does not)."""
+    window = config.block_size + 1
+    short = [name for name, n in zip(store.domains, store.train_tokens) if n < window]
+    if short:
+        names = ", ".join(short[:5]) + (", ..." if len(short) > 5 else "")
+        raise UsageError(f"--data {config.data}: {len(short)} domain(s) have fewer than block_size + 1 = {window} "
+                         f"training tokens: {names} (a smaller --block-size fits them)")
+    if target is not None and store.num_tokens(target) < window:
+        raise UsageError(f"--target {target}: its training split has {store.num_tokens(target)} tokens, fewer than "
+                         f"--block-size + 1 = {window}, and the {config.mixer} mixer draws target batches from it "
+                         "(a smaller --block-size fits it)")
 
 
 def _with_dga_mode(options, dga_mode):
@@ -319,6 +363,27 @@ def _build_mixer(config, store):
         return build_mixer(config.mixer, store, **options), options
     except ValueError as error:  # the mixer refuses an option, or the store
         raise UsageError(f"--mixer {config.mixer}: {error}") from None
+
+
+def _replace_atomic(path, write):
+    """write(tmp) writes a temporary file beside `path`, which then replaces `path` (os.replace):
+    an error or a Ctrl-C meanwhile leaves the old file whole, and no temporary one."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _write_atomic(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _replace_atomic(path, write)
 
 
 def _read_metrics(path, up_to_step=None):
@@ -390,15 +455,20 @@ def _train(config, rank, world, device):
     mixer, options = _build_mixer(config, store)
     if ckpt is not None:
         _check_resumed_mixer_options(ckpt["config"], options, mixer, config.mixer)
-    try:
-        sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
-                                 allocation=config.allocation)
-    except ValueError as error:  # domains too short for a window
-        raise UsageError(f"--data {config.data}: {error} (a smaller --block-size fits them)") from None
+    if hasattr(mixer, "check_model"):  # an option that does not fit the model (Chameleon's layer)
+        try:
+            mixer.check_model(model)
+        except ValueError as error:
+            raise UsageError(f"--mixer {config.mixer}: {error}") from None
+    _check_windows(config, store, target if getattr(mixer, "needs_target", False) else None)
+    sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
+                             allocation=config.allocation)
     start_step, loss_window = 0, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, settings in zip(optimizer.param_groups, _group_settings(config)):  # --weight-decay, --beta1/2
+            group.update(settings)
         try:
             mixer.load_state_dict(ckpt["mixer"])
         except ValueError as error:  # e.g. a static mixer's state on a store with domains added since
@@ -407,20 +477,20 @@ def _train(config, rank, world, device):
         if len(sampler_state["weights"]) != store.num_domains:  # domains added to the store since
             sampler_state = {**sampler_state, "weights": mixer.weights.numpy()}
         sampler.load_state_dict(sampler_state)
-        _set_rng_states(ckpt["rng"])
+        _set_rng_states(ckpt["rng"], device)
         start_step = ckpt["step"]
         loss_window = ckpt.get("loss_window")  # older checkpoints: the first record averages fewer steps
-    records = _read_metrics(metrics_path, start_step) if config.resume else []
-    if is_main:
+    records = []
+    if is_main:  # only rank 0 reads the old records (and keeps the metrics): it rewrites the file below
+        records = _read_metrics(metrics_path, start_step) if config.resume else []
         os.makedirs(out, exist_ok=True)
         if not config.resume:  # --overwrite: nothing of the old run may outlive it (a crash would mix them)
             for stale in (ckpt_path, os.path.join(out, "weights.png")):
                 if os.path.exists(stale):
                     os.remove(stale)
-        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(dataclasses.asdict(config), f, indent=1)
-        with open(metrics_path, "w", encoding="utf-8") as f:  # drops records past the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in records)
+        # atomic: a Ctrl-C mid-write must not lose the run's history (nor its config)
+        _write_atomic(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(config), indent=1))
+        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))  # drops records past the checkpoint
 
     autocast = _autocast(device)
     train_model = torch.compile(model) if config.compile else model
@@ -540,7 +610,7 @@ def _train(config, rank, world, device):
                 mixer_state = mixer.state_dict()  # on every rank: a mixer may gather per-rank state
                 if is_main:
                     _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer_state, store, config,
-                                     loss_window)
+                                     loss_window, device)
         bar.close()
     finally:
         sampler.close()
@@ -548,22 +618,25 @@ def _train(config, rank, world, device):
             mixer_close()
 
     if is_main and records:
+        final = _weights_dict(mixer.weights, store.domains)  # after the last update: what ckpt.pt holds
         if config.plot:
             from fastmix.plot import plot_run
 
-            plot_run(records, store.domains, store.targets, os.path.join(out, "weights.png"))
+            plot_run(records, store.domains, store.targets, os.path.join(out, "weights.png"), final)
         if not config.quiet:
-            print(summary_table(records, store))
+            print(summary_table(records, store, final))
             if config.plot:
                 print(f"plot: {os.path.join(out, 'weights.png')}")
     return TrainResult(out=out, metrics=records, model=model, mixer=mixer, store=store)
 
 
-def summary_table(records, store):
-    """Final weights and first/last held-out losses of every domain and target."""
+def summary_table(records, store, weights=None):
+    """Final weights and first/last held-out losses of every domain and target. `weights`
+    ({domain: w}): the mixer's weights at the end, after its last update (a record holds the
+    weights its step's batch was drawn with, before that step's update); default the last record's."""
     evals = [r for r in records if r["eval"]]
     first, last = (evals[0]["eval"], evals[-1]["eval"]) if evals else ({}, {})
-    weights = records[-1]["weights"]
+    weights = records[-1]["weights"] if weights is None else weights
     helps = {}
     for t, domains in store.relations.items():
         for d in domains:
@@ -581,12 +654,13 @@ def summary_table(records, store):
 
 
 # ---------------------------------------------------------------------------------------------
-# command line: every TrainConfig field is a flag; a TOML file and a resumed run's config.json
+# command line: every TrainConfig field is a flag; a resumed run's config.json, then a TOML file
 # give the values that flags do not override.
 
 def add_train_arguments(parser):
     parser.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
-                        help="TOML file of TrainConfig fields (e.g. max_steps = 500); flags override it")
+                        help="TOML file of TrainConfig fields (e.g. max_steps = 500); flags override it, and "
+                             "it overrides a resumed run's config.json")
     for f in dataclasses.fields(TrainConfig):
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         help_text = f.metadata["help"]
@@ -619,8 +693,11 @@ def _key_value(text):
 
 
 def config_from_args(args):
-    """TrainConfig from parsed flags: defaults < --config TOML < a resumed run's config < flags;
-    each --mixer-option sets one option over those below it."""
+    """TrainConfig from parsed flags: defaults < a resumed run's saved config.json < --config TOML
+    < flags. The saved config is where a resumed run starts from; a TOML file given now is a request,
+    like a flag, so it overrides the saved config. Each option of a layer's mixer_options (a
+    --mixer-option, a key of the TOML's [mixer_options] table) sets that one option over those below
+    it; the others stay."""
     try:
         return TrainConfig(**_config_values(args))
     except ValueError as error:  # a bad value or file (UsageError included): a message, not a traceback
@@ -632,10 +709,8 @@ def _config_values(args):
     given = {k: v for k, v in vars(args).items() if k in fields}
     if "mixer_options" in given:
         given["mixer_options"] = dict(given["mixer_options"])
-    layers = []
-    if getattr(args, "config", None):
-        layers.append((f"--config {args.config}", _read_toml(args.config)))
-    toml = layers[0][1] if layers else {}
+    layers = []  # lowest first
+    toml = _read_toml(args.config) if getattr(args, "config", None) else {}
     resume = given.get("resume", toml.get("resume", False))
     if resume:
         saved = os.path.join(given.get("out", toml.get("out", TrainConfig.out)), "config.json")
@@ -645,6 +720,8 @@ def _config_values(args):
                     layers.append((saved, json.load(f)))
             except json.JSONDecodeError as error:
                 raise UsageError(f"--resume: {saved} is corrupt ({error})") from None
+    if getattr(args, "config", None):
+        layers.append((f"--config {args.config}", toml))
     values, options = {}, {}
     for source, layer in layers + [("flags", given)]:
         unknown = set(layer) - fields

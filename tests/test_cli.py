@@ -130,7 +130,29 @@ def _truncated_copy(store_dir, dst):
     (["--mixer", "dga", "--mixer-option", "stepsize=3"],
      "--mixer dga: unknown option 'stepsize' for mixer 'dga'; its options: step_size, ema, floor, interval, "
      "precondition, mode, rows_per_domain, target_rows, target_every"),
-    (["--mixer", "temperature", "--mixer-option", "temperature=-1"], "--mixer temperature: temperature must be > 0"),
+    (["--mixer", "temperature", "--mixer-option", "temperature=-1"],
+     "--mixer temperature: temperature must be a finite number > 0, got -1"),
+    # options of the wrong type (JSON null, a string) or not finite: a message naming the option, not a TypeError
+    (["--mixer", "temperature", "--mixer-option", "temperature=x"],
+     "--mixer temperature: temperature must be a finite number > 0, got 'x'"),
+    (["--mixer", "temperature", "--mixer-option", "temperature=NaN"],
+     "--mixer temperature: temperature must be a finite number > 0, got nan"),
+    (["--mixer", "dga", "--mixer-option", "floor=null"],
+     "--mixer dga: floor must be a finite number in .0, 1., got None"),
+    (["--mixer", "dga", "--mixer-option", "ema=x"], "--mixer dga: ema must be a finite number in .0, 1., got 'x'"),
+    (["--mixer", "universal", "--mixer-option", "step_size=null"],
+     "--mixer universal: step_size must be a finite number >= 0, got None"),
+    # a layer the model does not have: found before the run, not at its first step
+    (["--mixer", "chameleon", "--mixer-option", "layer=99"],
+     "--mixer chameleon: layer 99 is out of range for 1 layers"),
+    (["--mixer", "chameleon", "--mixer-option", "layer=foo"],
+     "--mixer chameleon: layer 'foo' is not a submodule of the model"),
+    (["--mixer", "chameleon", "--mixer-option", "layer=null"],
+     "--mixer chameleon: layer must be 'middle', a block index or a submodule name, got None"),
+    # DGA draws target batches: a target too short for a window is found before the run
+    (["--mixer", "dga", "--target", "strings", "--block-size", "512"],
+     "--target strings: its training split has 400 tokens, fewer than --block-size . 1 = 513, and the dga "
+     "mixer draws target batches from it"),
     (["--n-embd", "18", "--n-head", "4"], "--n-embd 18 must be a multiple of --n-head 4"),
     (["--config", "{tmp}/missing.toml"], "--config {tmp}/missing.toml: No such file or directory"),
     (["--config", "bad.toml"], "--config {tmp}/bad.toml: not valid TOML: Invalid value .at line 1, column 13"),

@@ -3,6 +3,7 @@ robustness (simplex, floor, NaN), and state."""
 import contextlib
 import inspect
 import math
+import re
 import types
 import warnings
 
@@ -216,6 +217,13 @@ def test_bad_options():
             DGA(3, **{name: value})
     with pytest.raises(ValueError, match="step_size must be a finite number >= 0, got '1'"):
         DGA(3, step_size="1")
+    # what --mixer-option gives for null, a word, NaN: a message naming the option, not a TypeError
+    for name, value in (("floor", None), ("floor", "x"), ("floor", math.nan), ("floor", True), ("ema", None),
+                        ("ema", "x"), ("ema", math.inf), ("step_size", None), ("step_size", math.nan)):
+        for cls in (DGA, Universal):
+            with pytest.raises(ValueError, match=rf"^{name} must be a finite number .*, got {re.escape(repr(value))}$"):
+                cls(3, **{name: value})
+    assert (DGA(3, ema=0, floor=1, step_size=0).ema, DGA(3, floor=0).floor) == (0.0, 0.0)
     model = tiny_gpt()
     ctx = make_ctx(model, Data(0), step=10)
     ctx.target_batch = None
@@ -336,3 +344,26 @@ def test_inline_under_torch_compile_and_close(seed):
     assert rel_err(mixer.scores, want) < 1e-9
     mixer.close()
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_resume_refuses_mode_and_precondition_changes_only_around_inline():
+    """Only an inline run saves state that depends on mode and precondition (its target): a resume
+    may change them between the other modes, not from or to inline."""
+    from fastmix.train import UsageError, _check_resumed_mixer_options
+
+    def check(name, saved, options, dga_mode=None):
+        mixer = build_mixer(name, types.SimpleNamespace(num_domains=K, targets=["t"], path="/s"), **options)
+        _check_resumed_mixer_options({"mixer_options": saved, "dga_mode": dga_mode}, options, mixer, name)
+
+    assert DGA.needs_target and not Universal.needs_target  # the loop checks the target's length for DGA only
+    for name in ("dga", "universal"):
+        check(name, {}, {"mode": "exact"})  # stratified (the default) -> exact
+        check(name, {"mode": "exact"}, {"mode": "stratified", "precondition": "adam"})
+        check(name, {"mode": "inline"}, {"mode": "inline", "interval": 5})
+        check(name, {}, {"mode": "exact"}, dga_mode="stratified")
+        for saved, options, key in (({}, {"mode": "inline"}, "mode"), ({"mode": "inline"}, {"mode": "exact"}, "mode"),
+                                    ({"mode": "inline"}, {"mode": "inline", "precondition": "adam"}, "precondition")):
+            with pytest.raises(UsageError, match=f"--resume: mixer option {key}=.* differs from the checkpoint's"):
+                check(name, saved, options)
+        with pytest.raises(UsageError, match="mode='stratified' differs from the checkpoint's 'inline'"):
+            check(name, {}, {"mode": "stratified"}, dga_mode="inline")

@@ -150,11 +150,19 @@ def test_chameleon_offline_refuses_a_proxy_of_a_smaller_vocabulary(tmp_path):
     from fastmix.model import GPT, GPTConfig
 
     proxy = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=1, n_head=2, n_embd=8))
-    torch.save({"config": {}, "model": proxy.state_dict()}, tmp_path / "ckpt.pt")
+    torch.save({"config": dict(block_size=8, n_layer=1, n_head=2, n_embd=8, bias=True), "model": proxy.state_dict()},
+               tmp_path / "ckpt.pt")
     options = dict(source="offline", checkpoint=str(tmp_path))
     with pytest.raises(ValueError, match="its model reads 17 tokens but the store's tokenizer has 257"):
         build_mixer("chameleon", types.SimpleNamespace(domains=["a", "b"], vocab_size=257), **options)
+    rng = torch.get_rng_state()
     assert build_mixer("chameleon", types.SimpleNamespace(domains=["a", "b"], vocab_size=17), **options)
+    assert torch.equal(torch.get_rng_state(), rng)  # the proxy's layers are looked at without drawing an init
+    # the layer must be one of the proxy's (it embeds the domains, not the model being trained)
+    for layer, message in ((1, "layer 1 is out of range for 1 layers"), ("foo", "layer 'foo' is not a submodule")):
+        with pytest.raises(ValueError, match=f"checkpoint={re.escape(repr(str(tmp_path)))}: {message}"):
+            build_mixer("chameleon", types.SimpleNamespace(domains=["a", "b"], vocab_size=17), layer=layer, **options)
+    assert build_mixer("chameleon", types.SimpleNamespace(domains=["a", "b"], vocab_size=17), layer=-1, **options)
 
 
 def test_loaded_state_is_float64_on_the_cpu_wherever_the_checkpoint_was_mapped():
@@ -262,6 +270,49 @@ def test_chameleon_resumed_keeps_the_options_its_embeddings_come_from(store_dir,
     resumed = _run(store_dir, tmp_path / "run", max_steps=4, resume=True, mixer="chameleon",
                    mixer_options={"interval": 2, "lam": 5.0})  # the weights' recipe may change
     assert resumed.metrics[-1]["step"] == 4
+
+
+def test_chameleon_checks_its_layer_on_the_model_before_the_run(store_dir, tmp_path):
+    from fastmix.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=2, n_head=2, n_embd=8))
+    for layer in ("middle", 0, -2, 1, "transformer.h.1"):
+        Chameleon(3, layer=layer).check_model(model)
+    for layer, message in ((2, "layer 2 is out of range for 2 layers"), ("foo", "layer 'foo' is not a submodule")):
+        with pytest.raises(ValueError, match=message):
+            Chameleon(3, layer=layer).check_model(model)
+    for layer in (None, 1.5, True, [1]):
+        with pytest.raises(ValueError, match=f"layer must be 'middle', a block index or a submodule name, got "
+                                             f"{re.escape(repr(layer))}"):
+            Chameleon(3, layer=layer)
+    with pytest.raises(UsageError, match="--mixer chameleon: layer 5 is out of range for 2 layers"):
+        _run(store_dir, tmp_path / "run", max_steps=1, mixer="chameleon", mixer_options={"layer": 5})
+    assert not (tmp_path / "run").exists()
+
+
+def test_chameleon_resume_compares_the_proxy_file_not_how_it_is_named(tmp_path, monkeypatch):
+    """checkpoint=DIR and checkpoint=DIR/ckpt.pt (or a relative path to it) are the same proxy."""
+    from fastmix.train import _check_resumed_mixer_options
+
+    for name in ("proxy", "other"):
+        os.makedirs(tmp_path / name)
+        torch.save({}, tmp_path / name / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+
+    def check(saved, now, **options):
+        mixer = Chameleon(3, checkpoint=now, **options)
+        _check_resumed_mixer_options({"mixer_options": {"checkpoint": saved, **options}},
+                                     {"checkpoint": now, **options}, mixer, "chameleon")
+
+    offline = dict(source="offline")
+    for saved, now in ((tmp_path / "proxy", tmp_path / "proxy" / "ckpt.pt"), ("proxy/ckpt.pt", tmp_path / "proxy"),
+                       ("proxy", "./proxy/../proxy")):
+        check(str(saved), str(now), **offline)
+    with pytest.raises(UsageError, match="--resume: mixer option checkpoint='other' differs from the checkpoint's"):
+        check("proxy", "other", **offline)
+    check("proxy", "other")  # online: the checkpoint is not used, its embeddings are the trained model's
+    with pytest.raises(UsageError, match="--resume: mixer option layer=0 differs from the checkpoint's 'middle'"):
+        _check_resumed_mixer_options({"mixer_options": {}}, {"layer": 0}, Chameleon(3, layer=0), "chameleon")
 
 
 def test_static_mixers_name_their_options():

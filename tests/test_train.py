@@ -1,6 +1,7 @@
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -192,16 +193,30 @@ def test_config_precedence(tmp_path):
 
 
 def test_mixer_options_add_up_over_the_layers(tmp_path):
-    """A --mixer-option sets one option: the others of the TOML file or the resumed run stay."""
+    """A --mixer-option sets one option: the others of the TOML file or the resumed run stay.
+    The layers: the resumed run's saved config < the TOML file < flags."""
     parser = add_train_arguments(argparse.ArgumentParser())
     toml = tmp_path / "c.toml"
     toml.write_text('resume = true\nout = "%s"\n[mixer_options]\ninterval = 5\nfloor = 0.1\n' % (tmp_path / "run"))
     os.makedirs(tmp_path / "run")
-    saved = {**TrainConfig().__dict__, "resume": False, "mixer_options": {"floor": 0.2, "ema": 0.5}}
+    saved = {**TrainConfig().__dict__, "resume": False, "mixer_options": {"floor": 0.2, "ema": 0.5, "mode": "exact"}}
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
     config = config_from_args(parser.parse_args(["--config", str(toml), "--mixer-option", "ema=0.1"]))
-    assert config.mixer_options == {"interval": 5, "floor": 0.2, "ema": 0.1}
+    assert config.mixer_options == {"interval": 5, "floor": 0.1, "ema": 0.1, "mode": "exact"}
     assert config.resume  # from the TOML file, not the run's saved config
+
+
+def test_a_toml_file_overrides_the_resumed_runs_saved_config(tmp_path):
+    """defaults < saved config.json < --config TOML < flags: the TOML given now is a request, like a flag."""
+    parser = add_train_arguments(argparse.ArgumentParser())
+    out = tmp_path / "run"
+    os.makedirs(out)
+    (out / "config.json").write_text(json.dumps({**TrainConfig().__dict__, "max_steps": 5, "lr": 0.01, "seed": 3}))
+    toml = tmp_path / "c.toml"
+    toml.write_text("max_steps = 20\nlr = 0.002\n")
+    args = parser.parse_args(["--config", str(toml), "--out", str(out), "--resume", "--lr", "0.001"])
+    config = config_from_args(args)
+    assert (config.max_steps, config.lr, config.seed) == (20, 0.001, 3)
 
 
 def test_python_3_10_reads_toml_with_tomli(monkeypatch):
@@ -252,3 +267,181 @@ def test_overwrite_leaves_nothing_of_the_old_run(store_dir, tmp_path):
     with pytest.raises(RuntimeError, match="crash in the first step"):
         _run(store_dir, tmp_path / "run", max_steps=2, overwrite=True, mixer="test-crashing")
     assert not (tmp_path / "run" / "ckpt.pt").exists() and not (tmp_path / "run" / "weights.png").exists()
+
+
+def test_resume_applies_the_adamw_settings_it_is_given(store_dir, tmp_path):
+    """The optimizer's state_dict holds the saved run's groups: --weight-decay, --beta1 and --beta2
+    given on resume must still be what the resumed run uses (and what its config.json says)."""
+    _run(store_dir, tmp_path / "run", max_steps=2)
+    groups = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["betas"]) for g in groups] == [(0.1, (0.9, 0.95)), (0.0, (0.9, 0.95))]
+    result = _run(store_dir, tmp_path / "run", max_steps=3, resume=True, weight_decay=0.5, beta1=0.8, beta2=0.9)
+    groups = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.5, (0.8, 0.9)), (0.0, (0.8, 0.9))]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["weight_decay"], saved["beta1"], saved["beta2"]) == (0.5, 0.8, 0.9)
+    assert result.metrics[-1]["step"] == 3
+    for flag, value in (("beta1", 1.0), ("beta2", -0.1), ("weight_decay", -1.0)):
+        with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be a number"):
+            TrainConfig(**{flag: value})
+
+
+def test_only_rank_0_reads_the_old_metrics(store_dir, tmp_path):
+    """Under DDP rank 0 rewrites metrics.jsonl at resume: another rank reading it then could see a
+    half-written file. The other ranks do not read it at all (nor write it)."""
+    _run(store_dir, tmp_path / "run", max_steps=2)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "lr"')  # what rank 0 may be in the middle of writing
+    config = TrainConfig(data=store_dir, out=str(tmp_path / "run"), max_steps=3, resume=True, **TINY)
+    result = fastmix.train._train(config, rank=1, world=1, device=torch.device("cpu"))
+    assert [r["step"] for r in result.metrics] == [3]
+    assert metrics.read_text() == '{"step": 0, "lr"'
+
+
+def test_ctrl_c_while_resume_rewrites_the_metrics_loses_nothing(store_dir, tmp_path, monkeypatch):
+    _run(store_dir, tmp_path / "run", max_steps=3, log_interval=1)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    before = metrics.read_text()
+    assert [json.loads(line)["step"] for line in before.splitlines()] == [0, 1, 2, 3]
+    calls = []
+
+    def dumps(obj, *args, **kwargs):
+        calls.append(obj)
+        if len(calls) == 3:  # the config, then records: a Ctrl-C between two records
+            raise KeyboardInterrupt
+        return json.dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(fastmix.train, "json", types.SimpleNamespace(
+        dumps=dumps, loads=json.loads, load=json.load, dump=json.dump, JSONDecodeError=json.JSONDecodeError))
+    with pytest.raises(KeyboardInterrupt):
+        _run(store_dir, tmp_path / "run", max_steps=5, log_interval=1, resume=True)
+    assert metrics.read_text() == before
+    monkeypatch.undo()
+    # an interruption after the temporary file is written, before it replaces the old one
+    monkeypatch.setattr(fastmix.train.os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        fastmix.train._write_atomic(str(metrics), "new\n")
+    monkeypatch.undo()
+    assert metrics.read_text() == before
+
+    def interrupted_save(obj, path, *args, **kwargs):  # a Ctrl-C in the middle of writing a checkpoint
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    ckpt = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        _run(store_dir, tmp_path / "run", max_steps=5, log_interval=1, checkpoint_interval=1, resume=True)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == ckpt
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+    json.loads((tmp_path / "run" / "config.json").read_text())
+    assert _run(store_dir, tmp_path / "run", max_steps=5, log_interval=1, resume=True).metrics[-1]["step"] == 5
+
+
+class NaNWeights(StaticMixer):
+    def __init__(self, store):
+        super().__init__(torch.full((store.num_domains,), math.nan))
+
+
+register_mixer("test-nan-weights", lambda store: NaNWeights(store))
+
+
+def test_temperature_weights_are_finite_or_refused_and_no_block_size_hint_for_them(store_dir, tmp_path):
+    for value in (math.nan, math.inf, -math.inf, "x", None, True, 0, -1.0):
+        with pytest.raises(ValueError, match=re.escape(f"temperature must be a finite number > 0, got {value!r}")):
+            Temperature([1, 2], temperature=value)
+    for value in (1e-300, 1e-3):  # p^(1/T) underflows to 0 for every domain: all the weight on the largest
+        torch.testing.assert_close(Temperature([100, 300, 200], value).weights,
+                                   torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    assert _run(store_dir, tmp_path / "tiny-t", max_steps=1, mixer="temperature",
+                mixer_options={"temperature": 1e-300}).metrics[-1]["step"] == 1
+    # invalid weights are not "too short data": no --block-size hint (a mixer's bug keeps its traceback)
+    with pytest.raises(ValueError, match="weights must be finite") as error:
+        _run(store_dir, tmp_path / "nan", max_steps=1, mixer="test-nan-weights")
+    assert "block-size" not in str(error.value) and not isinstance(error.value, UsageError)
+
+
+class _FakeCuda:
+    """Stands in for torch.cuda's RNG functions: one state per device index."""
+
+    def __init__(self, count):
+        self.states = {i: torch.tensor([i], dtype=torch.uint8) for i in range(count)}
+        self.set = []
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[torch.device(device).index].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.set.append((torch.device(device).index, int(state[0])))
+
+    def get_rng_state_all(self):
+        raise AssertionError("every device's state is not this process's to save")
+
+    def set_rng_state_all(self, states):
+        raise AssertionError("every device's state is not this process's to restore")
+
+
+def test_cuda_rng_state_of_the_training_device_only(monkeypatch):
+    fake = _FakeCuda(4)
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    states = fastmix.train._rng_states(torch.device("cuda", 2))  # e.g. rank 0 of a DDP run on cuda:2
+    assert torch.equal(states["cuda"], torch.tensor([2], dtype=torch.uint8))
+    fastmix.train._set_rng_states(states, torch.device("cuda", 1))  # onto this process's device only
+    assert fake.set == [(1, 2)]
+    # older checkpoints: a list of every GPU's state; this device's entry, or the first one when there
+    # are fewer GPUs now than then
+    old = {**states, "cuda": [torch.tensor([10 + i], dtype=torch.uint8) for i in range(2)]}
+    fake.set.clear()
+    fastmix.train._set_rng_states(old, torch.device("cuda", 1))
+    fastmix.train._set_rng_states(old, torch.device("cuda", 3))
+    assert fake.set == [(1, 11), (3, 10)]
+    # a CPU run saves and restores no CUDA state
+    fake.set.clear()
+    assert fastmix.train._rng_states(torch.device("cpu"))["cuda"] is None
+    fastmix.train._set_rng_states(states, torch.device("cpu"))
+    assert fake.set == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_rng_state_round_trip_on_a_gpu():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    states = fastmix.train._rng_states(device)
+    first = torch.rand(8, device=device)
+    old = {**states, "cuda": [states["cuda"]] * torch.cuda.device_count()}  # the older format
+    for saved in (states, old):
+        torch.rand(8, device=device)
+        fastmix.train._set_rng_states(saved, device)
+        assert torch.equal(torch.rand(8, device=device), first)
+
+
+class Stepping(StaticMixer):
+    """Test mixer: after step s, domain 0 weighs 10 s against 1 for each other domain."""
+
+    def __init__(self, store):
+        super().__init__(torch.ones(store.num_domains))
+
+    def update(self, ctx):
+        weights = torch.ones_like(self._weights)
+        weights[0] = 10.0 * ctx.step
+        self._weights = weights / weights.sum()
+
+
+register_mixer("test-stepping", lambda store: Stepping(store))
+
+
+def test_summary_shows_the_final_weights(store_dir, tmp_path, capsys):
+    """The table's weights are the mixer's after its last update (those of ckpt.pt), not those
+    the last step's batch was drawn with (the last record's)."""
+    result = _run(store_dir, tmp_path / "run", max_steps=2, mixer="test-stepping", quiet=False, plot=True)
+    domain = result.store.domains[0]
+    k = result.store.num_domains
+    assert result.metrics[-1]["weights"][domain] == pytest.approx(10 / (10 + k - 1))  # drawn with: after step 1
+    final = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["mixer"]["weights"]
+    assert float(final[0]) == pytest.approx(20 / (20 + k - 1))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(domain + " "))
+    assert row.split()[1:3] == ["domain", f"{float(final[0]):.3f}"]

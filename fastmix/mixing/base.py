@@ -6,9 +6,12 @@ feeds `mixer.weights` to the sampler for the next batch. The mixer decides by it
 a step is an update step (e.g. every `interval` steps). Under torch.distributed every rank
 must end up with the same weights (the sampler checks nothing; the loop checks at evals).
 
-Three optional methods, for mixers that need more than `update` (the loop calls them only if
+Four optional methods, for mixers that need more than `update` (the loop calls them only if
 the mixer has them):
 
+- `check_model(model)`: once after the model is built, before the run directory is written:
+  raises ValueError when an option does not fit the model (e.g. Chameleon's `layer=99` on a
+  2-layer model), which the loop reports as a mistake in what was asked for, not at a later step.
 - `prepare(ctx)`: once before the first step of a run, fresh or resumed (`ctx.step` is the
   number of steps already taken, `ctx.batch` is None). E.g. Chameleon computes embeddings of
   domains added to the store since the checkpoint.
@@ -21,11 +24,20 @@ the mixer has them):
 - `close()`: releases what the mixer attached to the model (hooks, probes); the loop calls it
   when the run ends, also when it ends with an error.
 
-And one optional attribute: `state_options`, the names of the options that the mixer's saved
-state depends on (e.g. DGA's mode: an inline run saves its target). A resumed run must keep
-them; the loop refuses a change.
+And two optional attributes. `needs_target`: True for a mixer that draws target batches
+(`ctx.target_batch`; DGA): the loop then refuses, before the run, a target whose training split
+is too short for one window. `state_options`: the names of the options that the mixer's saved
+state depends on (e.g. Chameleon's layer: its saved embeddings come from it). A resumed run must
+keep them; the loop refuses a change (values compared with ==). Where what the state depends on
+varies with the options, `state_options` is a method instead: `state_options(saved, options)`,
+given the options of the run that saved the state and those of the resumed run (both with the
+defaults filled in), returns the names of the options whose change the saved state cannot
+follow (DGA: `mode` and `precondition`, but only where the saved or the new mode is inline, the
+one mode that saves a target; Chameleon: the same proxy file named two ways is no change).
 """
 import inspect
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional, Protocol, Union, runtime_checkable
 
@@ -67,7 +79,8 @@ class Mixer(Protocol):
     def load_state_dict(self, state: dict) -> None:
         """Called on every rank with the saved state (rank 0's)."""
 
-    # optional: prepare(ctx) -> None; record(ctx, domain_ids) -> ContextManager; close() -> None (see above)
+    # optional: check_model(model) -> None; prepare(ctx) -> None; record(ctx, domain_ids) -> ContextManager;
+    # close() -> None; needs_target; state_options (see above)
 
 
 # name -> factory(store, **options) -> Mixer. New mixers register with one entry.
@@ -80,6 +93,22 @@ def check_counts(**counts):
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_number(name, value, low=-math.inf, high=math.inf, *, low_open=False, high_open=False):
+    """float(value), or a ValueError naming the option unless `value` is a finite real number
+    (not a bool, a string or None, as --mixer-option can give) within [low, high] (an open end
+    where low_open / high_open)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if math.isinf(high):
+            bound = f"{'>' if low_open else '>='} {low}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
 
 
 def register_mixer(name, factory, options_of=None):

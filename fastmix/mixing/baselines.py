@@ -1,7 +1,7 @@
 """Static mixers: their weights never change during training."""
 import torch
 
-from fastmix.mixing.base import register_mixer
+from fastmix.mixing.base import check_number, register_mixer
 
 
 class StaticMixer:
@@ -40,11 +40,13 @@ class Temperature(StaticMixer):
     """Natural token proportions to the power 1/T: T=1 samples by size, T→∞ is uniform."""
 
     def __init__(self, token_counts, temperature=2.0):
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = check_number("temperature", temperature, 0, low_open=True)
         counts = torch.as_tensor(token_counts, dtype=torch.float64)
-        self.temperature = float(temperature)
-        super().__init__((counts / counts.sum()) ** (1.0 / self.temperature))
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()) or not float(counts.sum()) > 0:
+            raise ValueError(f"token counts must be finite, non-negative and not all zero, got {counts.tolist()}")
+        # p^(1/T) normalised, as a softmax of log(p) / T: finite whatever T > 0 (a tiny T would
+        # underflow p^(1/T) to 0 for every domain; here it tends to all weight on the largest)
+        super().__init__(torch.softmax(torch.log(counts / counts.sum()) / self.temperature, 0))
 
 
 register_mixer("uniform", lambda store, **options: Uniform(store.num_domains, **options), options_of=Uniform)

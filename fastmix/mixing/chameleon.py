@@ -25,7 +25,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from fastmix.chameleon import EmbeddingAccumulator, chameleon_weights, check_weight_options, domain_embeddings
+from fastmix.chameleon import (EmbeddingAccumulator, chameleon_weights, check_weight_options, domain_embeddings,
+                               resolve_layer)
 from fastmix.mixing.base import check_counts, register_mixer
 from fastmix.mixing.dga import _all_reduce, shard_balanced, _world
 
@@ -33,9 +34,6 @@ SOURCES = ("online", "offline")
 
 
 class Chameleon:
-    # the saved embeddings (and the window's sums) come from this model and this layer
-    state_options = ("source", "checkpoint", "layer")
-
     def __init__(self, domains, source="online", checkpoint=None, lam=10.0, mode="pretrain", temperature=None,
                  interval=10, rows_per_domain=4, floor=0.0, layer="middle"):
         # every option is checked here, not at the first update, which may come many steps later
@@ -55,6 +53,9 @@ class Chameleon:
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
             raise ValueError(f"floor must be a number in [0, 1], got {floor!r}")
         check_counts(interval=interval, rows_per_domain=rows_per_domain)
+        # the type here; whether the model has that layer, in check_model (or _build_chameleon, offline)
+        if isinstance(layer, bool) or not isinstance(layer, (str, int, torch.nn.Module)):
+            raise ValueError(f"layer must be 'middle', a block index or a submodule name, got {layer!r}")
         self.source, self.checkpoint, self.lam, self.mode = source, checkpoint, float(lam), mode
         self.temperature = temperature
         self.interval, self.rows_per_domain, self.floor, self.layer = interval, rows_per_domain, float(floor), layer
@@ -76,7 +77,23 @@ class Chameleon:
     def weights(self):
         return self._weights.clone()
 
+    def state_options(self, saved, options):
+        """The options a resumed run may not change (see fastmix.mixing.base): the saved embeddings
+        (and the window's sums) come from this source, this layer and, offline, this proxy
+        checkpoint (the same file however named: a run directory or its ckpt.pt)."""
+        changed = [key for key in ("source", "layer") if saved.get(key) != options.get(key)]
+        if "offline" in (saved.get("source"), options.get("source")) and \
+                _checkpoint_file(saved.get("checkpoint")) != _checkpoint_file(options.get("checkpoint")):
+            changed.append("checkpoint")
+        return changed
+
     # ------------------------------------------------------------------ protocol
+    def check_model(self, model):
+        """ValueError unless `layer` names a layer of the training model (online: the one the
+        embeddings come from; offline the proxy's was checked when the mixer was built)."""
+        if self.source == "online":
+            _check_layer(model, self.layer)
+
     def prepare(self, ctx):
         if not self._missing:
             return
@@ -248,14 +265,42 @@ def _gather(tensor):
     return torch.stack(parts)
 
 
+def _checkpoint_file(checkpoint):
+    """The real path of the ckpt.pt that checkpoint=... names (a file, or a run directory holding
+    one); None for None."""
+    if checkpoint is None:
+        return None
+    path = checkpoint if os.path.isfile(checkpoint) else os.path.join(checkpoint, "ckpt.pt")
+    return os.path.realpath(path)
+
+
+def _check_layer(model, layer):
+    """ValueError unless `layer` resolves to a module of `model`, the way the embeddings will."""
+    try:
+        resolve_layer(model, layer)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+
+
 def _build_chameleon(store, **options):
     mixer = Chameleon(store.domains, **options)
     if mixer.source == "offline":  # the proxy must read the store's tokens (else an index error mid-forward)
-        path = mixer.checkpoint if os.path.isfile(mixer.checkpoint) else os.path.join(mixer.checkpoint, "ckpt.pt")
-        vocab = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["model"]["lm_head.weight"].shape[0]
+        from fastmix.model import GPT, GPTConfig
+
+        ckpt = torch.load(_checkpoint_file(mixer.checkpoint), map_location="cpu", weights_only=False, mmap=True)
+        vocab = ckpt["model"]["lm_head.weight"].shape[0]
         if store.vocab_size > vocab:
             raise ValueError(f"checkpoint={mixer.checkpoint!r}: its model reads {vocab} tokens but the store's "
                              f"tokenizer has {store.vocab_size}: the proxy must be trained on this tokenizer")
+        # and it must have the layer (a skeleton of the proxy on the meta device: no weights, no RNG used)
+        cfg = ckpt["config"]
+        with torch.device("meta"):
+            proxy = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=vocab, n_layer=cfg["n_layer"],
+                                  n_head=cfg["n_head"], n_embd=cfg["n_embd"], bias=cfg["bias"]))
+        try:
+            _check_layer(proxy, mixer.layer)
+        except ValueError as error:
+            raise ValueError(f"checkpoint={mixer.checkpoint!r}: {error}") from None
     return mixer
 
 

@@ -48,7 +48,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from fastmix.mixing.base import check_counts, register_mixer
+from fastmix.mixing.base import check_counts, check_number, register_mixer
 from fastmix.probe import AlignmentProbe
 
 MODES = ("exact", "stratified", "inline")
@@ -167,8 +167,7 @@ class DGA:
     """Dynamic Gradient Alignment (see the module docstring). `weights` is a float64 CPU
     tensor on the simplex, every entry >= floor / k."""
 
-    # an inline run saves its target, taken in its mode and preconditioned as it says
-    state_options = ("mode", "precondition")
+    needs_target = True  # every update draws a target batch (see fastmix.mixing.base)
 
     def __init__(self, num_domains, step_size=100.0, ema=0.2, floor=0.05, interval=10,
                  precondition="none", mode="stratified", rows_per_domain=1, target_rows=4, target_every=10):
@@ -178,17 +177,14 @@ class DGA:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if precondition not in PRECONDITIONS:
             raise ValueError(f"precondition must be one of {PRECONDITIONS}, got {precondition!r}")
-        if not 0 <= ema < 1:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
-        if not 0 <= floor <= 1:
-            raise ValueError(f"floor must be in [0, 1], got {floor}")
+        # numbers checked as numbers: --mixer-option floor=null or ema=x give None or a string
+        ema = check_number("ema", ema, 0, 1, high_open=True)
+        floor = check_number("floor", floor, 0, 1)
         check_counts(interval=interval, rows_per_domain=rows_per_domain, target_rows=target_rows,
                      target_every=target_every)
-        if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size) \
-                or step_size < 0:
-            raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}")
+        step_size = check_number("step_size", step_size, 0)
         self.num_domains = int(num_domains)
-        self.step_size, self.ema, self.floor = float(step_size), float(ema), float(floor)
+        self.step_size, self.ema, self.floor = step_size, ema, floor
         self.interval, self.mode, self.precondition = int(interval), mode, precondition
         self.rows_per_domain, self.target_rows = int(rows_per_domain), int(target_rows)
         self.target_every = int(target_every)
@@ -208,6 +204,15 @@ class DGA:
     @property
     def weights(self):
         return self._weights.clone()
+
+    def state_options(self, saved, options):
+        """The options (`mode`, `precondition`) a resumed run may not change (see
+        fastmix.mixing.base): only an inline run saves state that depends on them (its target,
+        taken in the inline way and preconditioned as `precondition` says), so they must stay
+        where the saved or the new mode is inline; the other modes save weights and scores only."""
+        if "inline" not in (saved.get("mode"), options.get("mode")):
+            return []
+        return [key for key in ("mode", "precondition") if saved.get(key) != options.get(key)]
 
     def prepare(self, ctx):
         """Inline mode hooks the training model now, before its first forward: torch.compile

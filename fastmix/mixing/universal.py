@@ -19,6 +19,8 @@ from fastmix.mixing.dga import DGA
 
 
 class Universal(DGA):
+    needs_target = False  # its target is the training gradient
+
     def __init__(self, num_domains, step_size=100.0, ema=0.2, floor=0.05, interval=10, precondition="none",
                  mode="stratified", rows_per_domain=1):
         super().__init__(num_domains, step_size=step_size, ema=ema, floor=floor, interval=interval,
