@@ -28,6 +28,25 @@ def device_backend_params(op):
     return params
 
 
+def run_distributed(worker, tmp_path, *args, world=2):
+    """Runs worker(rank, world, *args) in `world` processes joined in one gloo group. The group
+    meets through a file in tmp_path, not a TCP port another process could take meanwhile."""
+    import torch.multiprocessing as mp
+
+    init_file = os.path.join(str(tmp_path), "process_group_init")
+    mp.spawn(_distributed_worker, args=(world, init_file, worker, args), nprocs=world, join=True)
+
+
+def _distributed_worker(rank, world, init_file, worker, args):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="session")
 def store_dir(tmp_path_factory):
     """A small built-in corpus store, built once per test run (read-only for the tests)."""

@@ -2,15 +2,14 @@
 to check that the ranks drew disjoint rows and ended with identical models."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_distributed
 from fastmix.data import MixtureSampler
 from fastmix.data.store import DomainStore
 from fastmix.train import TrainConfig, train
@@ -21,29 +20,18 @@ TINY = dict(batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16, warmup_
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, store_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        # the sampler the loop builds draws exactly these rows first (draws are pure functions of the seed)
-        sampler = MixtureSampler(DomainStore(store_dir), None, TINY["batch_size"], TINY["block_size"], seed=0,
-                                 prefetch=False)
-        first_x = sampler.next_batch()[0]
-        result = train(TrainConfig(data=store_dir, out=out, **TINY))
-        torch.save({"first_x": first_x, "model": result.model.state_dict(),
-                    "losses": [r["train_loss"] for r in result.metrics]}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, store_dir, out):
+    # the sampler the loop builds draws exactly these rows first (draws are pure functions of the seed)
+    sampler = MixtureSampler(DomainStore(store_dir), None, TINY["batch_size"], TINY["block_size"], seed=0,
+                             prefetch=False)
+    first_x = sampler.next_batch()[0]
+    result = train(TrainConfig(data=store_dir, out=out, **TINY))
+    torch.save({"first_x": first_x, "model": result.model.state_dict(),
+                "losses": [r["train_loss"] for r in result.metrics]}, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_ranks_draw_disjoint_rows_and_stay_identical(store_dir, tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), store_dir, str(tmp_path)), nprocs=2, join=True)
+    run_distributed(_worker, tmp_path, store_dir, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     rows0, rows1 = ({tuple(row.tolist()) for row in r["first_x"]} for r in (r0, r1))
     assert not rows0 & rows1
@@ -55,8 +43,8 @@ def test_ranks_draw_disjoint_rows_and_stay_identical(store_dir, tmp_path):
 
 
 def test_torchrun(store_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "fastmix.train", "--data", store_dir, "--out", str(tmp_path / "run"),
+    # --standalone: torchrun picks its own free port for the rendezvous
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmix.train", "--data", store_dir, "--out", str(tmp_path / "run"),
            "--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
            "--max-steps", "3", "--eval-batches", "1", "--device", "cpu", "--quiet", "--no-plot"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -4,15 +4,14 @@ import contextlib
 import json
 import os
 import re
-import socket
 import types
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_distributed
 from fastmix.chameleon import chameleon_weights
 from fastmix.cli import build_parser
 from fastmix.data import DomainStore, StoreWriter
@@ -332,64 +331,48 @@ def test_a_static_mixer_resumed_on_more_domains_says_why_it_cannot(store_dir, tm
         _run(bigger, tmp_path / "run", max_steps=4, resume=True)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_RUNS = [("dga", {"mode": "stratified", "interval": 1}), ("dga", {"mode": "inline", "interval": 1}),
             ("dga", {"mode": "exact", "interval": 2}), ("universal", {"mode": "stratified", "interval": 1}),
             ("chameleon", {"interval": 1})]
 
 
-def _ddp_worker(rank, world, port, store_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        weights = {}
-        for i, (mixer, options) in enumerate(DDP_RUNS):
-            # the loop itself checks at every log step that all ranks hold the same weights
-            result = train(TrainConfig(data=store_dir, out=os.path.join(out, str(i)), mixer=mixer,
-                                       mixer_options=options, max_steps=3, log_interval=1, eval_interval=3,
-                                       **TINY))
-            weights[i] = result.mixer.weights
-        torch.save(weights, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, store_dir, out):
+    weights = {}
+    for i, (mixer, options) in enumerate(DDP_RUNS):
+        # the loop itself checks at every log step that all ranks hold the same weights
+        result = train(TrainConfig(data=store_dir, out=os.path.join(out, str(i)), mixer=mixer,
+                                   mixer_options=options, max_steps=3, log_interval=1, eval_interval=3,
+                                   **TINY))
+        weights[i] = result.mixer.weights
+    torch.save(weights, os.path.join(out, f"rank{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_ddp_ranks_hold_identical_weights(store_dir, tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), store_dir, str(tmp_path)), nprocs=2, join=True)
+    run_distributed(_ddp_worker, tmp_path, store_dir, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     for i in r0:
         assert torch.equal(r0[i], r1[i]), DDP_RUNS[i]
         assert not torch.equal(r0[i], torch.full_like(r0[i], 0.1)), DDP_RUNS[i]  # updated
 
 
-def _ddp_resume_worker(rank, world, port, store_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        common = dict(mixer="chameleon", mixer_options={"interval": 4}, log_interval=1, eval_interval=100,
-                      checkpoint_interval=2, lr_decay_steps=4, **TINY)
-        full = train(TrainConfig(data=store_dir, out=os.path.join(out, "full"), max_steps=4, **common))
-        train(TrainConfig(data=store_dir, out=os.path.join(out, "part"), max_steps=2, **common))
-        dist.barrier()  # rank 0 has written the checkpoint
-        resumed = train(TrainConfig(data=store_dir, out=os.path.join(out, "part"), max_steps=4, resume=True,
-                                    **common))
-        torch.save({"full": full.mixer.weights, "resumed": resumed.mixer.weights},
-                   os.path.join(out, f"resume{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_resume_worker(rank, world, store_dir, out):
+    common = dict(mixer="chameleon", mixer_options={"interval": 4}, log_interval=1, eval_interval=100,
+                  checkpoint_interval=2, lr_decay_steps=4, **TINY)
+    full = train(TrainConfig(data=store_dir, out=os.path.join(out, "full"), max_steps=4, **common))
+    train(TrainConfig(data=store_dir, out=os.path.join(out, "part"), max_steps=2, **common))
+    dist.barrier()  # rank 0 has written the checkpoint
+    resumed = train(TrainConfig(data=store_dir, out=os.path.join(out, "part"), max_steps=4, resume=True,
+                                **common))
+    torch.save({"full": full.mixer.weights, "resumed": resumed.mixer.weights},
+               os.path.join(out, f"resume{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_ddp_resume_mid_window_is_exact(store_dir, tmp_path):
     """Online Chameleon's window of embeddings differs per rank (each sees its own rows): a
     checkpoint in mid-window must keep every rank's, not rank 0's for all."""
-    mp.spawn(_ddp_resume_worker, args=(2, _free_port(), store_dir, str(tmp_path)), nprocs=2, join=True)
+    run_distributed(_ddp_resume_worker, tmp_path, store_dir, str(tmp_path))
     for rank in range(2):
         got = torch.load(tmp_path / f"resume{rank}.pt")
         assert torch.equal(got["full"], got["resumed"]), rank
@@ -423,29 +406,24 @@ def test_cli_help_and_dga_run(store_dir, tmp_path, capsys):
         _run(store_dir, tmp_path / "bad", max_steps=1, mixer="uniform", dga_mode="inline")
 
 
-def _score_worker(rank, world, port, out):
+def _score_worker(rank, world, out):
     from fastmix.mixing.dga import exact_scores, flat_grad, probe_scores, shard_balanced
     from fastmix.model import GPT, GPTConfig, lm_loss
     from fastmix.probe import AlignmentProbe
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        data = torch.load(os.path.join(out, "data.pt"))
-        model = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=1, n_head=2, n_embd=8)).double()
-        model.load_state_dict(data["model"])
-        probe = AlignmentProbe(model, 3)
-        model.zero_grad()
-        lm_loss(model, *data["target"]).backward()
-        probe.set_target()
-        target = flat_grad(model)
-        model.zero_grad(set_to_none=True)
-        x, y, ids = shard_balanced(*data["balanced"], 3)
-        fast = probe_scores(probe, model, lm_loss, x, y, ids)
-        slow = exact_scores(model, lm_loss, x, y, ids, target, 3)
-        torch.save({"fast": fast, "slow": slow}, os.path.join(out, f"scores{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    data = torch.load(os.path.join(out, "data.pt"))
+    model = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=1, n_head=2, n_embd=8)).double()
+    model.load_state_dict(data["model"])
+    probe = AlignmentProbe(model, 3)
+    model.zero_grad()
+    lm_loss(model, *data["target"]).backward()
+    probe.set_target()
+    target = flat_grad(model)
+    model.zero_grad(set_to_none=True)
+    x, y, ids = shard_balanced(*data["balanced"], 3)
+    fast = probe_scores(probe, model, lm_loss, x, y, ids)
+    slow = exact_scores(model, lm_loss, x, y, ids, target, 3)
+    torch.save({"fast": fast, "slow": slow}, os.path.join(out, f"scores{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -461,7 +439,7 @@ def test_ddp_scores_equal_the_single_process_scores(tmp_path, seed):
     t = torch.randint(0, 17, (2, 9))
     target = (t[:, :-1].contiguous(), t[:, 1:].contiguous())
     torch.save({"model": model.state_dict(), "balanced": balanced, "target": target}, tmp_path / "data.pt")
-    mp.spawn(_score_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_distributed(_score_worker, tmp_path, str(tmp_path))
     lm_loss(model, *target).backward()
     want = exact_scores(model, lm_loss, *balanced, flat_grad(model), 3)
     for rank in range(2):

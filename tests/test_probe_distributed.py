@@ -1,13 +1,12 @@
 """AlignmentProbe under torch.distributed (2 gloo CPU processes): result() averages the
 ranks' scores, as DDP averages their gradients, so every rank sees the same numbers."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_distributed
 from fastmix import AlignmentProbe
 from fastmix.model import GPT, GPTConfig
 
@@ -30,26 +29,18 @@ def _scores(model, probe, x, ids):
         model(x, torch.roll(x, -1, 1))[1].backward()
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, target, batches, ids = _model_and_batches()
-        probe = AlignmentProbe(model, K)
-        model(target, torch.roll(target, -1, 1))[1].backward()
-        probe.set_target()
-        _scores(model, probe, batches[rank], ids[rank])
-        result = probe.result()
-        torch.save({"dots": result.dots, "counts": result.counts}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, out):
+    model, target, batches, ids = _model_and_batches()
+    probe = AlignmentProbe(model, K)
+    model(target, torch.roll(target, -1, 1))[1].backward()
+    probe.set_target()
+    _scores(model, probe, batches[rank], ids[rank])
+    result = probe.result()
+    torch.save({"dots": result.dots, "counts": result.counts}, os.path.join(out, f"rank{rank}.pt"))
 
 
 def test_result_is_averaged_over_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_distributed(_worker, tmp_path, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     model, target, batches, ids = _model_and_batches()  # the same, in one process
