@@ -196,14 +196,25 @@ def _gram(a):
     return gram
 
 
+# Matrices whose largest |entry| lies in this range are used as they are: their σ² and
+# centring sums fit float32 for any size this library handles. Outside it they are scaled.
+_UNSCALED_RANGE = (2.0**-40, 2.0**40)
+
+
 def _power_of_two_scale(x):
-    """2^e ≤ max|x| < 2^(e+1) of every (m, n) matrix of x (..., m, n), as (..., 1, 1): x divided
-    by it is exact and at most 2 in magnitude, so neither the centring mean nor the SVD of
-    inputs near the dtype's largest value overflows (their top singular value may not fit)."""
+    """(..., 1, 1): 1 for every (m, n) matrix of x (..., m, n) whose largest |entry| is in
+    _UNSCALED_RANGE (or 0); else 2^e with 2^e ≤ max|x| < 2^(e+1), which divides x exactly to
+    at most 2 in magnitude, so that neither the centring mean nor the SVD of inputs near the
+    dtype's largest value overflows (their top singular value may not fit), nor tiny ones
+    underflow."""
+    ones = torch.ones(*x.shape[:-2], 1, 1, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        return torch.ones(*x.shape[:-2], 1, 1, dtype=x.dtype, device=x.device)
-    _, exponent = torch.frexp(x.abs().amax((-2, -1), keepdim=True))
-    return torch.ldexp(torch.ones_like(x[..., :1, :1]), exponent - 1)
+        return ones
+    # max |x| without a copy (abs) or vector_norm's slow inf-norm path: the larger of max and -min
+    top = torch.maximum(x.amax((-2, -1), keepdim=True), -x.amin((-2, -1), keepdim=True))
+    _, exponent = torch.frexp(top)
+    low, high = _UNSCALED_RANGE
+    return torch.where((top == 0) | ((top >= low) & (top <= high)), ones, torch.ldexp(ones, exponent - 1))
 
 
 def _leverage_primal(a, lams, rtol, backend):
@@ -259,7 +270,8 @@ def ridge_leverage_scores(a, lam, center=False, *, method="auto", backend=None, 
     # τ is unchanged when a is scaled by c and λ by c²: work on a / c, c a power of two
     x = a.to(work)
     scale = _power_of_two_scale(x)
-    x = x / scale
+    if bool((scale != 1).any()):  # most inputs need no division (and no copy)
+        x = x / scale
     if center:
         x = x - x.mean(-2, keepdim=True)
     if method == "auto":
