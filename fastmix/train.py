@@ -274,6 +274,17 @@ def _save_checkpoint(path, step, model, optimizer, sampler, mixer_state, store, 
     _replace_atomic(path, lambda tmp: torch.save(state, tmp))  # a crash mid-save keeps the previous checkpoint
 
 
+def _own_window(saved, rank, world):
+    """This rank's share of a saved training-loss window: (world,) sums, one per rank, or one
+    sum for every rank (older checkpoints). Resumed on another number of ranks, rank 0 holds
+    what makes the records' mean over ranks come out the same."""
+    if saved.dim() == 0:
+        return saved.clone()
+    if saved.numel() == world:
+        return saved[rank].clone()
+    return saved.sum() / saved.numel() * world if rank == 0 else torch.zeros_like(saved[0])
+
+
 def checkpoint_step(out):
     """The step of the checkpoint in the run directory `out`; None when it has none."""
     path = os.path.join(out, "ckpt.pt")
@@ -551,7 +562,7 @@ def _train(config, rank, world, device):
         window_loss = torch.zeros((), device=device)
         window_steps = 0
         if loss_window is not None:
-            window_loss, window_steps = loss_window["sum"].to(device).clone(), loss_window["steps"]
+            window_loss, window_steps = _own_window(loss_window["sum"], rank, world).to(device), loss_window["steps"]
         window_start, timed_steps = time.perf_counter(), 0
         model.train()
         for step in range(start_step, config.max_steps):
@@ -591,10 +602,12 @@ def _train(config, rank, world, device):
             checkpoint = done % config.checkpoint_interval == 0 or done == config.max_steps
             if checkpoint:  # the window an uninterrupted run carries past this step: empty after a record
                 carried = window_loss.clone() if not regular_record else torch.zeros_like(window_loss)
-                if world > 1:
-                    dist.all_reduce(carried)  # the ranks' mean, restored on every rank
-                    carried /= world
-                loss_window = {"sum": carried.cpu(), "steps": 0 if regular_record else window_steps}
+                per_rank = [torch.empty_like(carried) for _ in range(world)]
+                if world > 1:  # every rank's own sum: a resumed record then adds up as the uninterrupted one
+                    dist.all_gather(per_rank, carried)
+                else:
+                    per_rank = [carried]
+                loss_window = {"sum": torch.stack(per_rank).cpu(), "steps": 0 if regular_record else window_steps}
             if regular_record or done == config.max_steps:
                 if world > 1:
                     dist.all_reduce(window_loss)

@@ -357,25 +357,30 @@ def test_ddp_ranks_hold_identical_weights(store_dir, tmp_path):
 
 
 def _ddp_resume_worker(rank, world, store_dir, out):
-    common = dict(mixer="chameleon", mixer_options={"interval": 4}, log_interval=1, eval_interval=100,
+    # log_interval 3: the checkpoint at step 2 falls inside a window of the training loss too
+    common = dict(mixer="chameleon", mixer_options={"interval": 4}, log_interval=3, eval_interval=100,
                   checkpoint_interval=2, lr_decay_steps=4, **TINY)
     full = train(TrainConfig(data=store_dir, out=os.path.join(out, "full"), max_steps=4, **common))
     train(TrainConfig(data=store_dir, out=os.path.join(out, "part"), max_steps=2, **common))
     dist.barrier()  # rank 0 has written the checkpoint
     resumed = train(TrainConfig(data=store_dir, out=os.path.join(out, "part"), max_steps=4, resume=True,
                                 **common))
-    torch.save({"full": full.mixer.weights, "resumed": resumed.mixer.weights},
+    losses = [[r["train_loss"] for r in result.metrics if r["step"] > 2] for result in (full, resumed)]
+    torch.save({"full": full.mixer.weights, "resumed": resumed.mixer.weights, "losses": losses},
                os.path.join(out, f"resume{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_ddp_resume_mid_window_is_exact(store_dir, tmp_path):
-    """Online Chameleon's window of embeddings differs per rank (each sees its own rows): a
-    checkpoint in mid-window must keep every rank's, not rank 0's for all."""
+    """Online Chameleon's window of embeddings, and the loop's window of the training loss, differ
+    per rank (each sees its own rows): a checkpoint in mid-window must keep every rank's, not
+    rank 0's for all nor their mean (the records after the resume would differ in the last bits)."""
     run_distributed(_ddp_resume_worker, tmp_path, store_dir, str(tmp_path))
     for rank in range(2):
         got = torch.load(tmp_path / f"resume{rank}.pt")
         assert torch.equal(got["full"], got["resumed"]), rank
+        full_losses, resumed_losses = got["losses"]
+        assert full_losses == resumed_losses and (rank > 0 or len(full_losses) == 2), rank
         assert not torch.equal(got["full"], torch.full_like(got["full"], 0.1))  # updated at step 4
 
 

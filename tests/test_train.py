@@ -445,3 +445,14 @@ def test_summary_shows_the_final_weights(store_dir, tmp_path, capsys):
     assert float(final[0]) == pytest.approx(20 / (20 + k - 1))
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(domain + " "))
     assert row.split()[1:3] == ["domain", f"{float(final[0]):.3f}"]
+
+
+def test_a_saved_loss_window_is_shared_out_whatever_the_number_of_ranks():
+    from fastmix.train import _own_window
+
+    per_rank = torch.tensor([1.0, 3.0])  # two ranks' sums: their records show the mean, 2.0
+    assert [float(_own_window(per_rank, r, 2)) for r in range(2)] == [1.0, 3.0]
+    assert float(_own_window(per_rank, 0, 1)) == 2.0  # one process: the same mean
+    shares = [float(_own_window(per_rank, r, 4)) for r in range(4)]
+    assert sum(shares) / 4 == 2.0 and shares[1:] == [0.0, 0.0, 0.0]
+    assert float(_own_window(torch.tensor(2.5), 1, 2)) == 2.5  # an older checkpoint: one sum for all
