@@ -280,7 +280,7 @@ def _own_window(saved, rank, world):
     what makes the records' mean over ranks come out the same."""
     if saved.dim() == 0:
         return saved.clone()
-    if saved.numel() == world:
+    if saved.numel() == world and rank < world:
         return saved[rank].clone()
     return saved.sum() / saved.numel() * world if rank == 0 else torch.zeros_like(saved[0])
 
