@@ -14,9 +14,13 @@ def plot_run(records, domains, targets, path, final=None):
     fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(13, 4.5))
     final = records[-1]["weights"] if final is None else final
     shown = sorted(domains, key=lambda d: -final.get(d, 0.0))[:_MAX_LINES]
+    # one colour per domain in both panels; targets in greys, drawn thick
+    palette = plt.cm.tab10 if len(shown) <= 10 else plt.cm.tab20
+    colour = {d: palette(i % palette.N) for i, d in enumerate(shown)}
+    colour.update({t: str(0.55 * i / max(1, len(targets) - 1)) for i, t in enumerate(targets)})
     for d in shown:  # a domain added on resume has no weight in the records before it
         present = [r for r in records if d in r["weights"]]
-        ax_w.plot([r["step"] for r in present], [r["weights"][d] for r in present], label=d)
+        ax_w.plot([r["step"] for r in present], [r["weights"][d] for r in present], label=d, color=colour[d])
     ax_w.set(title="domain weights", xlabel="step", ylabel="weight", ylim=(0, None))
     ax_w.legend(fontsize=7, ncol=2)
 
@@ -25,7 +29,7 @@ def plot_run(records, domains, targets, path, final=None):
         xs = [r["step"] for r in evals if name in r["eval"]]
         is_target = name in targets
         ax_l.plot(xs, [r["eval"][name] for r in evals if name in r["eval"]],
-                  label=f"target: {name}" if is_target else name,
+                  label=f"target: {name}" if is_target else name, color=colour[name],
                   linewidth=2.5 if is_target else 1, linestyle="-" if is_target else ":")
     ax_l.set(title="held-out loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     ax_l.legend(fontsize=7, ncol=2)
