@@ -123,9 +123,9 @@ def _hidden(output):
 
 
 def masked_mean(hidden, mask=None):
-    """Per-sample mean of hidden (B, T, d) over the positions where mask (B, T) is true, in
-    float32 (float64 for float64). hidden (B, d) is returned as is. A sample without any
-    valid position gives NaN."""
+    """Per-sample mean of hidden (B, T, d) over the positions where mask (B, T) is true (or
+    weighted by it, for a soft mask of weights >= 0), in float32 (float64 for float64).
+    hidden (B, d) is returned as is. A sample without any valid position gives NaN."""
     acc = accumulation_dtype(hidden.dtype)
     hidden = hidden.detach().to(acc)
     if hidden.dim() == 2:
@@ -137,8 +137,9 @@ def masked_mean(hidden, mask=None):
     if tuple(mask.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
     weights = mask.to(device=hidden.device, dtype=acc)
-    # where(), not a product: padded positions never enter, even if they hold inf or NaN
-    total = torch.where(weights.unsqueeze(-1) > 0, hidden, 0).sum(1)
+    weights = torch.where(weights > 0, weights, 0)
+    # where(), not only a product: padded positions never enter, even if they hold inf or NaN
+    total = torch.where(weights.unsqueeze(-1) > 0, hidden * weights.unsqueeze(-1), 0).sum(1)
     return total / weights.sum(1, keepdim=True)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fastmix
-from fastmix.chameleon import EmbeddingAccumulator, chameleon_weights, domain_embeddings, resolve_layer
+from fastmix.chameleon import EmbeddingAccumulator, chameleon_weights, domain_embeddings, masked_mean, resolve_layer
 
 
 def recipe(e, lam=10.0, mode="pretrain", temperature=None):
@@ -192,6 +192,17 @@ def test_domain_embeddings_masked_mean(seed):
     np.testing.assert_allclose(by_name.numpy(), by_module.numpy())
     np.testing.assert_allclose(by_name[0].numpy(), manual_embedding(model, domains[0], 2, 0).numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_masked_mean_weights_by_a_soft_mask(seed):
+    hidden = torch.randn(2, 4, 3)
+    hidden[1, 3] = float("nan")  # a padded position: never enters
+    mask = torch.tensor([[1.0, 0.5, 0.0, 2.0], [0.25, 1.0, 1.0, 0.0]])
+    want = (hidden.nan_to_num() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+    torch.testing.assert_close(masked_mean(hidden, mask), want)
+    binary = mask > 0
+    torch.testing.assert_close(masked_mean(hidden, binary), torch.stack(
+        [hidden[i][binary[i]].mean(0) for i in range(2)]))
 
 
 def test_padding_never_enters_and_domains_are_independent(seed):
