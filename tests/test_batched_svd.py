@@ -75,6 +75,19 @@ def test_huge_and_tiny_scales(seed, device, backend, scale):
     check_svd(a, *batched_svd(a, backend=backend), TOL[torch.float32])
 
 
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("scale", [1e-310, 1e-320, 1e300])
+def test_float64_subnormal_and_huge_scales(seed, device, backend, scale):
+    """A subnormal largest entry: the kernel's 2^-e scale factor itself overflowed (NaN out)."""
+    g = torch.Generator().manual_seed(seed)
+    a = (make("gaussian", (2, 5, 3), torch.float64, "cpu", g) * scale).to(device)
+    u, s, vh = batched_svd(a, backend=backend)
+    want = torch.linalg.svdvals(a.cpu())
+    assert torch.isfinite(s).all() and torch.isfinite(u).all() and torch.isfinite(vh).all()
+    # a subnormal keeps only the bits above 2^-1074: compare to the precision the input has
+    torch.testing.assert_close(s.cpu(), want, rtol=1e-11 if scale > 1e-300 else 1e-3, atol=0)
+
+
 @pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(m=st.integers(1, 24), n=st.integers(1, 24), batch=st.integers(1, 3),

@@ -205,15 +205,18 @@ void reduce_rows(int64_t n_rows, const int64_t* segment_ids, int64_t num_segment
                  const Chunk& chunk) {
   const int64_t n_chunks = (n_rows + kChunkRows - 1) / kChunkRows;
   std::vector<double> totals(segment_ids ? static_cast<size_t>(num_segments) : 0, 0.0);
-#pragma omp parallel if (n_chunks > 1)
+  const int threads = n_chunks > 1 ? max_threads() : 1;
+  std::vector<Acc> row_outs(static_cast<size_t>(threads) * kChunkRows);
+  std::vector<double> locals(static_cast<size_t>(threads) * totals.size(), 0.0);
+#pragma omp parallel if (n_chunks > 1) num_threads(threads)
   {
-    std::vector<Acc> row_out(kChunkRows);
-    std::vector<double> local(totals.size(), 0.0);
+    Acc* row_out = row_outs.data() + static_cast<size_t>(thread_index()) * kChunkRows;
+    double* local = locals.data() + static_cast<size_t>(thread_index()) * totals.size();
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t start = c * kChunkRows;
       const int64_t count = std::min(kChunkRows, n_rows - start);
-      chunk(start, count, row_out.data());
+      chunk(start, count, row_out);
       for (int64_t r = 0; r < count; ++r) {
         if (!segment_ids) {
           out[start + r] = row_out[r];
@@ -224,7 +227,7 @@ void reduce_rows(int64_t n_rows, const int64_t* segment_ids, int64_t num_segment
       }
     }
 #pragma omp critical
-    for (size_t i = 0; i < local.size(); ++i) totals[i] += local[i];
+    for (size_t i = 0; i < totals.size(); ++i) totals[i] += local[i];
   }
   for (size_t i = 0; i < totals.size(); ++i) out[i] = static_cast<Acc>(totals[i]);
 }

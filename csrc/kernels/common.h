@@ -4,6 +4,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 // Hot loops of the CPU kernels: compiled for AVX-512, AVX2+FMA and the baseline, picked at
 // load time (GCC function multi-versioning); helpers forced inline into them.
@@ -21,6 +24,26 @@
 #endif
 
 namespace fastmix {
+
+// The threads an OpenMP parallel region may use, and this thread's index in its region (1
+// and 0 without OpenMP). Per-thread buffers are allocated before a region, for these many
+// threads: an allocation failure must throw from the kernel, not terminate the process from
+// inside the region.
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_index() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 // Element type of the floating-point inputs. Results are float32 for f32/bf16/f16
 // inputs and float64 for f64 inputs; accumulation is float32 or wider.
@@ -61,7 +84,7 @@ inline float f16_bits_to_float(uint16_t bits) {
 inline void widen_to_float(DType dtype, const void* src, int64_t count, float* dst) {
   switch (dtype) {
     case DType::f32:
-      std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(float));
+      if (count > 0) std::memcpy(dst, src, static_cast<size_t>(count) * sizeof(float));  // src may be null at 0
       return;
     case DType::bf16: {
       const auto* bits = static_cast<const uint16_t*>(src);

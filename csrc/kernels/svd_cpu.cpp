@@ -94,7 +94,9 @@ FASTMIX_ALWAYS_INLINE void jacobi_sweeps(T* w, T* norms, int64_t p, int64_t q, i
       for (int64_t t = 0; t < pairs; ++t) {
         const T alpha = norms[first[t]], beta = norms[second[t]], g = gamma[t];
         T tt = 0;
-        if (alpha > 0 && beta > 0 && std::fabs(g) > tol * std::sqrt(alpha * beta)) {
+        // sqrt(alpha) * sqrt(beta), not sqrt(alpha * beta): the product of two tiny norms
+        // underflows to 0 in float, and the test would then never stop rotating
+        if (alpha > 0 && beta > 0 && std::fabs(g) > tol * std::sqrt(alpha) * std::sqrt(beta)) {
           const T zeta = (beta - alpha) / (2 * g);
           const T root = std::fabs(zeta) < T(1e18) ? std::sqrt(1 + zeta * zeta) : std::fabs(zeta);
           tt = (zeta >= 0 ? T(1) : T(-1)) / (std::fabs(zeta) + root);
@@ -210,7 +212,7 @@ __attribute__((target("avx2,fma"))) void lane_sweeps(typename S::T* w, typename 
       const V g = lane_dot<S>(wx, wy, q);
       const V alpha = S::load(norms + x * L), beta = S::load(norms + y * L);
       V mask = S::and_(S::and_(S::gt(alpha, zero), S::gt(beta, zero)),
-                       S::gt(S::abs(g), S::mul(tol, S::sqrt(S::mul(alpha, beta)))));
+                       S::gt(S::abs(g), S::mul(S::mul(tol, S::sqrt(alpha)), S::sqrt(beta))));
       if (!S::any(mask)) continue;
       const V zeta = S::div(S::sub(beta, alpha), S::mul(two, g));
       const V az = S::abs(zeta);
@@ -432,12 +434,12 @@ void prepare_one(const T* a, int64_t m, int64_t n, Workspace<T>& ws, int64_t l) 
   int exponent = 0;
   if (amax > 0) std::frexp(amax, &exponent);
   ws.exponent[l] = exponent;
-  const double scale = std::ldexp(1.0, -exponent);
+  // ldexp on each entry, not a product with 2^-e: for a subnormal amax, 2^-e overflows
   if (tall) {
     for (int64_t r = 0; r < m; ++r)
-      for (int64_t c = 0; c < n; ++c) w0[c * q + r] = double(a[r * n + c]) * scale;
+      for (int64_t c = 0; c < n; ++c) w0[c * q + r] = std::ldexp(double(a[r * n + c]), -exponent);
   } else {
-    for (int64_t k = 0; k < m * n; ++k) w0[k] = double(a[k]) * scale;
+    for (int64_t k = 0; k < m * n; ++k) w0[k] = std::ldexp(double(a[k]), -exponent);
   }
 
   // Preconditioning: X = W0ᵀ (q x p), X P = Q R by pivoted Householder QR (in double); the
@@ -538,15 +540,22 @@ void batched_svd_impl(const T* a, int64_t batch, int64_t m, int64_t n, T* u, T* 
       pairs[2 * t] = std::max(x, y) >= p ? -1 : std::min(x, y);
       pairs[2 * t + 1] = std::max(x, y) >= p ? -1 : std::max(x, y);
     }
-#pragma omp parallel if (groups > 1)
-  {
-    Workspace<T> ws;
-    reserve(ws, p, q, lanes);
-    std::vector<T, AlignedAllocator<T>> lane_w, lane_norms;
+  // per-thread workspaces, allocated here (see max_threads)
+  const int threads = groups > 1 ? max_threads() : 1;
+  std::vector<Workspace<T>> spaces(static_cast<size_t>(threads));
+  std::vector<std::vector<T, AlignedAllocator<T>>> lane_ws(spaces.size()), lane_norms_of(spaces.size());
+  for (size_t t = 0; t < spaces.size(); ++t) {
+    reserve(spaces[t], p, q, lanes);
     if (lanes > 1) {
-      lane_w.resize(static_cast<size_t>(lanes * p * p));
-      lane_norms.resize(static_cast<size_t>(lanes * p));
+      lane_ws[t].resize(static_cast<size_t>(lanes * p * p));
+      lane_norms_of[t].resize(static_cast<size_t>(lanes * p));
     }
+  }
+#pragma omp parallel if (groups > 1) num_threads(threads)
+  {
+    Workspace<T>& ws = spaces[thread_index()];
+    auto& lane_w = lane_ws[thread_index()];
+    auto& lane_norms = lane_norms_of[thread_index()];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t first = g * lanes, count = std::min(lanes, batch - first);

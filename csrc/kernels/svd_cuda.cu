@@ -74,10 +74,10 @@ __global__ void __launch_bounds__(kThreads)
     exponent = e;
   }
   __syncthreads();
-  const double scale = ldexp(1.0, -exponent);
   for (int64_t k = tid; k < mn; k += kThreads) {
     const int64_t r = k / n, c = k % n;
-    const T v = static_cast<T>(double(a[k]) * scale);
+    // ldexp on each entry, not a product with 2^-e: for a subnormal top, 2^-e overflows
+    const T v = static_cast<T>(ldexp(double(a[k]), -exponent));
     if (tall) w[c * q + r] = v; else w[k] = v;
   }
   for (int64_t k = tid; k < static_cast<int64_t>(p) * p; k += kThreads)
