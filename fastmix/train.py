@@ -104,13 +104,26 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 0)
         if self.lr_decay_steps is not None:
             _check_int("lr_decay_steps", self.lr_decay_steps, 1)
-        for name in ("beta1", "beta2"):  # here, not in AdamW: a resumed run sets them on the loaded groups
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"--{name} must be a number in [0, 1), got {value!r}")
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
-                or not self.weight_decay >= 0:
-            raise ValueError(f"--weight-decay must be a number >= 0, got {self.weight_decay!r}")
+        # numbers checked here, not where they are used: a TOML file can give any type, and a bad
+        # value must stop the run before its directory is written (AdamW checks only its defaults)
+        for name, low, high in (("beta1", 0, 1), ("beta2", 0, 1), ("dropout", 0, 1)):
+            _check_float(name, getattr(self, name), low, high, high_open=True)
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            _check_float(name, getattr(self, name), 0)
+        for f in dataclasses.fields(self):
+            if f.type is bool and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be true or false, got {getattr(self, f.name)!r}")
+        for name in ("data", "out", "mixer", "device", "allocation"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"--{name} must be a string, got {getattr(self, name)!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite starts it afresh: give one")
+        # absolute: a resumed run (or `fastmix weights`) reads them back from config.json, maybe
+        # from another directory
+        if self.data != "builtin":
+            self.data = os.path.abspath(self.data)
+        if isinstance(self.mixer_options.get("checkpoint"), str):
+            self.mixer_options["checkpoint"] = os.path.abspath(self.mixer_options["checkpoint"])
         if self.allocation not in ("stratified", "multinomial"):
             raise ValueError(f"--allocation must be 'stratified' or 'multinomial', got {self.allocation!r}")
         if self.n_embd % self.n_head:
@@ -126,6 +139,13 @@ class TrainConfig:
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+
+def _check_float(name, value, low, high=math.inf, high_open=False):
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= low
+    if not ok or value > high or (high_open and value == high):
+        bound = f">= {low}" if high == math.inf else f"in [{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +366,19 @@ def _check_resumed_mixer_options(saved, options, mixer, name):
                          f"{before.get(key)!r}; the {name} mixer's saved state depends on it")
 
 
+def _check_resumed_target(ckpt, target, mixer):
+    """An inline DGA run saves its target task's gradient and reuses it for steps after a resume:
+    the task may change on resume only where neither run is inline."""
+    if not getattr(mixer, "needs_target", False):
+        return
+    saved = ckpt["config"]
+    saved_target = saved.get("target") or next(iter(ckpt.get("targets", [])), None)
+    saved_mode = _with_dga_mode(saved.get("mixer_options"), saved.get("dga_mode")).get("mode", "stratified")
+    if saved_target != target and "inline" in (saved_mode, getattr(mixer, "mode", None)):
+        raise UsageError(f"--resume: --target {target} differs from the checkpoint's {saved_target!r}, and an inline "
+                         "run's saved state holds that target's gradient: keep the target, or start a new run")
+
+
 def _check_windows(config, store, target):
     """UsageError unless every domain's training split holds a window of --block-size + 1 tokens,
     and the target's does where the mixer draws target batches (`target`: None where it does not)."""
@@ -466,6 +499,7 @@ def _train(config, rank, world, device):
     mixer, options = _build_mixer(config, store)
     if ckpt is not None:
         _check_resumed_mixer_options(ckpt["config"], options, mixer, config.mixer)
+        _check_resumed_target(ckpt, target, mixer)
     if hasattr(mixer, "check_model"):  # an option that does not fit the model (Chameleon's layer)
         try:
             mixer.check_model(model)
@@ -743,9 +777,18 @@ def _config_values(args):
                              "names, e.g. max_steps for --max-steps)")
         if not isinstance(layer.get("mixer_options", {}), dict):
             raise UsageError(f"{source}: mixer_options must be a table of option = value")
-        options.update(layer.get("mixer_options", {}))
+        layer_options = layer.get("mixer_options") or {}
+        # --dga-mode and the mixer option mode are one setting: a layer's, by either name,
+        # replaces the lower layers' (both names in one layer must agree: TrainConfig checks)
+        if layer.get("dga_mode") is not None:
+            options.pop("mode", None)
+        if "mode" in layer_options:
+            values["dga_mode"] = None
+        options.update(layer_options)
         values.update(layer)
-    return {**values, "mixer_options": options, "resume": resume}
+    # resume and overwrite say what to do now: never taken from a saved config
+    overwrite = given.get("overwrite", toml.get("overwrite", False))
+    return {**values, "mixer_options": options, "resume": resume, "overwrite": overwrite}
 
 
 def _read_toml(path):

@@ -158,10 +158,21 @@ def _truncated_copy(store_dir, dst):
     (["--config", "bad.toml"], "--config {tmp}/bad.toml: not valid TOML: Invalid value .at line 1, column 13"),
     (["--device", "gpu"], "--device 'gpu' is not a torch device"),
     (["--resume"], "--resume: no checkpoint at {tmp}/run/ckpt.pt"),
+    # numbers and switches of the wrong kind, as a TOML file can give them
+    (["--lr", "-1"], "--lr must be a finite number >= 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+    (["--dropout", "2"], "--dropout must be a finite number in .0, 1., got 2.0"),
+    (["--grad-clip", "-1"], "--grad-clip must be a finite number >= 0, got -1.0"),
+    (["--config", "types.toml"], "--min-lr must be a finite number >= 0, got 'x'"),
+    (["--config", "bool.toml"], "--bias must be true or false, got 'yes'"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite starts it afresh: give one"),
 ])
 def test_train_user_errors_are_one_line_and_leave_no_run(store_dir, tmp_path, extra, message):
     (tmp_path / "bad.toml").write_text("max_steps = \n")
-    paths = {"truncated": _truncated_copy(store_dir, tmp_path / "truncated"), "bad.toml": str(tmp_path / "bad.toml")}
+    (tmp_path / "types.toml").write_text('min_lr = "x"\n')
+    (tmp_path / "bool.toml").write_text('bias = "yes"\n')
+    paths = {"truncated": _truncated_copy(store_dir, tmp_path / "truncated"),
+             **{name: str(tmp_path / name) for name in ("bad.toml", "types.toml", "bool.toml")}}
     extra = [paths.get(arg, arg.replace("{tmp}", str(tmp_path))) for arg in extra]
     argv = ["train", "--data", store_dir, "--out", str(tmp_path / "run"), "--max-steps", "2", *TINY, *extra]
     error = _error(argv)
@@ -223,6 +234,45 @@ class Interrupted(StaticMixer):
 
 
 register_mixer("test-interrupted", lambda store: Interrupted(torch.ones(store.num_domains)))
+
+
+def test_resume_from_another_directory_with_relative_paths(store_dir, tmp_path, monkeypatch):
+    """config.json holds absolute paths: a run started with relative --data is resumed, and
+    weighed, from anywhere."""
+    import shutil
+
+    shutil.copytree(store_dir, tmp_path / "store")
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--data", "store", "--out", "run", *TINY, "--quiet", "--no-plot", "--max-steps", "2"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(tmp_path / "store")
+    monkeypatch.chdir(tmp_path.parent)
+    main(["train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "3", "--quiet", "--no-plot"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 3
+
+
+def test_dga_mode_by_either_name_overrides_the_saved_one(store_dir, tmp_path):
+    """--dga-mode and --mixer-option mode= are one setting: given on resume by the other name
+    than the saved run used, the new one wins instead of the two 'disagreeing'."""
+    out = tmp_path / "run"
+    argv = ["train", "--data", store_dir, "--out", str(out), *TINY, "--quiet", "--no-plot", "--mixer", "dga",
+            "--mixer-option", "interval=2"]
+    main([*argv, "--dga-mode", "stratified", "--max-steps", "2"])
+    main([*argv, "--resume", "--max-steps", "3", "--mixer-option", "mode=exact"])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["dga_mode"] is None and saved["mixer_options"]["mode"] == "exact"
+    main([*argv, "--resume", "--max-steps", "4", "--dga-mode", "stratified"])
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["dga_mode"] == "stratified" and "mode" not in saved["mixer_options"]
+
+
+def test_inline_resume_keeps_its_target(store_dir, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--data", store_dir, "--out", str(out), *TINY, "--quiet", "--no-plot", "--mixer", "dga",
+            "--dga-mode", "inline", "--target", "arith"]
+    main([*argv, "--max-steps", "2"])
+    error = _error([*argv[:-1], "strings", "--resume", "--max-steps", "3"])
+    assert error.startswith("fastmix train: error: --resume: --target strings differs from the checkpoint's 'arith'")
+    main([*argv, "--resume", "--max-steps", "3"])  # the same target resumes
 
 
 @pytest.mark.parametrize("checkpoint_interval, where", [

@@ -282,7 +282,7 @@ def test_resume_applies_the_adamw_settings_it_is_given(store_dir, tmp_path):
     assert (saved["weight_decay"], saved["beta1"], saved["beta2"]) == (0.5, 0.8, 0.9)
     assert result.metrics[-1]["step"] == 3
     for flag, value in (("beta1", 1.0), ("beta2", -0.1), ("weight_decay", -1.0)):
-        with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be a number"):
+        with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be a finite number"):
             TrainConfig(**{flag: value})
 
 
