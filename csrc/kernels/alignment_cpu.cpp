@@ -20,6 +20,9 @@ namespace fastmix {
 namespace {
 
 constexpr int64_t kChunkRows = 64;  // rows widened and kept hot in L2 at once
+// Below this many multiply-adds a call runs on one thread: waking the others costs more than
+// it saves, and far more on a busy machine (milliseconds for microseconds of work).
+constexpr int64_t kParallelWork = int64_t(1) << 18;
 constexpr int64_t kRows = 6;        // rows per register tile: 6 x 16 floats = 12 ymm accumulators
 constexpr int64_t kPanel = 16;      // columns per register tile (one zmm or two ymm of float)
 constexpr int64_t kDepth = 256;     // shared-dimension slice: a 16 KiB float panel slice fits L1
@@ -201,14 +204,15 @@ FASTMIX_ALWAYS_INLINE void ghost_chunk(const Acc* x, const Acc* g, int64_t count
 // Runs `chunk(start, count, row_out)` over all rows in parallel and writes either the
 // per-row results or their per-segment sums (in double, whatever Acc is) to `out`.
 template <typename Acc, typename Chunk>
-void reduce_rows(int64_t n_rows, const int64_t* segment_ids, int64_t num_segments, Acc* out,
-                 const Chunk& chunk) {
+void reduce_rows(int64_t n_rows, int64_t work_per_row, const int64_t* segment_ids,
+                 int64_t num_segments, Acc* out, const Chunk& chunk) {
   const int64_t n_chunks = (n_rows + kChunkRows - 1) / kChunkRows;
+  const bool parallel = n_chunks > 1 && n_rows * work_per_row > kParallelWork;
   std::vector<double> totals(segment_ids ? static_cast<size_t>(num_segments) : 0, 0.0);
-  const int threads = n_chunks > 1 ? max_threads() : 1;
+  const int threads = parallel ? max_threads() : 1;
   std::vector<Acc> row_outs(static_cast<size_t>(threads) * kChunkRows);
   std::vector<double> locals(static_cast<size_t>(threads) * totals.size(), 0.0);
-#pragma omp parallel if (n_chunks > 1) num_threads(threads)
+#pragma omp parallel if (parallel) num_threads(threads)
   {
     Acc* row_out = row_outs.data() + static_cast<size_t>(thread_index()) * kChunkRows;
     double* local = locals.data() + static_cast<size_t>(thread_index()) * totals.size();
@@ -240,7 +244,7 @@ void rowwise_bilinear_impl(DType dtype, const void* a, const void* m, const void
   const auto* a_bytes = static_cast<const char*>(a);
   const auto* b_bytes = static_cast<const char*>(b);
   const int64_t size = element_size(dtype);
-  reduce_rows<Acc>(n_rows, segment_ids, num_segments, out,
+  reduce_rows<Acc>(n_rows, p * q, segment_ids, num_segments, out,
                    [&](int64_t start, int64_t count, Acc* row_out) {
                      thread_local std::vector<Acc> a_rows, b_rows;
                      a_rows.resize(static_cast<size_t>(count * p));
@@ -262,7 +266,7 @@ void ghost_dots_impl(DType dtype, const void* x, const void* g, const void* targ
   const auto* x_bytes = static_cast<const char*>(x);
   const auto* g_bytes = static_cast<const char*>(g);
   const int64_t size = element_size(dtype);
-  reduce_rows<Acc>(n_rows, segment_ids, num_segments, out,
+  reduce_rows<Acc>(n_rows, n_target * (d_in + d_out), segment_ids, num_segments, out,
                    [&](int64_t start, int64_t count, Acc* row_out) {
                      thread_local std::vector<Acc> x_rows, g_rows;
                      x_rows.resize(static_cast<size_t>(count * d_in));
