@@ -471,15 +471,17 @@ void finish_one(int64_t m, int64_t n, Workspace<T>& ws, int64_t l, T* u, T* s, T
     sigma[i] = std::sqrt(sum);
     top = std::max(top, sigma[i]);
   }
-  // ut row j: the short-side vector j, the permutation undone.
+  // ut row j: the short-side vector j, the permutation undone. Rows of σ at or below eps·σmax
+  // are noise: replaced by a completion of the basis (a threshold of p·eps·σmax dropped real
+  // σ·u·vᵀ terms of graded inputs: 10x LAPACK's reconstruction error)
   int64_t count = 0;
   for (int64_t i = 0; i < p; ++i)
-    if (sigma[i] > double(p) * eps * top && sigma[i] > 0) {
+    if (sigma[i] > eps * top && sigma[i] > 0) {
       for (int64_t k = 0; k < p; ++k) ut[i * p + perm[k]] = double(w[i * p + k]) / sigma[i];
       ws.done[count++] = i;
     }
   for (int64_t i = 0; i < p; ++i)
-    if (!(sigma[i] > double(p) * eps * top && sigma[i] > 0)) {
+    if (!(sigma[i] > eps * top && sigma[i] > 0)) {
       orthonormalise(ut, p, i, ws.done.data(), count, true, ws.residual.data(), ws.proj.data());
       ws.done[count++] = i;
     }
@@ -498,7 +500,7 @@ void finish_one(int64_t m, int64_t n, Workspace<T>& ws, int64_t l, T* u, T* s, T
   std::stable_sort(order, order + p, [&](int64_t x, int64_t z) { return key(x) > key(z); });
   for (int64_t r = 0; r < p; ++r) {
     const int64_t j = order[r];
-    const bool null = !(sigma[j] > double(p) * eps * top);
+    const bool null = !(sigma[j] > eps * top);
     orthonormalise(y, q, j, order, r, null, ws.residual.data(), ws.proj.data());
   }
 
