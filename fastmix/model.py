@@ -4,6 +4,7 @@ Hidden states of block i are the output of `model.transformer.h[i]`, so a forwar
 sees them (Chameleon's domain embeddings hook the middle block).
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -98,16 +99,9 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
         """The model of a `fastmix train` checkpoint (`ckpt.pt`, or the run directory)."""
-        import os
-
-        if os.path.isdir(path):
-            path = os.path.join(path, "ckpt.pt")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        cfg, state = ckpt["config"], ckpt["model"]
-        model = cls(GPTConfig(block_size=cfg["block_size"], vocab_size=state["lm_head.weight"].shape[0],
-                              n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                              dropout=0.0, bias=cfg["bias"]))
-        model.load_state_dict(state)
+        ckpt = torch.load(checkpoint_file(path), map_location="cpu", weights_only=False)
+        model = cls(checkpoint_config(ckpt))
+        model.load_state_dict(ckpt["model"])
         return model.to(device)
 
     def num_params(self):
@@ -136,3 +130,16 @@ class GPT(nn.Module):
 def lm_loss(model, x, y):
     """The `loss_fn(model, x, y) -> loss` of the training loop and the mixers."""
     return model(x, y)[1]
+
+
+def checkpoint_file(path):
+    """The ckpt.pt a path names: the file itself, or the one in a `fastmix train` run directory."""
+    return os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+
+
+def checkpoint_config(ckpt):
+    """The GPTConfig of a loaded `fastmix train` checkpoint (dropout off: the model is for use)."""
+    cfg = ckpt["config"]
+    return GPTConfig(block_size=cfg["block_size"], vocab_size=ckpt["model"]["lm_head.weight"].shape[0],
+                     n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0,
+                     bias=cfg["bias"])

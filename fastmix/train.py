@@ -27,9 +27,9 @@ from tqdm import tqdm
 from fastmix.data import DomainStore, MixtureSampler, builtin_store
 from fastmix.data.store import StoreError
 from fastmix.mixing import MIXERS, MixerContext, build_mixer
-from fastmix.mixing.base import mixer_options
-from fastmix.mixing.dga import MODES
-from fastmix.model import GPT, GPTConfig, lm_loss
+from fastmix.mixing.base import check_number, mixer_options
+from fastmix.mixing.dga import MODES, _gather
+from fastmix.model import GPT, GPTConfig, checkpoint_config, lm_loss
 
 try:
     import tomllib
@@ -107,12 +107,12 @@ class TrainConfig:
         # numbers checked here, not where they are used: a TOML file can give any type, and a bad
         # value must stop the run before its directory is written (AdamW checks only its defaults)
         for name, low, high in (("beta1", 0, 1), ("beta2", 0, 1), ("dropout", 0, 1)):
-            _check_float(name, getattr(self, name), low, high, high_open=True)
+            check_number(_flag(name), getattr(self, name), low, high, high_open=True)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            _check_float(name, getattr(self, name), 0)
+            check_number(_flag(name), getattr(self, name), 0)
         for f in dataclasses.fields(self):
             if f.type is bool and not isinstance(getattr(self, f.name), bool):
-                raise ValueError(f"--{f.name.replace('_', '-')} must be true or false, got {getattr(self, f.name)!r}")
+                raise ValueError(f"{_flag(f.name)} must be true or false, got {getattr(self, f.name)!r}")
         for name in ("data", "out", "mixer", "device", "allocation"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"--{name} must be a string, got {getattr(self, name)!r}")
@@ -138,14 +138,12 @@ class TrainConfig:
 
 def _check_int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
 
 
-def _check_float(name, value, low, high=math.inf, high_open=False):
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= low
-    if not ok or value > high or (high_open and value == high):
-        bound = f">= {low}" if high == math.inf else f"in [{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value!r}")
+def _flag(name):
+    """The command-line flag of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +321,7 @@ def _check_resumed_config(saved, step, config):
     """Refuses a resume that changes what the checkpoint fixes, or that has nothing to train."""
     for name in _KEPT_ON_RESUME:
         if name in saved and saved[name] != getattr(config, name):
-            raise UsageError(f"--resume: --{name.replace('_', '-')} {getattr(config, name)} differs from the "
+            raise UsageError(f"--resume: {_flag(name)} {getattr(config, name)} differs from the "
                              f"checkpoint's {saved[name]!r}; a resumed run keeps its mixer and model shape "
                              "(leave the flag out, or start a new run in another --out)")
     if step >= config.max_steps:
@@ -332,7 +330,7 @@ def _check_resumed_config(saved, step, config):
 
 
 def _check_resumed_store(ckpt, store, data):
-    vocab = ckpt["model"]["lm_head.weight"].shape[0]
+    vocab = checkpoint_config(ckpt).vocab_size
     if vocab != store.vocab_size:
         raise UsageError(f"--resume: --data {data} has a vocabulary of {store.vocab_size} tokens, the "
                          f"checkpoint's model {vocab}: resume on a store made with the same tokenizer")
@@ -636,12 +634,8 @@ def _train(config, rank, world, device):
             checkpoint = done % config.checkpoint_interval == 0 or done == config.max_steps
             if checkpoint:  # the window an uninterrupted run carries past this step: empty after a record
                 carried = window_loss.clone() if not regular_record else torch.zeros_like(window_loss)
-                per_rank = [torch.empty_like(carried) for _ in range(world)]
-                if world > 1:  # every rank's own sum: a resumed record then adds up as the uninterrupted one
-                    dist.all_gather(per_rank, carried)
-                else:
-                    per_rank = [carried]
-                loss_window = {"sum": torch.stack(per_rank).cpu(), "steps": 0 if regular_record else window_steps}
+                # every rank's own sum: a resumed record then adds up as the uninterrupted one
+                loss_window = {"sum": _gather(carried).cpu(), "steps": 0 if regular_record else window_steps}
             if regular_record or done == config.max_steps:
                 if world > 1:
                     dist.all_reduce(window_loss)
@@ -709,7 +703,7 @@ def add_train_arguments(parser):
                         help="TOML file of TrainConfig fields (e.g. max_steps = 500); flags override it, and "
                              "it overrides a resumed run's config.json")
     for f in dataclasses.fields(TrainConfig):
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        flag = f.metadata.get("flag", _flag(f.name))
         help_text = f.metadata["help"]
         if f.default is not None and "default:" not in help_text:  # a None default: the help says what it means
             help_text += f" (default: {f.default})"

@@ -11,7 +11,7 @@ import torch
 from fastmix.chameleon import chameleon_weights, domain_embeddings
 from fastmix.data import DomainStore, builtin_store
 from fastmix.data.store import StoreError
-from fastmix.model import GPT
+from fastmix.model import GPT, checkpoint_file
 from fastmix.train import UsageError, check_device
 
 
@@ -41,7 +41,7 @@ def domain_weights(checkpoint, store, mode="pretrain", lam=10.0, temperature=Non
 
 
 def run(args):
-    path = os.path.join(args.checkpoint, "ckpt.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
+    path = checkpoint_file(args.checkpoint)
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such checkpoint (give a run directory of `fastmix train`, or its ckpt.pt)")
     check_device(args.device)

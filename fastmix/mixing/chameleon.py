@@ -23,12 +23,11 @@ import os
 import warnings
 
 import torch
-import torch.distributed as dist
 
 from fastmix.chameleon import (EmbeddingAccumulator, chameleon_weights, check_weight_options, domain_embeddings,
                                resolve_layer)
-from fastmix.mixing.base import check_counts, register_mixer
-from fastmix.mixing.dga import _all_reduce, shard_balanced, _world
+from fastmix.mixing.base import check_counts, check_number, register_mixer
+from fastmix.mixing.dga import _all_reduce, _gather, shard_balanced, _world
 
 SOURCES = ("online", "offline")
 
@@ -46,19 +45,18 @@ class Chameleon:
             if not checkpoint:
                 raise ValueError(f"source='offline' needs checkpoint=PATH (a fastmix ckpt.pt, the proxy model), "
                                  f"got checkpoint={checkpoint!r}")
-            if not (os.path.isfile(checkpoint) or os.path.isfile(os.path.join(checkpoint, "ckpt.pt"))):
+            if not os.path.isfile(_checkpoint_file(checkpoint)):
                 raise ValueError(f"checkpoint={checkpoint!r}: no such fastmix checkpoint (a ckpt.pt, or a run "
                                  "directory holding one)")
         check_weight_options(lam, mode, temperature)
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
-            raise ValueError(f"floor must be a number in [0, 1], got {floor!r}")
+        floor = check_number("floor", floor, 0, 1)
         check_counts(interval=interval, rows_per_domain=rows_per_domain)
         # the type here; whether the model has that layer, in check_model (or _build_chameleon, offline)
         if isinstance(layer, bool) or not isinstance(layer, (str, int, torch.nn.Module)):
             raise ValueError(f"layer must be 'middle', a block index or a submodule name, got {layer!r}")
         self.source, self.checkpoint, self.lam, self.mode = source, checkpoint, float(lam), mode
         self.temperature = temperature
-        self.interval, self.rows_per_domain, self.floor, self.layer = interval, rows_per_domain, float(floor), layer
+        self.interval, self.rows_per_domain, self.floor, self.layer = interval, rows_per_domain, floor, layer
         k = len(self.domains)
         self._weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
         self.embeddings = None      # (k, d) float64 CPU, the ones the weights were computed from
@@ -253,25 +251,12 @@ class Chameleon:
         return self._balanced_embeddings(ctx, domains, model, self.layer)
 
 
-def _gather(tensor):
-    """(world, *shape): every rank's `tensor`, on every rank (under torch.distributed)."""
-    world = _world()[1]
-    if world == 1:
-        return tensor[None].clone()
-    if dist.get_backend() == "nccl":  # a window restored from a checkpoint sits on the CPU
-        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts)
-
-
 def _checkpoint_file(checkpoint):
     """The real path of the ckpt.pt that checkpoint=... names (a file, or a run directory holding
     one); None for None."""
-    if checkpoint is None:
-        return None
-    path = checkpoint if os.path.isfile(checkpoint) else os.path.join(checkpoint, "ckpt.pt")
-    return os.path.realpath(path)
+    from fastmix.model import checkpoint_file
+
+    return None if checkpoint is None else os.path.realpath(checkpoint_file(checkpoint))
 
 
 def _check_layer(model, layer):
@@ -285,18 +270,16 @@ def _check_layer(model, layer):
 def _build_chameleon(store, **options):
     mixer = Chameleon(store.domains, **options)
     if mixer.source == "offline":  # the proxy must read the store's tokens (else an index error mid-forward)
-        from fastmix.model import GPT, GPTConfig
+        from fastmix.model import GPT, checkpoint_config
 
-        ckpt = torch.load(_checkpoint_file(mixer.checkpoint), map_location="cpu", weights_only=False, mmap=True)
-        vocab = ckpt["model"]["lm_head.weight"].shape[0]
-        if store.vocab_size > vocab:
-            raise ValueError(f"checkpoint={mixer.checkpoint!r}: its model reads {vocab} tokens but the store's "
-                             f"tokenizer has {store.vocab_size}: the proxy must be trained on this tokenizer")
+        config = checkpoint_config(torch.load(_checkpoint_file(mixer.checkpoint), map_location="cpu",
+                                              weights_only=False, mmap=True))
+        if store.vocab_size > config.vocab_size:
+            raise ValueError(f"checkpoint={mixer.checkpoint!r}: its model reads {config.vocab_size} tokens but the "
+                             f"store's tokenizer has {store.vocab_size}: the proxy must be trained on this tokenizer")
         # and it must have the layer (a skeleton of the proxy on the meta device: no weights, no RNG used)
-        cfg = ckpt["config"]
         with torch.device("meta"):
-            proxy = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=vocab, n_layer=cfg["n_layer"],
-                                  n_head=cfg["n_head"], n_embd=cfg["n_embd"], bias=cfg["bias"]))
+            proxy = GPT(config)
         try:
             _check_layer(proxy, mixer.layer)
         except ValueError as error:

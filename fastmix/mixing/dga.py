@@ -69,6 +69,18 @@ def _all_reduce(tensor):
     return tensor
 
 
+def _gather(tensor):
+    """(world, *shape): every rank's `tensor`, on every rank (under torch.distributed)."""
+    world = _world()[1]
+    if world == 1:
+        return tensor[None].clone()
+    if dist.get_backend() == "nccl":  # CUDA tensors only (Chameleon's restored window is on the CPU)
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)
+
+
 def _trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
