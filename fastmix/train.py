@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fastmix.data import DomainStore, MixtureSampler, builtin_store
+from fastmix.data.sampler import TooShortError
 from fastmix.data.store import StoreError
 from fastmix.mixing import MIXERS, MixerContext, build_mixer
 from fastmix.mixing.base import check_number, mixer_options
@@ -377,15 +378,11 @@ def _check_resumed_target(ckpt, target, mixer):
                          "run's saved state holds that target's gradient: keep the target, or start a new run")
 
 
-def _check_windows(config, store, target):
-    """UsageError unless every domain's training split holds a window of --block-size + 1 tokens,
-    and the target's does where the mixer draws target batches (`target`: None where it does not)."""
+def _check_target_window(config, store, target):
+    """UsageError unless the target's training split holds a window of --block-size + 1 tokens,
+    where the mixer draws target batches (`target`: None where it does not). The sampler checks
+    the domains' when it is built, but a target's only when its first batch is drawn."""
     window = config.block_size + 1
-    short = [name for name, n in zip(store.domains, store.train_tokens) if n < window]
-    if short:
-        names = ", ".join(short[:5]) + (", ..." if len(short) > 5 else "")
-        raise UsageError(f"--data {config.data}: {len(short)} domain(s) have fewer than block_size + 1 = {window} "
-                         f"training tokens: {names} (a smaller --block-size fits them)")
     if target is not None and store.num_tokens(target) < window:
         raise UsageError(f"--target {target}: its training split has {store.num_tokens(target)} tokens, fewer than "
                          f"--block-size + 1 = {window}, and the {config.mixer} mixer draws target batches from it "
@@ -503,9 +500,12 @@ def _train(config, rank, world, device):
             mixer.check_model(model)
         except ValueError as error:
             raise UsageError(f"--mixer {config.mixer}: {error}") from None
-    _check_windows(config, store, target if getattr(mixer, "needs_target", False) else None)
-    sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
-                             allocation=config.allocation)
+    _check_target_window(config, store, target if getattr(mixer, "needs_target", False) else None)
+    try:
+        sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
+                                 allocation=config.allocation)
+    except TooShortError as error:  # any other error of the sampler is a bug, with its traceback
+        raise UsageError(f"--data {config.data}: {error} (a smaller --block-size fits them)") from None
     start_step, loss_window = 0, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

@@ -14,6 +14,10 @@ import torch
 _TRAIN, _BALANCED, _TARGET = 0, 1, 2
 
 
+class TooShortError(ValueError):
+    """Data too short for one window of block_size + 1 tokens (a smaller block size fits it)."""
+
+
 class MixtureSampler:
     """Batches `(x, y, domain_ids)` of shape (batch_size, block_size), int64, on the CPU.
 
@@ -51,9 +55,9 @@ class MixtureSampler:
         self._starts = store.train_tokens - self.block_size
         too_short = np.flatnonzero(self._starts < 1)
         if too_short.size:
-            names = ", ".join(store.domains[i] for i in too_short[:5])
-            raise ValueError(f"{too_short.size} domain(s) have fewer than block_size + 1 = "
-                             f"{self.block_size + 1} training tokens: {names}")
+            names = ", ".join(store.domains[i] for i in too_short[:5]) + (", ..." if too_short.size > 5 else "")
+            raise TooShortError(f"{too_short.size} domain(s) have fewer than block_size + 1 = "
+                                f"{self.block_size + 1} training tokens: {names}")
         self.step = 0
         self._balanced_draws = 0
         self._target_draws = 0
@@ -174,5 +178,5 @@ class MixtureSampler:
 
 def _window_starts(rng, num_tokens, rows, block_size, what):
     if num_tokens < block_size + 1:
-        raise ValueError(f"{what} has {num_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
+        raise TooShortError(f"{what} has {num_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
     return (rng.random(rows) * (num_tokens - block_size)).astype(np.int64)
