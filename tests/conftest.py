@@ -6,6 +6,10 @@ import random
 import pytest
 import torch
 
+# Models and tokenizers are built from tiny configs in code: nothing may come from a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
