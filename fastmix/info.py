@@ -4,7 +4,7 @@ import torch
 
 from fastmix.ops import _backends
 
-OPS = ("rowwise_bilinear", "ghost_dots")
+OPS = ("rowwise_bilinear", "ghost_dots", "weight_grad_dots")
 
 
 def _cuda_arch_list():

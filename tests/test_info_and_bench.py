@@ -7,7 +7,7 @@ def test_info_lists_versions_and_backend_per_op(capsys):
     main(["info"])
     out = capsys.readouterr().out
     assert "torch:" in out and "compiled extension:" in out
-    for op in ("rowwise_bilinear", "ghost_dots", "batched_svd"):
+    for op in ("rowwise_bilinear", "ghost_dots", "weight_grad_dots", "batched_svd"):
         line = next(line for line in out.splitlines() if line.strip().startswith(op + ":"))
         assert line.split()[1] == _backends.choose(op, "cpu")
 

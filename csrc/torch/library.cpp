@@ -35,5 +35,9 @@ TORCH_LIBRARY(fastmix, m) {
   m.def("ghost_dots(Tensor x, Tensor grad_out, Tensor target_x, Tensor target_grad_out, Tensor segment_ids, int num_segments) -> Tensor");
   // Thin SVD of each (m, n) matrix of a (batch, m, n), float32 or float64: a = u diag(s) vh
   // with s descending; u (batch, m, p), s (batch, p), vh (batch, p, n), p = min(m, n).
+  // The weight gradient of rows grouped in segments [offsets[i], offsets[i+1]) with the
+  // per-segment dots ⟨G_i, target⟩ (+ ⟨Σ_{n∈i} grad_out_n, target_bias⟩), in one pass:
+  // (grad_weight (d_out, d_in), grad_bias (d_out,) or (0,), dots (k,)), float32 (float64).
+  m.def("weight_grad_dots(Tensor x, Tensor grad_out, Tensor offsets, Tensor target, Tensor? target_bias, bool with_bias) -> (Tensor, Tensor, Tensor)");
   m.def("batched_svd(Tensor a) -> (Tensor, Tensor, Tensor)");
 }

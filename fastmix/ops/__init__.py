@@ -1,7 +1,9 @@
 """Public ops. Each has a pure-torch reference and fast backends ("cpu", "cuda",
 "triton"); `backend=None` picks the fastest one available for the inputs' device."""
-from fastmix.ops.alignment import domain_grad_dots, domain_grad_dots_ghost, rowwise_bilinear
+from fastmix.ops.alignment import (
+    domain_grad_dots, domain_grad_dots_ghost, group_rows, rowwise_bilinear, weight_grad_dots,
+)
 from fastmix.ops.linalg import batched_svd, ridge_leverage_scores
 
 __all__ = ["batched_svd", "domain_grad_dots", "domain_grad_dots_ghost", "ridge_leverage_scores",
-           "rowwise_bilinear"]
+           "group_rows", "rowwise_bilinear", "weight_grad_dots"]

@@ -11,7 +11,7 @@ import warnings
 import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
-TRITON_OPS = frozenset({"rowwise_bilinear", "ghost_dots"})  # ops with a kernel in fastmix/ops/triton
+TRITON_OPS = frozenset({"rowwise_bilinear", "ghost_dots", "weight_grad_dots"})  # ops with a kernel in fastmix/ops/triton
 PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 

@@ -78,6 +78,34 @@ def ghost_dots(x, grad_out, target_x, target_grad_out, segment_ids, num_segments
     return x.new_empty(num_segments, dtype=accumulation_dtype(x.dtype))
 
 
+def check_weight_grad_dots(x, grad_out, offsets, target, target_bias, with_bias):
+    """Raises RuntimeError naming the argument unless the arguments fit the kernel."""
+    for t, name in ((x, "x"), (grad_out, "grad_out"), (target, "target")):
+        _check_matrix(t, name, x, "x")
+    _check_dim(grad_out, "grad_out", 0, x.shape[0], "x.shape[0]")
+    _check_dim(target, "target", 0, grad_out.shape[1], "grad_out.shape[1]")
+    _check_dim(target, "target", 1, x.shape[1], "x.shape[1]")
+    if target_bias is not None:
+        _check(target_bias.dim() == 1, lambda: f"target_bias must be 1-D, got shape {tuple(target_bias.shape)}")
+        _check(target_bias.dtype == x.dtype,
+               lambda: f"target_bias has dtype {target_bias.dtype} but x has dtype {x.dtype}")
+        _check(target_bias.device == x.device,
+               lambda: f"target_bias is on {target_bias.device} but x is on {x.device}")
+        _check_dim(target_bias, "target_bias", 0, grad_out.shape[1], "grad_out.shape[1]")
+    _check(offsets.dim() == 1 and offsets.shape[0] >= 1,
+           lambda: f"offsets must be 1-D with num_segments + 1 >= 1 entries, got shape {tuple(offsets.shape)}")
+    _check(offsets.dtype == torch.int64, lambda: f"offsets must be int64, got {offsets.dtype}")
+    _check(offsets.device == x.device, lambda: f"offsets is on {offsets.device} but the data is on {x.device}")
+
+
+def weight_grad_dots(x, grad_out, offsets, target, target_bias, with_bias):
+    check_weight_grad_dots(x, grad_out, offsets, target, target_bias, with_bias)
+    acc = accumulation_dtype(x.dtype)
+    return (x.new_empty(grad_out.shape[1], x.shape[1], dtype=acc),
+            x.new_empty(grad_out.shape[1] if with_bias else 0, dtype=acc),
+            x.new_empty(offsets.shape[0] - 1, dtype=acc))
+
+
 def batched_svd(a):
     _check(a.dim() == 3, lambda: f"a must be 3-D (batch, m, n), got shape {tuple(a.shape)}")
     _check(a.dtype in (torch.float32, torch.float64),

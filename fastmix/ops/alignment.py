@@ -112,6 +112,17 @@ def _run_ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments, b
     return torch.ops.fastmix.ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments)
 
 
+def _run_weight_grad_dots(x, grad_out, offsets, target, target_bias, with_bias, backend):
+    name = _backends.choose("weight_grad_dots", x.device, backend)
+    if name == "reference":
+        return reference.weight_grad_dots(x, grad_out, offsets, target, target_bias, with_bias)
+    if name == "triton":
+        from fastmix.ops.triton.weight_grad_dots import weight_grad_dots_triton
+
+        return weight_grad_dots_triton(x, grad_out, offsets, target, target_bias, with_bias)
+    return torch.ops.fastmix.weight_grad_dots(x, grad_out, offsets, target, target_bias, with_bias)
+
+
 def ghost_is_cheaper(n_rows, n_target_rows, d_in, d_out, target_formed=False):
     """FLOPs of the ghost form vs the GEMM form (plus forming V, unless it exists)."""
     ghost = n_rows * n_target_rows * (d_in + d_out)
@@ -188,7 +199,77 @@ def domain_grad_dots_ghost(x, grad_out, segment_ids, num_segments, target_x, tar
     return _run_rowwise_bilinear(g2.to(acc), target, x2.to(acc), ids, num_segments, backend)
 
 
+def group_rows(segment_ids, num_segments):
+    """(order, offsets) that group rows by domain with one permutation: rows[order] has the
+    rows of domain i at [offsets[i], offsets[i + 1]), in their original order, and the
+    padding (ids outside [0, num_segments)) after offsets[num_segments]. segment_ids is a
+    flat integer tensor of one id per row."""
+    key = torch.where((segment_ids < 0) | (segment_ids >= num_segments), num_segments, segment_ids)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_segments + 1)[:num_segments]
+    offsets = torch.zeros(num_segments + 1, dtype=torch.int64, device=segment_ids.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
+
+
+def _check_offsets(offsets, n_rows, device, validate):
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
+    if offsets.dtype.is_floating_point or offsets.dtype.is_complex or offsets.dtype == torch.bool:
+        raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"offsets must be 1-D with num_segments + 1 >= 1 entries, got shape "
+                         f"{tuple(offsets.shape)}")
+    if offsets.device != device:
+        raise ValueError(f"offsets is on {offsets.device} but the data is on {device}")
+    offsets = offsets.to(torch.int64)
+    if validate:  # a host sync on GPUs: validate_ids=False skips it
+        steps = torch.diff(offsets, prepend=offsets.new_zeros(1), append=offsets.new_full((1,), n_rows))
+        if bool((steps < 0).any()):
+            raise ValueError(f"offsets must be non-decreasing within [0, {n_rows}] (the number of "
+                             f"rows), got {offsets.tolist() if offsets.numel() <= 20 else 'other values'}")
+    return offsets
+
+
+def weight_grad_dots(x, grad_out, target, segment_ids=None, num_segments=None, *, offsets=None,
+                     target_bias=None, bias=False, backend=None, validate_ids=True):
+    """The weight gradient of a linear layer and its per-domain dots, in one pass.
+
+    x (..., d_in), grad_out (..., d_out), target (d_out, d_in). Returns (grad_weight,
+    grad_bias, dots): grad_weight = Σ_n grad_out_nᵀ x_n (d_out, d_in); grad_bias = Σ_n
+    grad_out_n (d_out,) when `bias`, else None; dots[i] = ⟨G_i, target⟩ with G_i the
+    gradient of domain i's rows, plus ⟨Σ_{n∈i} grad_out_n, target_bias⟩ when target_bias
+    (d_out,) is given. All in float32 (float64 for float64 inputs); every row counts in the
+    gradients, padding too.
+
+    The domains: either `offsets` (num_segments + 1,) for rows already grouped (domain i
+    = rows [offsets[i], offsets[i + 1]); rows outside offsets[0]..offsets[-1] are in no
+    domain), or `segment_ids` (the leading shape, or its first dim; negative = padding)
+    with `num_segments`, grouped here with one permutation (see `group_rows`).
+    """
+    _check_data("x", x)
+    _check_rows("grad_out", grad_out, "x", x)
+    _check_matrix("target", target, (grad_out.shape[-1], x.shape[-1]), "x", x)
+    if target_bias is not None:
+        _check_matrix("target_bias", target_bias, (grad_out.shape[-1],), "x", x)
+    x2, g2 = _rows(x), _rows(grad_out)
+    if offsets is not None:
+        if segment_ids is not None or num_segments is not None:
+            raise ValueError("give either offsets or segment_ids with num_segments, not both")
+        offsets = _check_offsets(offsets, x2.shape[0], x.device, validate_ids)
+    else:
+        if segment_ids is None or num_segments is None:
+            raise ValueError("segment_ids and num_segments must be given together (or offsets)")
+        ids = _flat_segment_ids(segment_ids, num_segments, x.shape[:-1], x.device, validate_ids)
+        order, offsets = group_rows(ids, num_segments)
+        x2, g2 = x2[order], g2[order]
+    grad_weight, grad_bias, dots = _run_weight_grad_dots(x2, g2, offsets, target, target_bias,
+                                                         bool(bias), backend)
+    return grad_weight, (grad_bias if bias else None), dots
+
+
 # ---------------------------------------------------------------- torch.compile support
 if _backends.COMPILED:
     torch.library.register_fake("fastmix::rowwise_bilinear")(_fake.rowwise_bilinear)
     torch.library.register_fake("fastmix::ghost_dots")(_fake.ghost_dots)
+    torch.library.register_fake("fastmix::weight_grad_dots")(_fake.weight_grad_dots)

@@ -33,6 +33,27 @@ def ghost_dots(x, grad_out, target_x, target_grad_out, segment_ids, num_segments
     return segment_sum((x_dots * g_dots).sum(-1), segment_ids, num_segments)
 
 
+def offsets_to_ids(offsets, n_rows):
+    """The segment id of each of n_rows rows grouped by `offsets` (k + 1,): i for rows in
+    [offsets[i], offsets[i + 1]), -1 before offsets[0] and k from offsets[k] on."""
+    rows = torch.arange(n_rows, device=offsets.device)
+    return torch.searchsorted(offsets, rows, right=True) - 1
+
+
+def weight_grad_dots(x, grad_out, offsets, target, target_bias=None, with_bias=False):
+    """(grad_out.T @ x, grad_out summed over rows or an empty tensor, the per-segment
+    ⟨G_i, target⟩ + ⟨Σ_{n∈i} grad_out_n, target_bias⟩) for rows grouped by offsets."""
+    acc = accumulation_dtype(x.dtype)
+    x, g = x.to(acc), grad_out.to(acc)
+    grad_weight = g.T @ x
+    grad_bias = g.sum(0) if with_bias else g.new_zeros(0)
+    rows = (g * (x @ target.to(acc).T)).sum(-1)
+    if target_bias is not None:
+        rows = rows + g @ target_bias.to(acc)
+    num_segments = offsets.numel() - 1
+    return grad_weight, grad_bias, segment_sum(rows, offsets_to_ids(offsets, x.shape[0]), num_segments)
+
+
 def batched_svd(a):
     """Thin SVD of (..., m, n) in the accumulation dtype: torch.linalg.svd (LAPACK / cuSOLVER)."""
     return torch.linalg.svd(a.to(accumulation_dtype(a.dtype)), full_matrices=False)

@@ -1,0 +1,359 @@
+// CPU kernel for weight_grad_dots (contract in weight_grad.h).
+//
+// A blocked GEMM, C = Gᵀ X with the row dimension N as the shared one. The rows are walked
+// kBlockRows at a time: the block's g and x are packed into panels of kMr and kNr columns
+// (widened to the accumulation type), then the threads share its tiles of outputs, so the
+// panels in use stay in L1/L2. The register tile of the micro-kernel starts from zero at every
+// segment boundary, so when a segment ends its piece of G_i is still in registers: it is
+// added to the output and dotted with the same tile of V there (the epilogue), and G_i never
+// reaches memory. On x86-64 (checked at run time) the float micro-kernel is written with
+// AVX-512 or AVX2+FMA intrinsics, accumulators that never spill; elsewhere, plain C++.
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "weight_grad.h"
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define FASTMIX_X86_AVX2 1
+#endif
+
+namespace fastmix {
+namespace {
+
+constexpr int64_t kMr = 6;            // output rows (d_out) of a register tile
+constexpr int64_t kNr = 32;           // output columns (d_in) of a register tile
+constexpr int64_t kBlockRows = 256;   // rows walked at once: a 32 KiB x panel stays in L1
+constexpr int64_t kTileOut = 96;      // d_out per thread tile (16 panels of kMr)
+constexpr int64_t kTileIn = 256;      // d_in per thread tile (8 panels of kNr), at most
+// Below this many multiply-adds a call runs on one thread (waking the other costs more).
+constexpr int64_t kParallelWork = int64_t(1) << 18;
+
+int64_t round_up(int64_t value, int64_t step) { return (value + step - 1) / step * step; }
+
+template <typename Acc>
+void load_row(DType dtype, const char* src, int64_t count, Acc* dst) {
+  if constexpr (sizeof(Acc) == sizeof(double)) {
+    std::copy_n(reinterpret_cast<const double*>(src), count, dst);
+  } else {
+    widen_to_float(dtype, src, count, dst);
+  }
+}
+
+// c[u][j] += Σ_r a[r][u] b[r][j] over `rows` packed rows; returns Σ_{u,j} (that sum) v[u][j].
+// a is packed [rows][kMr], b [rows][kNr]; c and v have leading dimension ld.
+template <typename Acc>
+FASTMIX_ALWAYS_INLINE Acc register_tile(const Acc* a, const Acc* b, int64_t rows, Acc* c,
+                                        const Acc* v, int64_t ld) {
+  Acc acc[kMr][kNr] = {};
+  for (int64_t r = 0; r < rows; ++r) {
+    const Acc* b_row = b + r * kNr;
+    for (int64_t u = 0; u < kMr; ++u) {
+      const Acc value = a[r * kMr + u];
+      for (int64_t j = 0; j < kNr; ++j) acc[u][j] += value * b_row[j];
+    }
+  }
+  Acc dot = 0;
+  for (int64_t u = 0; u < kMr; ++u)
+    for (int64_t j = 0; j < kNr; ++j) {
+      c[u * ld + j] += acc[u][j];
+      dot += acc[u][j] * v[u * ld + j];
+    }
+  return dot;
+}
+
+#ifdef FASTMIX_X86_AVX2
+// Horizontal sum of the eight lanes.
+__attribute__((target("avx2,fma"))) inline float lane_sum(__m256 sum) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  half = _mm_add_ss(half, _mm_movehdup_ps(half));
+  return _mm_cvtss_f32(half);
+}
+
+// One 6 x 16 half of the tile with AVX2: b, c and v point at the half's first column.
+__attribute__((target("avx2,fma"))) float half_tile_avx2(const float* a, const float* b,
+                                                         int64_t rows, float* c,
+                                                         const float* v, int64_t ld) {
+  // Named accumulators, not an array: GCC would keep an array in memory.
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256 low = _mm256_loadu_ps(b + r * kNr);
+    const __m256 high = _mm256_loadu_ps(b + r * kNr + 8);
+    const float* a_row = a + r * kMr;
+    __m256 w = _mm256_broadcast_ss(a_row);
+    c00 = _mm256_fmadd_ps(w, low, c00);
+    c01 = _mm256_fmadd_ps(w, high, c01);
+    w = _mm256_broadcast_ss(a_row + 1);
+    c10 = _mm256_fmadd_ps(w, low, c10);
+    c11 = _mm256_fmadd_ps(w, high, c11);
+    w = _mm256_broadcast_ss(a_row + 2);
+    c20 = _mm256_fmadd_ps(w, low, c20);
+    c21 = _mm256_fmadd_ps(w, high, c21);
+    w = _mm256_broadcast_ss(a_row + 3);
+    c30 = _mm256_fmadd_ps(w, low, c30);
+    c31 = _mm256_fmadd_ps(w, high, c31);
+    w = _mm256_broadcast_ss(a_row + 4);
+    c40 = _mm256_fmadd_ps(w, low, c40);
+    c41 = _mm256_fmadd_ps(w, high, c41);
+    w = _mm256_broadcast_ss(a_row + 5);
+    c50 = _mm256_fmadd_ps(w, low, c50);
+    c51 = _mm256_fmadd_ps(w, high, c51);
+  }
+  // Epilogue: add the piece to the output and dot it with the target, two chains.
+  __m256 dot0 = _mm256_setzero_ps(), dot1 = _mm256_setzero_ps();
+  const __m256 parts[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                                {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int64_t u = 0; u < kMr; ++u) {
+    float* c_row = c + u * ld;
+    const float* v_row = v + u * ld;
+    _mm256_storeu_ps(c_row, _mm256_add_ps(_mm256_loadu_ps(c_row), parts[u][0]));
+    _mm256_storeu_ps(c_row + 8, _mm256_add_ps(_mm256_loadu_ps(c_row + 8), parts[u][1]));
+    dot0 = _mm256_fmadd_ps(parts[u][0], _mm256_loadu_ps(v_row), dot0);
+    dot1 = _mm256_fmadd_ps(parts[u][1], _mm256_loadu_ps(v_row + 8), dot1);
+  }
+  return lane_sum(_mm256_add_ps(dot0, dot1));
+}
+
+float register_tile_avx2(const float* a, const float* b, int64_t rows, float* c, const float* v,
+                         int64_t ld) {
+  static_assert(kMr == 6 && kNr == 32, "the micro-kernels are written for 6 x 32 tiles");
+  return half_tile_avx2(a, b, rows, c, v, ld) + half_tile_avx2(a, b + 16, rows, c + 16, v + 16, ld);
+}
+
+// The whole 6 x 32 tile with AVX-512: twelve zmm accumulators, two loads and six broadcasts
+// a row for twelve FMAs.
+__attribute__((target("avx512f"))) float register_tile_avx512(const float* a, const float* b,
+                                                              int64_t rows, float* c,
+                                                              const float* v, int64_t ld) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
+  __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
+  __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
+  __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
+  __m512 c40 = _mm512_setzero_ps(), c41 = _mm512_setzero_ps();
+  __m512 c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 low = _mm512_loadu_ps(b + r * kNr);
+    const __m512 high = _mm512_loadu_ps(b + r * kNr + 16);
+    const float* a_row = a + r * kMr;
+    __m512 w = _mm512_set1_ps(a_row[0]);
+    c00 = _mm512_fmadd_ps(w, low, c00);
+    c01 = _mm512_fmadd_ps(w, high, c01);
+    w = _mm512_set1_ps(a_row[1]);
+    c10 = _mm512_fmadd_ps(w, low, c10);
+    c11 = _mm512_fmadd_ps(w, high, c11);
+    w = _mm512_set1_ps(a_row[2]);
+    c20 = _mm512_fmadd_ps(w, low, c20);
+    c21 = _mm512_fmadd_ps(w, high, c21);
+    w = _mm512_set1_ps(a_row[3]);
+    c30 = _mm512_fmadd_ps(w, low, c30);
+    c31 = _mm512_fmadd_ps(w, high, c31);
+    w = _mm512_set1_ps(a_row[4]);
+    c40 = _mm512_fmadd_ps(w, low, c40);
+    c41 = _mm512_fmadd_ps(w, high, c41);
+    w = _mm512_set1_ps(a_row[5]);
+    c50 = _mm512_fmadd_ps(w, low, c50);
+    c51 = _mm512_fmadd_ps(w, high, c51);
+  }
+  __m512 dot0 = _mm512_setzero_ps(), dot1 = _mm512_setzero_ps();
+  const __m512 parts[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                                {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int64_t u = 0; u < kMr; ++u) {
+    float* c_row = c + u * ld;
+    const float* v_row = v + u * ld;
+    _mm512_storeu_ps(c_row, _mm512_add_ps(_mm512_loadu_ps(c_row), parts[u][0]));
+    _mm512_storeu_ps(c_row + 16, _mm512_add_ps(_mm512_loadu_ps(c_row + 16), parts[u][1]));
+    dot0 = _mm512_fmadd_ps(parts[u][0], _mm512_loadu_ps(v_row), dot0);
+    dot1 = _mm512_fmadd_ps(parts[u][1], _mm512_loadu_ps(v_row + 16), dot1);
+  }
+  alignas(64) float lanes[16];  // not _mm512_reduce_add_ps: GCC 12's header warns on it
+  _mm512_store_ps(lanes, _mm512_add_ps(dot0, dot1));
+  float dot = 0;
+  for (float lane : lanes) dot += lane;
+  return dot;
+}
+#endif
+
+using FloatTile = float (*)(const float*, const float*, int64_t, float*, const float*, int64_t);
+
+FloatTile float_tile() {
+#ifdef FASTMIX_X86_AVX2
+  static const FloatTile tile =
+      __builtin_cpu_supports("avx512f")                                      ? register_tile_avx512
+      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? register_tile_avx2
+                                                                           : register_tile<float>;
+  return tile;
+#else
+  return register_tile<float>;
+#endif
+}
+
+template <typename Acc>
+FASTMIX_ALWAYS_INLINE Acc tile(const Acc* a, const Acc* b, int64_t rows, Acc* c, const Acc* v,
+                               int64_t ld) {
+  if constexpr (sizeof(Acc) == sizeof(float)) {
+    return float_tile()(a, b, rows, c, v, ld);
+  } else {
+    return register_tile(a, b, rows, c, v, ld);
+  }
+}
+
+// Piece boundaries: piece j covers rows [bounds[j], bounds[j + 1]); pieces 1..k are the
+// segments, piece 0 and piece k + 1 the rows outside them. Offsets are clamped monotone.
+std::vector<int64_t> piece_bounds(const int64_t* offsets, int64_t num_segments, int64_t n_rows) {
+  std::vector<int64_t> bounds(static_cast<size_t>(num_segments + 3));
+  bounds[0] = 0;
+  for (int64_t i = 0; i <= num_segments; ++i)
+    bounds[i + 1] = std::min(std::max(offsets[i], bounds[i]), n_rows);
+  bounds[num_segments + 2] = n_rows;
+  return bounds;
+}
+
+// Scratch that lives across calls of the calling thread: fresh allocations of this size cost
+// more in page faults than the packing itself.
+template <typename Acc>
+Acc* scratch(std::vector<Acc>& buffer, int64_t count) {
+  if (buffer.size() < static_cast<size_t>(count)) buffer.resize(static_cast<size_t>(count));
+  return buffer.data();
+}
+
+template <typename Acc>
+void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void* target,
+                           const void* target_bias, int64_t n_rows, int64_t d_in, int64_t d_out,
+                           const int64_t* offsets, int64_t num_segments, Acc* grad_weight,
+                           Acc* grad_bias, Acc* dots) {
+  const int64_t size = element_size(dtype);
+  const auto* x_bytes = static_cast<const char*>(x);
+  const auto* g_bytes = static_cast<const char*>(g);
+  const std::vector<int64_t> bounds = piece_bounds(offsets, num_segments, n_rows);
+  const int64_t n_pieces = num_segments + 2;
+
+  // The output and the target, padded to whole register tiles (ld a multiple of kNr).
+  const int64_t out_rows = round_up(d_out, kMr), ld = round_up(d_in, kNr);
+  const int64_t a_panels = out_rows / kMr, b_panels = ld / kNr;
+  thread_local std::vector<Acc> out_buffer, target_buffer, pack_buffer;
+  Acc* out = scratch(out_buffer, out_rows * ld);
+  Acc* v = scratch(target_buffer, out_rows * ld);
+  std::fill_n(out, out_rows * ld, Acc(0));
+  std::fill_n(v, out_rows * ld, Acc(0));
+  const auto* target_bytes = static_cast<const char*>(target);
+  for (int64_t o = 0; o < d_out; ++o)
+    load_row<Acc>(dtype, target_bytes + o * d_in * size, d_in, v + o * ld);
+  std::vector<Acc> bias_target(static_cast<size_t>(out_rows), Acc(0));
+  if (target_bias) load_row<Acc>(dtype, static_cast<const char*>(target_bias), d_out, bias_target.data());
+  std::vector<Acc> bias_total(static_cast<size_t>(out_rows), Acc(0));
+
+  // A block of rows at a time: g and x packed (widened) into a_pack[p][r][u] = g[n0 + r][p kMr
+  // + u] and b_pack[q][r][j] = x[n0 + r][q kNr + j], zero past the edges, so each
+  // micro-kernel reads contiguous rows.
+  const bool parallel = n_rows * d_in * d_out > kParallelWork;
+  const int threads = parallel ? max_threads() : 1;
+  const int64_t block = std::min(kBlockRows, n_rows);
+  Acc* a_pack = scratch(pack_buffer, block * (out_rows + ld) + threads * (out_rows + ld));
+  Acc* b_pack = a_pack + block * out_rows;
+  Acc* row_buffers = b_pack + block * ld;
+
+  // Thread tiles of kTileOut x tile_in outputs; narrower ones when there are too few to share.
+  int64_t tile_in = kTileIn;
+  const int64_t tiles_out = (out_rows + kTileOut - 1) / kTileOut;
+  while (tile_in > kNr && tiles_out * ((ld + tile_in - 1) / tile_in) < 4 * threads) tile_in /= 2;
+  const int64_t tiles_in = (ld + tile_in - 1) / tile_in;
+  const int64_t n_tiles = tiles_out * tiles_in;
+  std::vector<double> local_dots(static_cast<size_t>(threads * num_segments), 0.0);
+  const bool with_bias = grad_bias != nullptr || target_bias != nullptr;
+
+#pragma omp parallel num_threads(threads) if (parallel)
+  {
+    const auto t = static_cast<size_t>(thread_index());
+    double* my_dots = local_dots.data() + t * num_segments;
+    Acc* row = row_buffers + t * (out_rows + ld);
+    std::fill_n(row, out_rows + ld, Acc(0));
+    int64_t piece = 0;
+    for (int64_t n0 = 0; n0 < n_rows; n0 += block) {
+      const int64_t n1 = std::min(n0 + block, n_rows), rows = n1 - n0;
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        load_row<Acc>(dtype, x_bytes + (n0 + r) * d_in * size, d_in, row);
+        for (int64_t q = 0; q < b_panels; ++q) {
+          Acc* dst = b_pack + (q * rows + r) * kNr;
+          for (int64_t j = 0; j < kNr; ++j) dst[j] = row[q * kNr + j];  // fixed size: no memmove call
+        }
+        load_row<Acc>(dtype, g_bytes + (n0 + r) * d_out * size, d_out, row + ld);
+        for (int64_t p = 0; p < a_panels; ++p) {
+          Acc* dst = a_pack + (p * rows + r) * kMr;
+          for (int64_t u = 0; u < kMr; ++u) dst[u] = row[ld + p * kMr + u];
+        }
+      }  // implicit barrier: the block is packed
+      while (bounds[piece + 1] <= n0) ++piece;  // the piece holding row n0
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tile_index = 0; tile_index < n_tiles + (with_bias ? 1 : 0); ++tile_index) {
+        if (tile_index == n_tiles) {  // the bias: column sums of g per piece, and their dots
+          for (int64_t j = piece; j < n_pieces && bounds[j] < n1; ++j) {
+            const int64_t lo = std::max(bounds[j], n0) - n0, hi = std::min(bounds[j + 1], n1) - n0;
+            Acc dot = 0;
+            for (int64_t p = 0; p < a_panels; ++p)
+              for (int64_t u = 0; u < kMr; ++u) {
+                Acc sum = 0;
+                for (int64_t r = lo; r < hi; ++r) sum += a_pack[(p * rows + r) * kMr + u];
+                bias_total[p * kMr + u] += sum;
+                dot += sum * bias_target[p * kMr + u];
+              }
+            if (target_bias && j >= 1 && j <= num_segments) my_dots[j - 1] += dot;
+          }
+          continue;
+        }
+        const int64_t p0 = (tile_index / tiles_in) * (kTileOut / kMr);
+        const int64_t p1 = std::min(a_panels, p0 + kTileOut / kMr);
+        const int64_t q0 = (tile_index % tiles_in) * (tile_in / kNr);
+        const int64_t q1 = std::min(b_panels, q0 + tile_in / kNr);
+        for (int64_t q = q0; q < q1; ++q) {
+          const Acc* b_panel = b_pack + q * rows * kNr;
+          for (int64_t p = p0; p < p1; ++p) {
+            const Acc* a_panel = a_pack + p * rows * kMr;
+            const int64_t offset = p * kMr * ld + q * kNr;
+            for (int64_t j = piece; j < n_pieces && bounds[j] < n1; ++j) {
+              const int64_t lo = std::max(bounds[j], n0) - n0, hi = std::min(bounds[j + 1], n1) - n0;
+              if (hi <= lo) continue;
+              const Acc dot = tile(a_panel + lo * kMr, b_panel + lo * kNr, hi - lo, out + offset,
+                                   v + offset, ld);
+              if (j >= 1 && j <= num_segments) my_dots[j - 1] += dot;
+            }
+          }
+        }
+      }  // implicit barrier: the block may be repacked
+    }
+  }
+
+  for (int64_t o = 0; o < d_out; ++o) std::copy_n(out + o * ld, d_in, grad_weight + o * d_in);
+  if (grad_bias) std::copy_n(bias_total.begin(), d_out, grad_bias);
+  for (int64_t i = 0; i < num_segments; ++i) {
+    double total = 0;
+    for (int t = 0; t < threads; ++t) total += local_dots[t * num_segments + i];
+    dots[i] = static_cast<Acc>(total);
+  }
+}
+
+}  // namespace
+
+void weight_grad_dots_cpu(DType dtype, const void* x, const void* g, const void* target,
+                          const void* target_bias, int64_t n_rows, int64_t d_in, int64_t d_out,
+                          const int64_t* offsets, int64_t num_segments, void* grad_weight,
+                          void* grad_bias, void* dots) {
+  if (dtype == DType::f64) {
+    weight_grad_dots_impl<double>(dtype, x, g, target, target_bias, n_rows, d_in, d_out, offsets,
+                                  num_segments, static_cast<double*>(grad_weight),
+                                  static_cast<double*>(grad_bias), static_cast<double*>(dots));
+  } else {
+    weight_grad_dots_impl<float>(dtype, x, g, target, target_bias, n_rows, d_in, d_out, offsets,
+                                 num_segments, static_cast<float*>(grad_weight),
+                                 static_cast<float*>(grad_bias), static_cast<float*>(dots));
+  }
+}
+
+}  // namespace fastmix
