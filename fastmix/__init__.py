@@ -12,9 +12,10 @@ _LAZY = {
     "model": "fastmix.model",
     "train": "fastmix.train",
     "AlignmentProbe": "fastmix.probe",
-    "chameleon_weights": "fastmix.chameleon",
-    "domain_embeddings": "fastmix.chameleon",
-    "EmbeddingAccumulator": "fastmix.chameleon",
+    "chameleon_weights": "fastmix.leverage_weights",
+    "domain_embeddings": "fastmix.hidden_states",
+    "embed_sequences": "fastmix.hidden_states",
+    "EmbeddingAccumulator": "fastmix.hidden_states",
 }
 
 __all__ = sorted(_LAZY)

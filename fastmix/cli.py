@@ -60,6 +60,16 @@ def _name_path(text):
     return name, path
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 # Options of `prepare` for one's own data; None when not given, so that prepare's defaults apply.
 _DATA_OPTIONS = ("target", "tokenizer", "bpe_vocab_size", "text_field", "val_fraction", "workers")
 
@@ -141,12 +151,17 @@ def build_parser():
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
 
-    weights = sub.add_parser("weights", help="Chameleon domain weights of a store, from a trained checkpoint",
-                             description="Chameleon domain weights: the checkpoint's model embeds held-out "
-                                         "windows of every domain (mean hidden state of its middle block), "
-                                         "then ridge leverage scores of those embeddings give the weights. "
-                                         "New domains need only their data, no retraining.")
-    weights.add_argument("checkpoint", help="a run directory of `fastmix train` (its ckpt.pt) or a ckpt.pt file")
+    weights = sub.add_parser("weights", help="Chameleon domain weights of a store, from a trained model",
+                             description="Chameleon domain weights: a trained model (a `fastmix train` "
+                                         "checkpoint or a Hugging Face causal LM) embeds random windows of every "
+                                         "domain's training split (masked mean of its middle layer's hidden "
+                                         "states), then ridge leverage scores of those embeddings give the "
+                                         "weights. New domains need only their data, no retraining.")
+    weights.add_argument("checkpoint", nargs="?",
+                         help="a run directory of `fastmix train` (its ckpt.pt) or a ckpt.pt file (or give --model)")
+    weights.add_argument("--model", metavar="DIR",
+                         help="instead of a checkpoint: a directory holding a Hugging Face causal LM (save_pretrained; "
+                              "loaded from local files only); needs --data, prepared with the model's tokenizer")
     weights.add_argument("--data", help="the store whose domains to weigh, or 'builtin' (default: the store the "
                                         "checkpoint was trained on)")
     weights.add_argument("--mode", default="pretrain", choices=["pretrain", "finetune"],
@@ -154,7 +169,12 @@ def build_parser():
     weights.add_argument("--lam", type=float, default=10.0, help="ridge λ, scaled by the number of domains (default 10)")
     weights.add_argument("--temperature", type=float, default=None,
                          help="softmax temperature T (default: 5 for pretrain, 0.2 for finetune)")
-    weights.add_argument("--rows", type=int, default=16, help="held-out windows embedded per domain (default 16)")
+    weights.add_argument("--windows-per-domain", type=_positive_int, default=2048,
+                         help="random windows embedded per domain, from its training split (default 2048)")
+    weights.add_argument("--window-length", type=_positive_int, default=None,
+                         help="tokens per window (default 512, or the model's context when shorter)")
+    weights.add_argument("--seed", type=int, default=0, help="seed of the windows' draw (default 0)")
+    weights.add_argument("--batch-size", type=_positive_int, default=16, help="windows per forward pass (default 16)")
     weights.add_argument("--device", default="cpu", help="torch device (default cpu)")
     weights.add_argument("--json", help="also write {domains, scores, weights} to this file")
     weights.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -37,7 +37,7 @@ def test_weights_from_a_checkpoint(tmp_path, capsys):
     results = {}
     for mode in ("pretrain", "finetune"):
         out = tmp_path / f"{mode}.json"
-        main(["weights", str(tmp_path / "run"), "--data", str(store), "--mode", mode, "--rows", "4",
+        main(["weights", str(tmp_path / "run"), "--data", str(store), "--mode", mode, "--windows-per-domain", "4",
               "--quiet", "--json", str(out)])
         results[mode] = json.loads(out.read_text())
     assert results["pretrain"]["domains"] == DomainStore(store).domains
@@ -53,9 +53,10 @@ def test_weights_from_a_checkpoint(tmp_path, capsys):
     import pytest
 
     from fastmix.data import StoreWriter
-    from fastmix.weights import domain_weights
 
     with StoreWriter(tmp_path / "wide", {"type": "file", "vocab_size": 5000}) as writer:
         writer.add("a", np.arange(400) % 5000, np.arange(400) % 5000)
-    with pytest.raises(ValueError, match="the store's tokenizer has 5000 tokens but the checkpoint's model 257"):
-        domain_weights(str(tmp_path / "run" / "ckpt.pt"), DomainStore(tmp_path / "wide"), progress=False)
+    with pytest.raises(SystemExit) as e:
+        main(["weights", str(tmp_path / "run"), "--data", str(tmp_path / "wide"), "--quiet"])
+    assert e.value.code == ("fastmix weights: error: the store's tokenizer has 5000 tokens but the model's "
+                            "vocabulary only 257: prepare the store with the model's own tokenizer")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import run_distributed
-from fastmix.chameleon import chameleon_weights
+from fastmix.leverage_weights import chameleon_weights
 from fastmix.cli import build_parser
 from fastmix.data import DomainStore, StoreWriter
 from fastmix.mixing import Chameleon
@@ -125,7 +125,7 @@ def test_chameleon_online_skips_the_update_of_a_model_gone_nan(seed):
 
 
 def test_chameleon_offline_embeds_with_the_layer_it_was_given(tmp_path, seed):
-    from fastmix.chameleon import domain_embeddings
+    from fastmix.hidden_states import domain_embeddings
     from fastmix.model import GPT, GPTConfig
 
     k = 3

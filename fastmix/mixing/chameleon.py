@@ -1,5 +1,5 @@
 """Chameleon as a mixer: domain weights from ridge leverage scores of domain embeddings
-(fastmix.chameleon.chameleon_weights; the recipe is in DESIGN.md and that module).
+(fastmix.leverage_weights.chameleon_weights, whose docstring has the recipe).
 
 source="offline": embeddings from a fastmix checkpoint (`checkpoint=PATH`, e.g. a short uniform
     run: the proxy model), computed once before the first step on `rows_per_domain` balanced
@@ -24,8 +24,8 @@ import warnings
 
 import torch
 
-from fastmix.chameleon import (EmbeddingAccumulator, chameleon_weights, check_weight_options, domain_embeddings,
-                               resolve_layer)
+from fastmix.hidden_states import EmbeddingAccumulator, domain_embeddings, resolve_layer
+from fastmix.leverage_weights import chameleon_weights, check_weight_options
 from fastmix.mixing.base import check_counts, check_number, register_mixer
 from fastmix.mixing.dga import _all_reduce, _gather, shard_balanced, _world
 
