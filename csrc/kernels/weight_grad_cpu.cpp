@@ -28,6 +28,7 @@ constexpr int64_t kBlockRows = 256;   // rows walked at once: a 32 KiB x panel s
 constexpr int64_t kTileOut = 96;      // d_out per thread tile (16 panels of kMr)
 constexpr int64_t kTileIn = 256;      // d_in per thread tile (8 panels of kNr), at most
 // Below this many multiply-adds a call runs on one thread (waking the other costs more).
+constexpr int64_t kDotLanes = 16;     // lanes of a piece's dot, summed once per block and tile
 constexpr int64_t kParallelWork = int64_t(1) << 18;
 
 int64_t round_up(int64_t value, int64_t step) { return (value + step - 1) / step * step; }
@@ -178,7 +179,89 @@ __attribute__((target("avx512f"))) float register_tile_avx512(const float* a, co
   for (float lane : lanes) dot += lane;
   return dot;
 }
+
+// All the pieces of a block in one call, for rows split into pieces at starts[0..count]:
+// twelve zmm accumulators for the current piece and twelve for the running sum, so a piece's
+// epilogue is twelve adds and twelve FMAs with the target (kept in lanes, summed later into
+// piece_dots[piece][0..16)), and the output tile is read and written once per block.
+__attribute__((target("avx512f"))) void pieces_tile_avx512(const float* a, const float* b,
+                                                           const int64_t* starts, int64_t count,
+                                                           float* c, const float* v, int64_t ld,
+                                                           float* piece_dots) {
+  __m512 t00 = _mm512_setzero_ps(), t01 = _mm512_setzero_ps();
+  __m512 t10 = _mm512_setzero_ps(), t11 = _mm512_setzero_ps();
+  __m512 t20 = _mm512_setzero_ps(), t21 = _mm512_setzero_ps();
+  __m512 t30 = _mm512_setzero_ps(), t31 = _mm512_setzero_ps();
+  __m512 t40 = _mm512_setzero_ps(), t41 = _mm512_setzero_ps();
+  __m512 t50 = _mm512_setzero_ps(), t51 = _mm512_setzero_ps();
+  for (int64_t piece = 0; piece < count; ++piece) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
+    __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
+    __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
+    __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
+    __m512 c40 = _mm512_setzero_ps(), c41 = _mm512_setzero_ps();
+    __m512 c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
+    for (int64_t r = starts[piece]; r < starts[piece + 1]; ++r) {
+      const __m512 low = _mm512_loadu_ps(b + r * kNr);
+      const __m512 high = _mm512_loadu_ps(b + r * kNr + 16);
+      const float* a_row = a + r * kMr;
+      __m512 w = _mm512_set1_ps(a_row[0]);
+      c00 = _mm512_fmadd_ps(w, low, c00);
+      c01 = _mm512_fmadd_ps(w, high, c01);
+      w = _mm512_set1_ps(a_row[1]);
+      c10 = _mm512_fmadd_ps(w, low, c10);
+      c11 = _mm512_fmadd_ps(w, high, c11);
+      w = _mm512_set1_ps(a_row[2]);
+      c20 = _mm512_fmadd_ps(w, low, c20);
+      c21 = _mm512_fmadd_ps(w, high, c21);
+      w = _mm512_set1_ps(a_row[3]);
+      c30 = _mm512_fmadd_ps(w, low, c30);
+      c31 = _mm512_fmadd_ps(w, high, c31);
+      w = _mm512_set1_ps(a_row[4]);
+      c40 = _mm512_fmadd_ps(w, low, c40);
+      c41 = _mm512_fmadd_ps(w, high, c41);
+      w = _mm512_set1_ps(a_row[5]);
+      c50 = _mm512_fmadd_ps(w, low, c50);
+      c51 = _mm512_fmadd_ps(w, high, c51);
+    }
+    __m512 dot0 = _mm512_mul_ps(c00, _mm512_loadu_ps(v));
+    __m512 dot1 = _mm512_mul_ps(c01, _mm512_loadu_ps(v + 16));
+    dot0 = _mm512_fmadd_ps(c10, _mm512_loadu_ps(v + ld), dot0);
+    dot1 = _mm512_fmadd_ps(c11, _mm512_loadu_ps(v + ld + 16), dot1);
+    dot0 = _mm512_fmadd_ps(c20, _mm512_loadu_ps(v + 2 * ld), dot0);
+    dot1 = _mm512_fmadd_ps(c21, _mm512_loadu_ps(v + 2 * ld + 16), dot1);
+    dot0 = _mm512_fmadd_ps(c30, _mm512_loadu_ps(v + 3 * ld), dot0);
+    dot1 = _mm512_fmadd_ps(c31, _mm512_loadu_ps(v + 3 * ld + 16), dot1);
+    dot0 = _mm512_fmadd_ps(c40, _mm512_loadu_ps(v + 4 * ld), dot0);
+    dot1 = _mm512_fmadd_ps(c41, _mm512_loadu_ps(v + 4 * ld + 16), dot1);
+    dot0 = _mm512_fmadd_ps(c50, _mm512_loadu_ps(v + 5 * ld), dot0);
+    dot1 = _mm512_fmadd_ps(c51, _mm512_loadu_ps(v + 5 * ld + 16), dot1);
+    float* lanes = piece_dots + piece * 16;
+    _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_loadu_ps(lanes), _mm512_add_ps(dot0, dot1)));
+    t00 = _mm512_add_ps(t00, c00), t01 = _mm512_add_ps(t01, c01);
+    t10 = _mm512_add_ps(t10, c10), t11 = _mm512_add_ps(t11, c11);
+    t20 = _mm512_add_ps(t20, c20), t21 = _mm512_add_ps(t21, c21);
+    t30 = _mm512_add_ps(t30, c30), t31 = _mm512_add_ps(t31, c31);
+    t40 = _mm512_add_ps(t40, c40), t41 = _mm512_add_ps(t41, c41);
+    t50 = _mm512_add_ps(t50, c50), t51 = _mm512_add_ps(t51, c51);
+  }
+  const __m512 sums[kMr][2] = {{t00, t01}, {t10, t11}, {t20, t21},
+                               {t30, t31}, {t40, t41}, {t50, t51}};
+  for (int64_t u = 0; u < kMr; ++u) {
+    float* c_row = c + u * ld;
+    _mm512_storeu_ps(c_row, _mm512_add_ps(_mm512_loadu_ps(c_row), sums[u][0]));
+    _mm512_storeu_ps(c_row + 16, _mm512_add_ps(_mm512_loadu_ps(c_row + 16), sums[u][1]));
+  }
+}
 #endif
+
+// The pieces of a block, one register tile each: the dot of piece i goes to piece_dots[i][0].
+template <typename Acc>
+void pieces_tile(const Acc* a, const Acc* b, const int64_t* starts, int64_t count, Acc* c,
+                 const Acc* v, int64_t ld, Acc* piece_dots);
+
+using PiecesTile = void (*)(const float*, const float*, const int64_t*, int64_t, float*,
+                            const float*, int64_t, float*);
 
 using FloatTile = float (*)(const float*, const float*, int64_t, float*, const float*, int64_t);
 
@@ -202,6 +285,30 @@ FASTMIX_ALWAYS_INLINE Acc tile(const Acc* a, const Acc* b, int64_t rows, Acc* c,
   } else {
     return register_tile(a, b, rows, c, v, ld);
   }
+}
+
+template <typename Acc>
+void pieces_tile(const Acc* a, const Acc* b, const int64_t* starts, int64_t count, Acc* c,
+                 const Acc* v, int64_t ld, Acc* piece_dots) {
+  for (int64_t i = 0; i < count; ++i)
+    piece_dots[i * kDotLanes] += tile(a + starts[i] * kMr, b + starts[i] * kNr,
+                                      starts[i + 1] - starts[i], c, v, ld);
+}
+
+// The pieces kernel for this CPU, chosen once (AVX-512 where there is one).
+template <typename Acc>
+FASTMIX_ALWAYS_INLINE void block_tile(const Acc* a, const Acc* b, const int64_t* starts,
+                                      int64_t count, Acc* c, const Acc* v, int64_t ld,
+                                      Acc* piece_dots) {
+  if constexpr (sizeof(Acc) == sizeof(float)) {
+#ifdef FASTMIX_X86_AVX2
+    static const PiecesTile kernel =
+        __builtin_cpu_supports("avx512f") ? pieces_tile_avx512 : pieces_tile<float>;
+    kernel(a, b, starts, count, c, v, ld, piece_dots);
+    return;
+#endif
+  }
+  pieces_tile(a, b, starts, count, c, v, ld, piece_dots);
 }
 
 // Piece boundaries: piece j covers rows [bounds[j], bounds[j + 1]); pieces 1..k are the
@@ -267,12 +374,18 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   const int64_t n_tiles = tiles_out * tiles_in;
   std::vector<double> local_dots(static_cast<size_t>(threads * num_segments), 0.0);
   const bool with_bias = grad_bias != nullptr || target_bias != nullptr;
+  // Per thread: the pieces of the current block (at most block + 2) and their dots' lanes.
+  std::vector<int64_t> piece_lists(static_cast<size_t>(threads * 2 * (block + 3)));
+  std::vector<Acc> dot_lanes(static_cast<size_t>(threads * (block + 2) * kDotLanes), Acc(0));
 
 #pragma omp parallel num_threads(threads) if (parallel)
   {
     const auto t = static_cast<size_t>(thread_index());
     double* my_dots = local_dots.data() + t * num_segments;
     Acc* row = row_buffers + t * (out_rows + ld);
+    int64_t* starts = piece_lists.data() + t * 2 * (block + 3);
+    int64_t* piece_ids = starts + block + 3;
+    Acc* piece_dots = dot_lanes.data() + t * (block + 2) * kDotLanes;
     std::fill_n(row, out_rows + ld, Acc(0));
     int64_t piece = 0;
     for (int64_t n0 = 0; n0 < n_rows; n0 += block) {
@@ -291,6 +404,15 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
         }
       }  // implicit barrier: the block is packed
       while (bounds[piece + 1] <= n0) ++piece;  // the piece holding row n0
+      // The block's non-empty pieces: rows [starts[i], starts[i + 1]) of it are piece piece_ids[i].
+      int64_t count = 0;
+      starts[0] = 0;
+      for (int64_t j = piece; j < n_pieces && bounds[j] < n1; ++j) {
+        const int64_t hi = std::min(bounds[j + 1], n1) - n0;
+        if (hi <= starts[count]) continue;
+        piece_ids[count] = j;
+        starts[++count] = hi;
+      }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t tile_index = 0; tile_index < n_tiles + (with_bias ? 1 : 0); ++tile_index) {
         if (tile_index == n_tiles) {  // the bias: column sums of g per piece, and their dots
@@ -315,16 +437,16 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
         for (int64_t q = q0; q < q1; ++q) {
           const Acc* b_panel = b_pack + q * rows * kNr;
           for (int64_t p = p0; p < p1; ++p) {
-            const Acc* a_panel = a_pack + p * rows * kMr;
             const int64_t offset = p * kMr * ld + q * kNr;
-            for (int64_t j = piece; j < n_pieces && bounds[j] < n1; ++j) {
-              const int64_t lo = std::max(bounds[j], n0) - n0, hi = std::min(bounds[j + 1], n1) - n0;
-              if (hi <= lo) continue;
-              const Acc dot = tile(a_panel + lo * kMr, b_panel + lo * kNr, hi - lo, out + offset,
-                                   v + offset, ld);
-              if (j >= 1 && j <= num_segments) my_dots[j - 1] += dot;
-            }
+            block_tile(a_pack + p * rows * kMr, b_panel, starts, count, out + offset, v + offset,
+                       ld, piece_dots);
           }
+        }
+        for (int64_t i = 0; i < count; ++i) {
+          Acc dot = 0;
+          for (int64_t lane = 0; lane < kDotLanes; ++lane) dot += piece_dots[i * kDotLanes + lane];
+          std::fill_n(piece_dots + i * kDotLanes, kDotLanes, Acc(0));
+          if (piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
         }
       }  // implicit barrier: the block may be repacked
     }
