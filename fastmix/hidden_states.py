@@ -81,14 +81,11 @@ def context_length(model):
 
 
 def vocab_size(model):
-    """The number of token ids the model reads (its input embedding's rows)."""
+    """The number of token ids the model reads (Hugging Face: its input embedding's rows; fastmix
+    GPT: config.vocab_size), or None when the model does not say."""
     if _is_transformers_model(model):
         return model.get_input_embeddings().num_embeddings
-    value = getattr(getattr(model, "config", None), "vocab_size", None)
-    if value is None:
-        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-        value = None if embedding is None else embedding.num_embeddings
-    return value
+    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 # ---------------------------------------------------------------- layers and pooling

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 import fastmix
-from fastmix.hidden_states import EmbeddingAccumulator, domain_embeddings, masked_mean, resolve_layer
+from fastmix.hidden_states import (EmbeddingAccumulator, domain_embeddings, embed_sequences, masked_mean,
+                                   resolve_layer)
 from fastmix.leverage_weights import chameleon_weights
 
 
@@ -126,6 +127,23 @@ def test_domain_embeddings_with_fastmix_gpt(seed):
     handle.remove()
     np.testing.assert_allclose(emb[0].numpy(), captured[0].mean(1).mean(0).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(emb[1].numpy(), captured[0][0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_embed_sequences_with_fastmix_gpt(seed):
+    from fastmix.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=13, n_layer=3, n_head=2, n_embd=8)).eval()
+    sequences = [torch.randint(0, 13, (n,)) for n in (5, 11, 2)]  # the 11 tokens keep their first 8
+    rows = embed_sequences(model, sequences, batch_size=2)
+    captured = []
+    handle = model.transformer.h[1].register_forward_hook(lambda m, a, o: captured.append(o))
+    with torch.no_grad():
+        for s in sequences:
+            model(s[None, :8])
+    handle.remove()
+    want = torch.cat([h.mean(1) for h in captured])
+    torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-6)
+    assert model.training is False and rows.shape == (3, 8)
 
 
 def test_accumulator_segment_sums_decay_and_reset(seed):

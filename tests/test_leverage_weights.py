@@ -75,9 +75,8 @@ def test_duplicated_domain_not_upweighted_per_copy_in_finetune(seed):
 
 
 def test_duplicated_domain_is_upweighted_in_pretrain_as_the_recipe_implies(seed):
-    """The issue asked that a domain duplicated many times not be upweighted in pretrain mode;
-    the published recipe (DESIGN.md's contract) does the opposite, and fastmix keeps the
-    recipe: copies pull the centring mean onto themselves, so their centred embeddings and
+    """One might want a domain duplicated many times not to be upweighted in pretrain mode;
+    the published recipe does the opposite, and fastmix keeps the recipe: copies pull the centring mean onto themselves, so their centred embeddings and
     leverage scores shrink, 1/S grows, and softmax((1/S)/T) gives them most of the weight.
     Pinned here so that a change of behaviour is a decision, not an accident."""
     e = torch.randn(5, 32) / 32**0.5
