@@ -210,3 +210,36 @@ def test_bad_inputs_end_in_one_line(tmp_path, seed, monkeypatch):
     assert _error([*base, "--model", directory]) == (
         "fastmix weights: error: --model: a Hugging Face model needs the transformers package: "
         "pip install transformers")
+
+
+def test_a_store_prepared_with_the_models_tokenizer_file(tmp_path, seed):
+    """The documented path: `fastmix prepare --tokenizer tokenizer.json` (the model's file), then
+    `fastmix weights --model DIR --data STORE`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    rng = np.random.default_rng(seed)
+    words = {"animals": ["cat", "dog", "owl", "fox"], "numbers": ["one", "two", "six", "ten"],
+             "colors": ["red", "tan", "blue", "gold"]}
+    for name, vocabulary in words.items():
+        (tmp_path / f"{name}.txt").write_text(" ".join(rng.choice(vocabulary, 600)))
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+                                             show_progress=False)
+    tokenizer.train([str(tmp_path / f"{name}.txt") for name in words], trainer)
+    directory = tmp_path / "model"
+    tiny_model("llama", vocab=tokenizer.get_vocab_size()).save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    store = tmp_path / "store"
+    main(["prepare", str(store), *[f"--domain={name}={tmp_path / f'{name}.txt'}" for name in words],
+          "--tokenizer", str(directory / "tokenizer.json"), "--quiet"])
+    out = tmp_path / "weights.json"
+    main(["weights", "--model", str(directory), "--data", str(store), "--windows-per-domain", "8",
+          "--window-length", "16", "--quiet", "--json", str(out)])
+    result = json.loads(out.read_text())
+    prepared = DomainStore(store)
+    assert prepared.vocab_size == tokenizer.get_vocab_size() and result["domains"] == list(words)
+    embeddings = domain_embeddings(load_causal_lm(directory), prepared, windows_per_domain=8, window_length=16,
+                                   progress=False)
+    torch.testing.assert_close(torch.tensor(result["weights"], dtype=torch.float64),
+                               chameleon_weights(embeddings.double()), rtol=1e-6, atol=1e-9)
