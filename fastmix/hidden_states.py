@@ -185,19 +185,25 @@ def _pooling(model, layer, device, autocast):
     """Yields pool(ids, mask) -> (B, d): the masked mean of `layer`'s hidden states in one
     no-grad forward, with the model in eval mode (restored after) and bf16 autocast on CUDA."""
     hf = _is_transformers_model(model)
+    # A Hugging Face causal LM's backbone gives the same hidden states without the head's logits
+    # (batch x length x vocabulary: gigabytes for a 128k vocabulary at 16 x 512 tokens).
+    backbone = model.base_model if hf else model
     use_autocast = autocast and device.type == "cuda"
     with contextlib.ExitStack() as stack:
         if hf and (layer == "middle" or _is_index(layer)):
             def hidden_states(ids, mask):
-                states = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                states = backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
                 return states[_block_index(layer, len(states) - 1) + 1]  # states[0]: the token embeddings
         else:
-            outputs = stack.enter_context(_capture(resolve_layer(model, layer)))
+            module = resolve_layer(model, layer)
+            outputs = stack.enter_context(_capture(module))
+            if not any(m is module for m in backbone.modules()):  # e.g. the head itself
+                backbone = model
 
             def hidden_states(ids, mask):
                 outputs.clear()
                 if hf:
-                    model(input_ids=ids, attention_mask=mask)
+                    backbone(input_ids=ids, attention_mask=mask)
                 else:
                     model(ids)
                 if not outputs:

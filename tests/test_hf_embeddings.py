@@ -147,6 +147,21 @@ def test_padding_does_not_change_the_embedding(seed, kind):
     assert fastmix.embed_sequences is embed_sequences
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_head_runs_only_when_it_is_the_layer(seed, kind):
+    model = tiny_model(kind)
+    calls = []
+    model.lm_head.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    ids = torch.randint(0, 128, (2, 5))
+    embed_sequences(model, ids)  # the middle block's states: the backbone alone, no logits
+    embed_sequences(model, ids, layer=2)
+    assert calls == []
+    logits = embed_sequences(model, ids, layer="lm_head")
+    assert calls == [(2, 5, 128)]
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(input_ids=ids).logits.mean(1))
+
+
 def test_embed_sequences_of_texts_and_long_documents(seed):
     model = tiny_model("gpt2", vocab=257)
     tokenizer = ByteTokenizer()
