@@ -243,7 +243,7 @@ def embed_sequences(model, sequences, layer="middle", *, tokenizer=None, batch_s
 
     sequences: an (N, T) tensor of token ids, or N sequences of ids (lists, arrays, 1-D tensors)
     of any lengths, or N strings with `tokenizer` (anything with `.encode(text) -> ids`: the
-    store's tokenizer, or a Hugging Face one). Each sequence keeps its first `max_length` tokens
+    store's tokenizer, a transformers tokenizer, or a `tokenizers.Tokenizer`). Each sequence keeps its first `max_length` tokens
     (default: the model's context length). Sequences of similar length are batched together,
     right-padded and masked: a sequence's row does not depend on its batch.
     """
@@ -259,6 +259,7 @@ def embed_sequences(model, sequences, layer="middle", *, tokenizer=None, batch_s
             if tokenizer is None:
                 raise ValueError("sequences holds texts: pass tokenizer= (anything with .encode(text) -> ids)")
             item = tokenizer.encode(item)
+            item = getattr(item, "ids", item)  # a `tokenizers` Tokenizer gives an Encoding
         row = torch.as_tensor(np.asarray(item, dtype=np.int64)).reshape(-1)[:limit]
         if row.numel() == 0:
             raise ValueError(f"sequence {index} is empty")

@@ -245,6 +245,10 @@ def test_a_store_prepared_with_the_models_tokenizer_file(tmp_path, seed):
     directory = tmp_path / "model"
     tiny_model("llama", vocab=tokenizer.get_vocab_size()).save_pretrained(directory)
     tokenizer.save(str(directory / "tokenizer.json"))
+    texts = ["cat dog owl", "one two six ten"]  # texts through the model's own tokenizer
+    by_text = embed_sequences(load_causal_lm(directory), texts, tokenizer=tokenizer)
+    by_ids = embed_sequences(load_causal_lm(directory), [tokenizer.encode(t).ids for t in texts])
+    torch.testing.assert_close(by_text, by_ids, rtol=0, atol=0)
     store = tmp_path / "store"
     main(["prepare", str(store), *[f"--domain={name}={tmp_path / f'{name}.txt'}" for name in words],
           "--tokenizer", str(directory / "tokenizer.json"), "--quiet"])
