@@ -57,7 +57,7 @@ class TrainConfig:
                                      "rows_per_domain, mode, and for dga target_rows, target_every; chameleon: "
                                      "source=online|offline, checkpoint=PATH, lam, mode=pretrain|finetune, "
                                      "temperature, interval, rows_per_domain, floor, layer=middle|INDEX|MODULE; "
-                                     "temperature: temperature",
+                                     "temperature: temperature; importance: target, smoothing, floor",
                                flag="--mixer-option")
     target: Optional[str] = _opt(None, "target task the mixer optimizes for (default: the store's first target)")
     dga_mode: Optional[str] = _opt(None, "how dga/universal estimate the alignment scores: 'stratified' (one balanced "
