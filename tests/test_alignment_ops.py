@@ -325,6 +325,7 @@ def good_args():
     (dict(num_segments=-1), ValueError, "num_segments must be an int >= 0"),
     (dict(num_segments=2.0), ValueError, "num_segments must be an int"),
     (dict(num_segments=True), ValueError, "num_segments must be an int >= 0 (a Python int), got True"),
+    (dict(num_segments=2**62), ValueError, f"num_segments is {2**62}, more than the"),
 ])
 def test_bad_input_names_the_argument(seed, change, error, message):
     args = good_args()
@@ -351,6 +352,15 @@ def test_bad_input_names_the_argument(seed, change, error, message):
 def test_bad_input_to_the_other_ops_names_the_argument(seed, call, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         call(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, -1, 1]))
+
+
+@pytest.mark.parametrize("op", ["rowwise_bilinear", "domain_grad_dots_ghost"])
+def test_huge_num_segments_names_the_argument(seed, op):
+    a, ids = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, -1, 1])
+    call = {"rowwise_bilinear": lambda: ops.rowwise_bilinear(a, torch.randn(4, 4), a, ids, 2**62),
+            "domain_grad_dots_ghost": lambda: ops.domain_grad_dots_ghost(a, a, ids, 2**62, a[:2], a[:2])}[op]
+    with pytest.raises(ValueError, match="num_segments is 4611686018427387904"):
+        call()
 
 
 def test_bad_backend_names_the_backend(seed):

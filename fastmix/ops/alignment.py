@@ -56,6 +56,10 @@ def _check_matrix(name, t, shape, like_name, like):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+# A tensor's size in bytes is an int64: the largest float64 output it allows.
+MAX_SEGMENTS = (2**63 - 1) // 8
+
+
 def _flat_segment_ids(segment_ids, num_segments, leading_shape, device, validate_ids):
     """segment_ids of the leading shape, or of its first dim (one id per sequence,
     broadcast over the rest), as a flat int64 tensor of one id per row."""
@@ -68,6 +72,9 @@ def _flat_segment_ids(segment_ids, num_segments, leading_shape, device, validate
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
         raise ValueError(f"num_segments must be an int >= 0 (a Python int), got {num_segments!r} "
                          f"of type {type(num_segments).__name__}")
+    if num_segments > MAX_SEGMENTS:  # else torch's allocator fails without naming the argument
+        raise ValueError(f"num_segments is {num_segments}, more than the {MAX_SEGMENTS} segments whose "
+                         "(num_segments,) float64 output a tensor can hold")
     leading = tuple(leading_shape)
     ids_shape = tuple(segment_ids.shape)
     if ids_shape != leading:
