@@ -13,13 +13,15 @@ def _cmd_info(args):
 
 @contextlib.contextmanager
 def _usage_errors(command):
-    """A UsageError (a mistake in what was asked for) ends the command with its message alone;
-    any other error is a bug, and keeps its traceback."""
+    """A UsageError (a mistake in what was asked for) or a RunError (a run directory that cannot
+    be used: locked, damaged, not writable) ends the command with its message alone; any other
+    error is a bug, and keeps its traceback."""
+    from fastmix.rundir import RunError
     from fastmix.train import UsageError
 
     try:
         yield
-    except UsageError as error:
+    except (UsageError, RunError) as error:
         raise SystemExit(f"fastmix {command}: error: {error}") from None
 
 

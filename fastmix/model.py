@@ -99,7 +99,9 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
         """The model of a `fastmix train` checkpoint (`ckpt.pt`, or the run directory)."""
-        ckpt = torch.load(checkpoint_file(path), map_location="cpu", weights_only=False)
+        from fastmix.rundir import load_checkpoint  # verified: a damaged file is one line naming it
+
+        ckpt = load_checkpoint(checkpoint_file(path))
         model = cls(checkpoint_config(ckpt))
         model.load_state_dict(ckpt["model"])
         return model.to(device)

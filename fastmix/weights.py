@@ -15,6 +15,7 @@ from fastmix.data.store import StoreError
 from fastmix.hidden_states import WINDOWS_PER_DOMAIN, check_store, domain_embeddings, load_causal_lm
 from fastmix.leverage_weights import chameleon_weights
 from fastmix.model import GPT, checkpoint_file
+from fastmix.rundir import peek_checkpoint
 from fastmix.train import UsageError, check_device
 
 
@@ -43,7 +44,7 @@ def _checkpoint_model_and_store(args):
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such checkpoint (give a run directory of `fastmix train`, or its ckpt.pt)")
     # mmap: the config and domain names without reading the weights (from_checkpoint loads the model)
-    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    saved = peek_checkpoint(path)
     data = args.data or saved["config"]["data"]
     # without --data: the store the checkpoint was trained on, which must still be that store
     store = _open_store(data, "" if args.data else
