@@ -164,3 +164,45 @@ def test_negative_or_float_token_ids_rejected(tmp_path, tokens, message):
         with StoreWriter(tmp_path / "s", {"type": "byte", "vocab_size": 257}) as w:
             w.add("a", tokens, np.arange(3))
     assert os.listdir(tmp_path) == []
+
+
+def _poke_token(path, value):
+    """Overwrites one token of a token file in place, keeping its size (as a bad writer or a
+    damaged disk would); returns the file's (atime, mtime) from before."""
+    stat = os.stat(path)
+    tokens = np.fromfile(path, dtype=np.uint16)
+    tokens[len(tokens) // 2] = value
+    tokens.tofile(path)
+    return stat.st_atime_ns, stat.st_mtime_ns
+
+
+def test_token_ids_at_or_above_the_vocabulary_are_refused_at_open(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMIX_CACHE", str(tmp_path / "cache"))
+    _write(tmp_path / "s")
+    DomainStore(tmp_path / "s")  # validated once, then cached
+    path = tmp_path / "s" / "tokens" / "b.train.bin"
+    times = _poke_token(path, 257)
+    os.utime(path, ns=times)  # the same size and mtime: the cached result stands (opening stays fast)
+    DomainStore(tmp_path / "s")
+    os.utime(path, ns=(times[0], times[1] + 1000))  # the file changed: read again
+    with pytest.raises(StoreError, match=f"^{path}: token id 257 >= the store's vocab_size 257"):
+        DomainStore(tmp_path / "s")
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache directory would be")
+    monkeypatch.setenv("FASTMIX_CACHE", str(tmp_path / "cache"))
+    _write(tmp_path / "s")
+    _poke_token(tmp_path / "s" / "tokens" / "a.val.bin", 300)
+    with pytest.raises(StoreError, match="token id 300 >= the store's vocab_size 257"):
+        DomainStore(tmp_path / "s")
+
+
+def test_duplicate_domain_names_in_meta_are_refused(tmp_path):
+    _write(tmp_path / "s")
+    meta_path = tmp_path / "s" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["domains"] = ["a", "a"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="the name 'a' is listed more than once"):
+        DomainStore(tmp_path / "s")

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fastmix.data.corpus import build_builtin
-from fastmix.data.store import DomainStore, StoreWriter, check_output, token_dtype
+from fastmix.data.store import DomainStore, StoreWriter, cache_dir, check_output, token_dtype
 from fastmix.data.tokenizer import BPETokenizer, ByteTokenizer
 
 BUILTIN_VERSION = 2  # bumped whenever a generator changes: the cache is keyed by it
@@ -210,11 +210,6 @@ class _InlinePool:
 
     def __exit__(self, *exc):
         return False
-
-
-def cache_dir():
-    return os.environ.get("FASTMIX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastmix")
 
 
 def builtin_store(seed=0):

@@ -10,6 +10,8 @@ Training domains and target tasks share this format; target tasks are listed in
 `meta["targets"]` and are never sampled for training, only used by mixers and evaluation.
 `meta["relations"]` (optional) maps a target to the domains known to help it.
 """
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -77,7 +79,12 @@ class DomainStore:
             raise StoreError(f"{meta_path}: dtype {self.dtype} does not match vocab size {self.vocab_size}")
         if not self.domains:
             raise StoreError(f"{meta_path}: the store has no domains")
+        repeated = sorted({n for n in self.domains + self.targets if (self.domains + self.targets).count(n) > 1})
+        if repeated:
+            raise StoreError(f"{meta_path}: the name {repeated[0]!r} is listed more than once among the domains "
+                             "and targets (corrupt meta.json: each names one token file)")
         self._validate_files()
+        self._validate_tokens()
         self.train_tokens = np.array([self._counts[n]["train"] for n in self.domains], dtype=np.int64)
         self.val_tokens = np.array([self._counts[n]["val"] for n in self.domains], dtype=np.int64)
         self._index = {name: i for i, name in enumerate(self.domains)}
@@ -97,6 +104,45 @@ class DomainStore:
                     raise StoreError(
                         f"{path}: {size} bytes, meta.json says {counts[split]} tokens of "
                         f"{itemsize} bytes = {counts[split] * itemsize} (truncated or corrupt store)")
+
+    def _validate_tokens(self):
+        """Every token id must be below vocab_size (else training fails mid-run with an index
+        error). Reading every token is slow for a large store, so each file's largest id is
+        cached by its size and modification time, and read again only when the file changes."""
+        cache_path = os.path.join(cache_dir(), "validated",
+                                  hashlib.sha256(self.path.encode()).hexdigest()[:32] + ".json")
+        try:
+            with open(cache_path, encoding="utf-8") as f:
+                cached = json.load(f)
+        except (OSError, ValueError):
+            cached = {}
+        seen, changed = {}, False
+        for name in self._counts:
+            for split in SPLITS:
+                path = _token_path(self.path, name, split)
+                stat = os.stat(path)
+                key = f"{name}.{split}"
+                entry = cached.get(key)
+                if not (isinstance(entry, list) and entry[:2] == [stat.st_size, stat.st_mtime_ns]):
+                    entry, changed = [stat.st_size, stat.st_mtime_ns, self._largest_id(path, name, split)], True
+                seen[key] = entry
+                if entry[2] >= self.vocab_size:
+                    raise StoreError(f"{path}: token id {entry[2]} >= the store's vocab_size {self.vocab_size} "
+                                     "(corrupt, or written with another tokenizer than meta.json names)")
+        if changed:
+            with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
+                os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+                tmp = f"{cache_path}.{os.getpid()}.tmp"
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(seen, f)
+                os.replace(tmp, cache_path)
+
+    def _largest_id(self, path, name, split):
+        if self._counts[name][split] == 0:
+            return -1
+        tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        step = 1 << 26
+        return max(int(tokens[i:i + step].max()) for i in range(0, tokens.size, step))
 
     @property
     def num_domains(self):
@@ -158,6 +204,12 @@ class DomainStore:
     def __repr__(self):
         return (f"DomainStore({self.path!r}, {self.num_domains} domains, {len(self.targets)} targets, "
                 f"{int(self.train_tokens.sum())} train tokens, vocab {self.vocab_size})")
+
+
+def cache_dir():
+    """Where fastmix caches what it can rebuild: $FASTMIX_CACHE, else $XDG_CACHE_HOME/fastmix."""
+    return os.environ.get("FASTMIX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastmix")
 
 
 def check_output(out, overwrite):
