@@ -73,12 +73,13 @@ def _positive_int(text):
 
 
 # Options of `prepare` for one's own data; None when not given, so that prepare's defaults apply.
-_DATA_OPTIONS = ("target", "tokenizer", "bpe_vocab_size", "text_field", "val_fraction", "workers")
+_DATA_OPTIONS = ("target", "tokenizer", "bpe_vocab_size", "text_field", "val_fraction", "workers", "encoding")
 
 
 def _cmd_prepare(args):
     from fastmix.data import build_builtin, prepare
     from fastmix.data.store import DomainStore
+    from fastmix.rundir import RunError
 
     def fail(message):
         raise SystemExit(f"fastmix prepare: error: {message}")
@@ -107,7 +108,7 @@ def _cmd_prepare(args):
         else:
             targets = given.pop("target", [])
             store = prepare(args.out, args.domain, targets, overwrite=args.force, quiet=args.quiet, **given)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # bad input: the message says what
+    except (ValueError, FileExistsError, FileNotFoundError, RunError) as e:  # the message says what
         fail(e)
     print(store)
 
@@ -160,6 +161,10 @@ def _add_prepare_arguments(p):
     p.add_argument("--text-field", default=None, help="field of each .jsonl record that holds the text (default: text)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="fraction of each domain's tokens held out for evaluation (default: 0.05)")
+    p.add_argument("--encoding", default=None,
+                   help="encoding of the text files (default: utf-8; a UTF-8 byte-order mark is dropped). Bytes "
+                        "that do not decode become U+FFFD, counted in a warning; files that look binary (a NUL "
+                        "byte in their first 8 KiB) are skipped and counted")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count, at most 8)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is a fastmix store (anything else is never replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

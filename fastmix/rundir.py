@@ -69,6 +69,21 @@ class DirectoryLock:
         self.fd = None
 
     def acquire(self):
+        while True:
+            fd = self._lock_fd()
+            # a cleaner that removed a dead holder's lock file meanwhile: this lock guards nothing
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def _lock_fd(self):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,10 +96,7 @@ class DirectoryLock:
         except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
+        return fd
 
     def release(self):
         if self.fd is not None:
@@ -128,6 +140,9 @@ class RunLock(DirectoryLock):
 # ---------------------------------------------------------------------------------------------
 # write errors
 
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
 @contextlib.contextmanager
 def writing(path, intact, resume):
     """Turns an OSError while writing `path` into a RunWriteError of one line: what could not be
@@ -135,11 +150,15 @@ def writing(path, intact, resume):
     try:
         yield
     except OSError as error:
+        if error.errno not in _WRITE_ERRORS:  # a missing file, a name taken, ...: not the disk's refusal
+            raise
+        path = error.filename or path
         reason = error.strerror or str(error)
         hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
                 errno.EACCES: "make it writable", errno.EPERM: "make it writable",
                 errno.EROFS: "the file system is read-only: use a writable one",
-                errno.EIO: "the disk reported an I/O error: check it"}.get(error.errno, "fix the cause")
+                errno.EIO: "the disk reported an I/O error: check it",
+                errno.EFBIG: "the file is larger than this file system or process allows"}[error.errno]
         raise RunWriteError(f"could not write {path}: {reason}. {intact}. {hint[0].upper() + hint[1:]}, "
                             f"then {resume}") from None
 

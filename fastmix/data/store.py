@@ -22,6 +22,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from fastmix.rundir import DirectoryLock, RunLockedError
+
 FORMAT = "fastmix-domain-store"
 VERSION = 1
 SPLITS = ("train", "val")
@@ -229,6 +231,40 @@ def check_output(out, overwrite):
                               f"(overwrite/--force only replaces a store; pick another OUT)")
 
 
+_LOCK_SUFFIX = ".lock"
+
+
+def remove_dead_temporaries(parent):
+    """Removes the temporary directories (.NAME.tmp-*) that writers killed before they could
+    clean up left in `parent`: those whose lock no live process holds."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(".") and ".tmp-" in name):
+            continue
+        if not name.endswith(_LOCK_SUFFIX):
+            # a writer makes its lock before its directory and removes it after: a directory
+            # without one is a dead writer's (from a fastmix before these locks), if it holds
+            # nothing but a store's files
+            path = os.path.join(parent, name)
+            if not os.path.exists(path + _LOCK_SUFFIX) and os.path.isdir(path) and \
+                    set(os.listdir(path)) <= {"tokens", "meta.json", "tokenizer.json"}:
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        lock = DirectoryLock(parent, name, what="fastmix prepare")
+        try:
+            lock.acquire()
+        except RunLockedError:  # a live writer's
+            continue
+        try:
+            shutil.rmtree(os.path.join(parent, name.removesuffix(_LOCK_SUFFIX)), ignore_errors=True)
+            os.remove(lock.path)
+        finally:
+            lock.release()
+
+
 class StoreWriter:
     """Writes a store into a temporary directory next to OUT and renames it into place on
     success, so that a failure never leaves a half-written store behind. With overwrite, an
@@ -251,7 +287,15 @@ class StoreWriter:
         self.domains, self.targets, self.counts = [], [], {}
         parent = os.path.dirname(self.out)
         os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=parent)
+        remove_dead_temporaries(parent)
+        # The temporary directory's lock, beside it, is held while this writer lives: a later
+        # writer into the same parent removes the directory once its writer is gone (killed).
+        fd, lock_path = tempfile.mkstemp(prefix=f".{os.path.basename(self.out)}.tmp-", suffix=_LOCK_SUFFIX,
+                                         dir=parent)
+        os.close(fd)
+        self.lock = DirectoryLock(parent, os.path.basename(lock_path), what="fastmix prepare").acquire()
+        self.tmp = lock_path.removesuffix(_LOCK_SUFFIX)
+        os.mkdir(self.tmp, 0o777)  # as umask allows, like any directory the user makes (mkdtemp: 0700)
         os.makedirs(os.path.join(self.tmp, "tokens"))
 
     def add(self, name, train, val, target=False):
@@ -314,6 +358,12 @@ class StoreWriter:
 
     def abort(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.lock.path)
+        self.lock.release()
 
     def __enter__(self):
         return self
@@ -327,4 +377,5 @@ class StoreWriter:
         except BaseException:
             self.abort()
             raise
+        self._unlock()
         return False
