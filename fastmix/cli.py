@@ -120,6 +120,8 @@ def _prepare_clusters(args, fail):
         fail("--cluster K and --input PATH go together (domains made by clustering the documents of --input)")
     if args.builtin or args.domain:
         fail(f"--cluster makes the domains: it does not take {'--builtin' if args.builtin else '--domain'}")
+    if args.encoding is not None:
+        fail("--encoding applies only to --domain and --target (--cluster reads UTF-8)")
     if args.bpe_vocab_size is not None and args.tokenizer != "bpe":
         fail("--bpe-vocab-size applies only to --tokenizer bpe")
     if os.path.lexists(args.out) and not args.force:
