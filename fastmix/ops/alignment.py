@@ -137,6 +137,20 @@ def ghost_is_cheaper(n_rows, n_target_rows, d_in, d_out, target_formed=False):
     return ghost < dense
 
 
+# The fused op against the GEMM the backward runs anyway, measured by bench/bench_weight_grad.py
+# on the 2-core CPU: its GEMM takes about 1.6x MKL's (so 0.6 of a GEMM more), and each
+# domain boundary about 5 multiply-adds per weight entry (the epilogue). GPUs: not measured.
+FUSED_GEMM_OVERHEAD = 0.6
+FUSED_EPILOGUE_COST = 5
+
+
+def fused_extra_cost(n_rows, num_segments, d_in, d_out):
+    """Multiply-adds weight_grad_dots costs beyond the weight-gradient GEMM of the backward: its
+    slower GEMM, the epilogue per domain, and the grouping permutation's copy of the rows."""
+    weights = d_in * d_out
+    return (FUSED_GEMM_OVERHEAD * n_rows + FUSED_EPILOGUE_COST * num_segments) * weights + n_rows * (d_in + d_out)
+
+
 def _rows(t):
     """`t` (..., d) as a 2-D (rows, d) matrix, also when d or a leading dim is 0."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
