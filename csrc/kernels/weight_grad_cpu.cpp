@@ -1,9 +1,9 @@
 // CPU kernel for weight_grad_dots (contract in weight_grad.h).
 //
-// A blocked GEMM, C = Gᵀ X with the row dimension N as the shared one. The rows are walked
-// kBlockRows at a time: the block's g and x are packed into panels of kMr and kNr columns
-// (widened to the accumulation type), then the threads share its tiles of outputs, so the
-// panels in use stay in L1/L2. The register tile of the micro-kernel starts from zero at every
+// A blocked GEMM, C = Gᵀ X with the row dimension N as the shared one. Each thread owns a
+// slice of the output rows and walks the rows kBlockRows at a time: the block's g (its slice)
+// and x are packed into panels of kMr and kNr columns (widened to the accumulation type), so
+// the panels in use stay in L1/L2. The register tile of the micro-kernel starts from zero at every
 // segment boundary, so when a segment ends its piece of G_i is still in registers: it is
 // added to the output and dotted with the same tile of V there (the epilogue), and G_i never
 // reaches memory. On x86-64 (checked at run time) the float micro-kernel is written with
@@ -25,8 +25,6 @@ namespace {
 constexpr int64_t kMr = 6;            // output rows (d_out) of a register tile
 constexpr int64_t kNr = 32;           // output columns (d_in) of a register tile
 constexpr int64_t kBlockRows = 256;   // rows walked at once: a 32 KiB x panel stays in L1
-constexpr int64_t kTileOut = 96;      // d_out per thread tile (16 panels of kMr)
-constexpr int64_t kTileIn = 256;      // d_in per thread tile (8 panels of kNr), at most
 // Below this many multiply-adds a call runs on one thread (waking the other costs more).
 constexpr int64_t kDotLanes = 16;     // lanes of a piece's dot, summed once per block and tile
 constexpr int64_t kParallelWork = int64_t(1) << 18;
@@ -356,53 +354,53 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   if (target_bias) load_row<Acc>(dtype, static_cast<const char*>(target_bias), d_out, bias_target.data());
   std::vector<Acc> bias_total(static_cast<size_t>(out_rows), Acc(0));
 
-  // A block of rows at a time: g and x packed (widened) into a_pack[p][r][u] = g[n0 + r][p kMr
-  // + u] and b_pack[q][r][j] = x[n0 + r][q kNr + j], zero past the edges, so each
-  // micro-kernel reads contiguous rows.
+  // Each thread owns a slice of the output rows (a_panels split evenly) and walks all rows a
+  // block at a time, packing (widened) its slice of g and all of x: a_pack[p][r][u] =
+  // g[n0 + r][(p0 + p) kMr + u], b_pack[q][r][j] = x[n0 + r][q kNr + j], zero past the edges,
+  // so each micro-kernel reads contiguous rows. The threads never wait for each other (x is
+  // packed once per thread): on a loaded machine a barrier per block stalled them all.
   const bool parallel = n_rows * d_in * d_out > kParallelWork;
-  const int threads = parallel ? max_threads() : 1;
+  const int threads = static_cast<int>(std::min<int64_t>(parallel ? max_threads() : 1, std::max<int64_t>(a_panels, 1)));
   const int64_t block = std::min(kBlockRows, n_rows);
-  Acc* a_pack = scratch(pack_buffer, block * (out_rows + ld) + threads * (out_rows + ld));
-  Acc* b_pack = a_pack + block * out_rows;
-  Acc* row_buffers = b_pack + block * ld;
-
-  // Thread tiles of kTileOut x tile_in outputs; narrower ones when there are too few to share.
-  int64_t tile_in = kTileIn;
-  const int64_t tiles_out = (out_rows + kTileOut - 1) / kTileOut;
-  while (tile_in > kNr && tiles_out * ((ld + tile_in - 1) / tile_in) < 4 * threads) tile_in /= 2;
-  const int64_t tiles_in = (ld + tile_in - 1) / tile_in;
-  const int64_t n_tiles = tiles_out * tiles_in;
+  const int64_t slice = (a_panels + threads - 1) / std::max(threads, 1);
+  const int64_t per_thread = block * (slice * kMr + ld) + out_rows + ld;
+  Acc* packs = scratch(pack_buffer, threads * per_thread);
   std::vector<double> local_dots(static_cast<size_t>(threads * num_segments), 0.0);
   const bool with_bias = grad_bias != nullptr || target_bias != nullptr;
   // Per thread: the pieces of the current block (at most block + 2) and their dots' lanes.
   std::vector<int64_t> piece_lists(static_cast<size_t>(threads * 2 * (block + 3)));
   std::vector<Acc> dot_lanes(static_cast<size_t>(threads * (block + 2) * kDotLanes), Acc(0));
 
-#pragma omp parallel num_threads(threads) if (parallel)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const auto t = static_cast<size_t>(thread_index());
+    const int64_t p0 = std::min(a_panels, static_cast<int64_t>(t) * slice);
+    const int64_t p1 = std::min(a_panels, p0 + slice);
+    Acc* a_pack = packs + t * per_thread;
+    Acc* b_pack = a_pack + block * slice * kMr;
+    Acc* row = b_pack + block * ld;
     double* my_dots = local_dots.data() + t * num_segments;
-    Acc* row = row_buffers + t * (out_rows + ld);
     int64_t* starts = piece_lists.data() + t * 2 * (block + 3);
     int64_t* piece_ids = starts + block + 3;
     Acc* piece_dots = dot_lanes.data() + t * (block + 2) * kDotLanes;
     std::fill_n(row, out_rows + ld, Acc(0));
     int64_t piece = 0;
-    for (int64_t n0 = 0; n0 < n_rows; n0 += block) {
+    for (int64_t n0 = 0; n0 < n_rows && p1 > p0; n0 += block) {
       const int64_t n1 = std::min(n0 + block, n_rows), rows = n1 - n0;
-#pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; ++r) {
         load_row<Acc>(dtype, x_bytes + (n0 + r) * d_in * size, d_in, row);
         for (int64_t q = 0; q < b_panels; ++q) {
           Acc* dst = b_pack + (q * rows + r) * kNr;
           for (int64_t j = 0; j < kNr; ++j) dst[j] = row[q * kNr + j];  // fixed size: no memmove call
         }
-        load_row<Acc>(dtype, g_bytes + (n0 + r) * d_out * size, d_out, row + ld);
-        for (int64_t p = 0; p < a_panels; ++p) {
+        const int64_t cols = std::min(d_out, p1 * kMr) - p0 * kMr;  // this slice's columns of g
+        load_row<Acc>(dtype, g_bytes + ((n0 + r) * d_out + p0 * kMr) * size, cols, row + ld);
+        std::fill_n(row + ld + cols, (p1 - p0) * kMr - cols, Acc(0));
+        for (int64_t p = 0; p < p1 - p0; ++p) {
           Acc* dst = a_pack + (p * rows + r) * kMr;
           for (int64_t u = 0; u < kMr; ++u) dst[u] = row[ld + p * kMr + u];
         }
-      }  // implicit barrier: the block is packed
+      }
       while (bounds[piece + 1] <= n0) ++piece;  // the piece holding row n0
       // The block's non-empty pieces: rows [starts[i], starts[i + 1]) of it are piece piece_ids[i].
       int64_t count = 0;
@@ -413,42 +411,33 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
         piece_ids[count] = j;
         starts[++count] = hi;
       }
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t tile_index = 0; tile_index < n_tiles + (with_bias ? 1 : 0); ++tile_index) {
-        if (tile_index == n_tiles) {  // the bias: column sums of g per piece, and their dots
-          for (int64_t j = piece; j < n_pieces && bounds[j] < n1; ++j) {
-            const int64_t lo = std::max(bounds[j], n0) - n0, hi = std::min(bounds[j + 1], n1) - n0;
-            Acc dot = 0;
-            for (int64_t p = 0; p < a_panels; ++p)
-              for (int64_t u = 0; u < kMr; ++u) {
-                Acc sum = 0;
-                for (int64_t r = lo; r < hi; ++r) sum += a_pack[(p * rows + r) * kMr + u];
-                bias_total[p * kMr + u] += sum;
-                dot += sum * bias_target[p * kMr + u];
-              }
-            if (target_bias && j >= 1 && j <= num_segments) my_dots[j - 1] += dot;
-          }
-          continue;
-        }
-        const int64_t p0 = (tile_index / tiles_in) * (kTileOut / kMr);
-        const int64_t p1 = std::min(a_panels, p0 + kTileOut / kMr);
-        const int64_t q0 = (tile_index % tiles_in) * (tile_in / kNr);
-        const int64_t q1 = std::min(b_panels, q0 + tile_in / kNr);
-        for (int64_t q = q0; q < q1; ++q) {
-          const Acc* b_panel = b_pack + q * rows * kNr;
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t offset = p * kMr * ld + q * kNr;
-            block_tile(a_pack + p * rows * kMr, b_panel, starts, count, out + offset, v + offset,
-                       ld, piece_dots);
-          }
-        }
+      if (with_bias) {  // the bias of this slice: column sums of g per piece, and their dots
         for (int64_t i = 0; i < count; ++i) {
           Acc dot = 0;
-          for (int64_t lane = 0; lane < kDotLanes; ++lane) dot += piece_dots[i * kDotLanes + lane];
-          std::fill_n(piece_dots + i * kDotLanes, kDotLanes, Acc(0));
-          if (piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
+          for (int64_t p = 0; p < p1 - p0; ++p)
+            for (int64_t u = 0; u < kMr; ++u) {
+              Acc sum = 0;
+              for (int64_t r = starts[i]; r < starts[i + 1]; ++r) sum += a_pack[(p * rows + r) * kMr + u];
+              bias_total[(p0 + p) * kMr + u] += sum;
+              dot += sum * bias_target[(p0 + p) * kMr + u];
+            }
+          if (target_bias && piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
         }
-      }  // implicit barrier: the block may be repacked
+      }
+      for (int64_t q = 0; q < b_panels; ++q) {
+        const Acc* b_panel = b_pack + q * rows * kNr;
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t offset = p * kMr * ld + q * kNr;
+          block_tile(a_pack + (p - p0) * rows * kMr, b_panel, starts, count, out + offset, v + offset,
+                     ld, piece_dots);
+        }
+      }
+      for (int64_t i = 0; i < count; ++i) {
+        Acc dot = 0;
+        for (int64_t lane = 0; lane < kDotLanes; ++lane) dot += piece_dots[i * kDotLanes + lane];
+        std::fill_n(piece_dots + i * kDotLanes, kDotLanes, Acc(0));
+        if (piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
+      }
     }
   }
 
