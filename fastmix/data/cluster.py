@@ -2,7 +2,8 @@
 
 Two passes over the input, so that the corpus is never held in memory:
 
-1. every document is embedded (hashed character n-grams by default, or all-MiniLM-L6-v2) into a float32 file on disk, and k-means (scikit-learn's
+1. every document is embedded (hashed character n-grams by default, all-MiniLM-L6-v2, or the
+   middle hidden states of a fastmix checkpoint or a Hugging Face causal LM) into a float32 file on disk, and k-means (scikit-learn's
    MiniBatchKMeans) is fitted on it: in memory up to `IN_MEMORY_DOCS` documents, else by
    `partial_fit` over chunks of the file;
 2. the documents are read again, each is tokenized into the token file of its cluster.
@@ -24,7 +25,7 @@ from fastmix.data.prepare import read_documents, split_off_val
 from fastmix.data.store import DomainStore, StoreWriter, check_output, token_dtype
 from fastmix.data.tokenizer import BPETokenizer, ByteTokenizer
 
-EMBEDDERS = ("hash", "minilm")
+EMBEDDERS = ("hash", "minilm", "model:PATH")
 IN_MEMORY_DOCS = 50_000  # up to this many, k-means is fitted on all embeddings at once
 EMBED_CHARS = 4_000      # a document's first characters are what is embedded
 SAMPLES = 3              # sample documents kept per cluster
@@ -72,12 +73,49 @@ class SentenceEmbedder:
                                   convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
 
 
-def make_embedder(spec, device="cpu"):
-    """"hash" or "minilm"."""
+class ModelEmbedder:
+    """The masked mean of a model's middle hidden states (fastmix.hidden_states): a Hugging Face
+    causal LM directory with its own tokenizer, or a `fastmix train` run directory / ckpt.pt,
+    whose documents are tokenized by the store's tokenizer (it must be the one it trained on)."""
+
+    def __init__(self, path, store_tokenizer, device="cpu"):
+        from fastmix import hidden_states
+
+        self._hidden_states = hidden_states
+        self.name = f"model:{path}"
+        if os.path.isfile(os.path.join(path, "config.json")):
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise ValueError("--embedder model:DIR of a Hugging Face model needs the package transformers "
+                                 "(pip install transformers)") from None
+            self._model = hidden_states.load_causal_lm(path, device)
+            self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        else:
+            from fastmix.model import GPT, checkpoint_file
+
+            if not os.path.isfile(checkpoint_file(path)):
+                raise ValueError(f"--embedder model:{path}: neither a Hugging Face model directory (config.json) "
+                                 "nor a fastmix run directory or ckpt.pt")
+            self._model = GPT.from_checkpoint(path, device).eval()
+            self._tokenizer = store_tokenizer
+            if store_tokenizer.vocab_size > hidden_states.vocab_size(self._model):
+                raise ValueError(f"--embedder model:{path}: the model's vocabulary is smaller than the "
+                                 f"tokenizer's {store_tokenizer.vocab_size}: give the --tokenizer it trained with")
+        self.dim = int(self._hidden_states.embed_sequences(self._model, ["a b"], tokenizer=self._tokenizer).shape[1])
+
+    def __call__(self, texts):
+        return self._hidden_states.embed_sequences(self._model, texts, tokenizer=self._tokenizer).numpy()
+
+
+def make_embedder(spec, tokenizer, device="cpu"):
+    """"hash", "minilm" or "model:PATH"; `tokenizer` is the store's (for a fastmix checkpoint)."""
     if spec == "hash":
         return HashEmbedder()
     if spec == "minilm":
         return SentenceEmbedder(device)
+    if spec.startswith("model:") and len(spec) > len("model:"):
+        return ModelEmbedder(spec[len("model:"):], tokenizer, device)
     raise ValueError(f"--embedder {spec!r}: expected one of {', '.join(EMBEDDERS)}")
 
 
@@ -168,8 +206,10 @@ def prepare_clusters(out, inputs, k, targets=(), embedder="hash", coarse=None, t
     check_output(os.path.abspath(out), overwrite)
     for path in inputs + [p for _, p in targets]:
         next(iter(read_documents(path, text_field)), None)  # a missing path fails now, not after embedding
-    embed = make_embedder(embedder, device)
+    if embedder not in ("hash", "minilm") and not embedder.startswith("model:"):
+        make_embedder(embedder, None)  # refused before a BPE tokenizer is trained
     tok = _make_tokenizer(tokenizer, inputs, text_field, bpe_vocab_size)
+    embed = make_embedder(embedder, tok, device)
     dtype = token_dtype(tok.vocab_size)
     names = [domain_name(c, k) for c in range(k)]
 
