@@ -201,12 +201,12 @@ def test_model_embedders_fastmix_checkpoint_and_hf(corpus, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from fastmix.model import GPT, GPTConfig
+    from fastmix.rundir import save_checkpoint
 
     root, _ = corpus
     gpt = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=16))
-    torch.save({"model": gpt.state_dict(), "config": {"block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 16,
-                                                      "bias": True, "dropout": 0.0}, "vocab_size": 257},
-               tmp_path / "ckpt.pt")
+    save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": gpt.state_dict(), "config": {
+        "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 16, "bias": True, "dropout": 0.0}, "step": 0})
     hf_dir = tmp_path / "hf"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=64)).save_pretrained(hf_dir)
     words = sorted({w for vocab in GROUPS.values() for w in vocab})
