@@ -63,6 +63,9 @@ class MixerContext:
     # model's device (the loop leaves it there: reading it would sync with the GPU every step);
     # use float(...) where a number is needed
     grad_clip_coef: Union[float, torch.Tensor] = 1.0
+    # the factor the training loss is multiplied by before its backward (a GradScaler's scale):
+    # a mixer observing the training backward (`record`) divides it out
+    loss_scale: float = 1.0
 
 
 @runtime_checkable

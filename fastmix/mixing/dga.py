@@ -269,7 +269,7 @@ class DGA:
                 self._target_step = ctx.step if self._target_final else None
             probe.reset()
             self._inline_step = ctx.step
-        return probe.record(domain_ids)
+        return probe.record(domain_ids, loss_scale=ctx.loss_scale)
 
     def state_dict(self):
         state = {"weights": self._weights.clone(), "scores": self.scores.clone(), "updates": self.updates,
