@@ -19,6 +19,11 @@ Rows are attributed to domains through `domain_ids`, of the shape of the leading
 the layer inputs, or of their first dim (one id per sequence). Per-sequence ids are exact
 for any model whose sequences do not interact (no batch norm): the gradient of domain i
 is then exactly what the rows of its sequences contribute.
+
+Under FSDP2 (`torch.distributed.fsdp.fully_shard`; make the probe after sharding) the target
+is kept as sharded as the parameters' `.grad`, and gathered one layer at a time inside the
+backward, where that layer scores this rank's rows; result() all-reduces the k scores.
+`probe.target_memory` tells what that costs per rank.
 """
 import contextlib
 import math
@@ -50,6 +55,30 @@ def _hookable(module):
 
 def _world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_sharded(tensor):
+    """A DTensor: a parameter (or its gradient) of a fully_shard'ed module."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+@dataclass
+class TargetMemory:
+    """Bytes of target this rank holds: its shards of the whole target (all of it when the
+    model is not sharded), and at most, while recording, one gathered layer on top of them."""
+
+    held_bytes: int
+    peak_gathered_bytes: int  # the largest layer gathered by the records so far (0 if none was)
+    model_bytes: int  # the trainable parameters' whole size, for comparison
+    model_bytes_held: int  # ... and this rank's share of them
+
+    @property
+    def peak_bytes(self):
+        return self.held_bytes + self.peak_gathered_bytes
 
 
 @dataclass
@@ -96,7 +125,8 @@ class _ParameterUses(TorchFunctionMode):
 
     def _weights_in(self, tensor):
         if isinstance(tensor, nn.Parameter):
-            return {id(tensor)} if id(tensor) in self.probe._target or id(tensor) in self.found else set()
+            pid = self.probe._registered_id(tensor)
+            return {pid} if pid in self.probe._target or pid in self.found else set()
         entry = self.derived.get(id(tensor))
         return entry[1] if entry is not None and entry[0] is tensor else set()
 
@@ -168,6 +198,13 @@ class AlignmentProbe:
         self.num_domains = num_domains
         self.strict = strict
         excluded = {id(m) for m in exclude}
+        _check_sharding(model)
+        # Each hooked layer's trainable parameters, as registered now. FSDP2 swaps other
+        # (unsharded) parameter objects into a layer for its forward and backward, so the
+        # hooks look a layer's parameters up here, never through the module's attributes.
+        self._params_of = {id(m): {attr: p for attr, p in self._registered(m).items() if p.requires_grad}
+                           for _, m in model.named_modules() if _hookable(m)}
+        self._alias = {}  # id(a parameter object swapped into a layer): id of the one registered in _params_of
         # a layer without trainable parameters (LayerNorm without affine, a frozen one) has nothing to score
         self._sites = [(name, m) for name, m in model.named_modules()
                        if _hookable(m) and id(m) not in excluded and self._site_params(m)]
@@ -195,15 +232,46 @@ class AlignmentProbe:
         self._recorded = False  # a record has run: layers that did not fire are missing
         self._untargeted = set()  # site names that fired with none of their parameters in the target
         self._inv_scale = 1.0
+        self._peak_gathered = 0  # bytes of the largest layer of target gathered at once
         self.reset()
 
     # ------------------------------------------------------------------ coverage
     @staticmethod
-    def _site_params(module):
-        params = [module.weight]
-        if not isinstance(module, nn.Embedding):
-            params.append(module.bias)
-        return [p for p in params if p is not None and p.requires_grad]
+    def _registered(module):
+        """{"weight": ..., "bias": ...}: the parameters a hooked layer's rule scores."""
+        params = {"weight": module.weight}
+        if not isinstance(module, nn.Embedding) and module.bias is not None:
+            params["bias"] = module.bias
+        return {attr: p for attr, p in params.items() if p is not None}
+
+    def _site_params(self, module):
+        return list(self._params_of[id(module)].values())
+
+    def _param(self, module, attr):
+        """The registered (under FSDP2: sharded) parameter of a hooked layer, or None."""
+        return self._params_of[id(module)].get(attr)
+
+    def _note_swapped(self, module):
+        """Remembers the parameter objects a layer runs with, if they are not the registered
+        ones (FSDP2's unsharded parameters), so uses of them outside the layer are recognised."""
+        for attr, p in self._params_of[id(module)].items():
+            current = getattr(module, attr)
+            if current is not p:
+                self._alias[id(current)] = id(p)
+
+    def _registered_id(self, tensor):
+        return self._alias.get(id(tensor), id(tensor))
+
+    def _check_still_registered(self):
+        """The layers must still hold the parameters the probe was made with (or FSDP2's
+        unsharded stand-ins for them): the target is taken from and kept for those."""
+        for name, module in self._sites:
+            for attr, p in self._params_of[id(module)].items():
+                current = getattr(module, attr)
+                if current is not p and self._alias.get(id(current)) != id(p):
+                    raise RuntimeError(f"AlignmentProbe: {name}.{attr} is no longer the parameter the probe was "
+                                       "made with (was the model sharded with fully_shard, or a parameter "
+                                       "replaced, after the probe was made?): make the AlignmentProbe after that")
 
     def _covered_ids(self):
         """Parameters of the sites that can be scored: all hooked ones until a record has run,
@@ -230,6 +298,7 @@ class AlignmentProbe:
         """Takes the target gradient V: the parameters' current `.grad` (default), or a
         dict {parameter name: tensor}. `precondition` ({name: tensor}, e.g. Adam's
         1/(sqrt(v)+eps)) makes the scores ⟨g_i, P ⊙ V⟩. `loss_scale` undoes a GradScaler."""
+        self._check_still_registered()
         covered = self._covered_ids()
         params = {id(p): p for p in self._trainable if id(p) in covered}
         target = {}
@@ -241,6 +310,9 @@ class AlignmentProbe:
                 raise ValueError(f"set_target: parameter {name!r} {where}")
             if grad.shape != p.shape:
                 raise ValueError(f"set_target: {name!r} has shape {tuple(grad.shape)}, expected {tuple(p.shape)}")
+            if _is_sharded(p) and not _is_sharded(grad):
+                raise ValueError(f"set_target: {name!r} is sharded (FSDP2), so its target must be a DTensor "
+                                 "sharded like it (e.g. its .grad), not a whole tensor")
             value = grad.detach().to(accumulation_dtype(p.dtype)) / loss_scale
             if precondition is not None:
                 if name not in precondition:
@@ -270,7 +342,7 @@ class AlignmentProbe:
         modules = {id(m): m for _, m in self._sites}
         for mid, pairs in calls.items():
             pairs = [(x, g) for x, g in pairs if g is not None]
-            if not pairs or id(modules[mid].weight) not in self._used_once:
+            if not pairs or id(self._param(modules[mid], "weight")) not in self._used_once:
                 continue
             x_t = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in pairs])
             g_t = torch.cat([g.reshape(-1, g.shape[-1]) for _, g in pairs])
@@ -284,12 +356,13 @@ class AlignmentProbe:
         ghost form exactly where the original did (the two forms round differently)."""
         if self._target is None:
             raise RuntimeError("AlignmentProbe.target_state_dict: no target is set")
-        return {"dense": {self._names[pid]: t.cpu().clone() for pid, t in self._target.items()},
+        return {"dense": {self._names[pid]: _whole_on_cpu(t) for pid, t in self._target.items()},
                 "rows": {self._site_names[mid]: (x.cpu().clone(), g.cpu().clone())
                          for mid, (x, g) in self._target_rows.items()}}
 
     def load_target_state_dict(self, state):
-        """Sets the target saved by target_state_dict(), each tensor on its parameter's device."""
+        """Sets the target saved by target_state_dict(), each tensor on its parameter's device
+        (and, for a sharded parameter, cut into this rank's shard, as the parameter is)."""
         if "dense" not in state:  # saved before the rows were kept: {parameter name: V}
             state = {"dense": state, "rows": {}}
         params = {self._names[id(p)]: p for p in self._trainable}
@@ -297,10 +370,20 @@ class AlignmentProbe:
         unknown = sorted(set(state["dense"]) - set(params)) + sorted(set(state["rows"]) - set(modules))
         if unknown:
             raise ValueError(f"load_target_state_dict: the model has no trainable parameter or hooked layer {unknown}")
-        self._target = {id(params[n]): t.to(params[n].device) for n, t in state["dense"].items()}
+        self._target = {id(params[n]): _placed_like(t, params[n]) for n, t in state["dense"].items()}
         self._target_rows = {id(modules[n]): (x.to(modules[n].weight.device), g.to(modules[n].weight.device))
                              for n, (x, g) in state["rows"].items()}
         self._untargeted = set()
+
+    @property
+    def target_memory(self):
+        """TargetMemory: what the target costs this rank, beside the model's size."""
+        local = lambda t: t.to_local() if _is_sharded(t) else t  # noqa: E731
+        held = sum(local(t).nbytes for t in (self._target or {}).values())
+        held += sum(x.nbytes + g.nbytes for x, g in self._target_rows.values())
+        return TargetMemory(held_bytes=held, peak_gathered_bytes=self._peak_gathered,
+                            model_bytes=sum(p.numel() * p.element_size() for p in self._trainable),
+                            model_bytes_held=sum(local(p).nbytes for p in self._trainable))
 
     # ------------------------------------------------------------------ recording
     @contextlib.contextmanager
@@ -416,6 +499,7 @@ class AlignmentProbe:
     def _enter_site(self, module, args):
         self._site_depth += 1
         self._site_entries += 1
+        self._note_swapped(module)
 
     def _forward_hook(self, module, args, kwargs, output):
         self._site_depth = max(self._site_depth - 1, 0)
@@ -438,6 +522,7 @@ class AlignmentProbe:
             return
         name = self._site_names[id(module)]
         self._fired.add(name)
+        self._note_swapped(module)
         params = self._site_params(module)
         if not any(id(p) in self._target for p in params):
             left_out = name in self._unsplittable or any(id(p) in self._used_outside for p in params)
@@ -483,39 +568,81 @@ class AlignmentProbe:
 
     def _contribute(self, module, x, grad, scores):
         """Adds one layer's ⟨g_n, V⟩ terms for the rows of this call to the record's scores."""
-        target = self._target
         dtypes = {x.dtype, grad.dtype} | {p.dtype for p in self._site_params(module)}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
+        target = self._layer_target(module, work)  # {attr: this layer's whole V}, gathered if sharded
         g = grad.to(work)
         if isinstance(module, nn.Embedding):
-            if id(module.weight) not in target:  # left out after the hook ran (used outside the layer too)
+            if "weight" not in target:  # left out after the hook ran (used outside the layer too)
                 return
             idx = x.reshape(-1)
-            per_row = (g.reshape(-1, g.shape[-1]) * target[id(module.weight)].to(work)[idx]).sum(-1)
+            per_row = (g.reshape(-1, g.shape[-1]) * target["weight"][idx]).sum(-1)
             if module.padding_idx is not None:  # that row of the table gets no gradient
                 per_row = torch.where(idx == module.padding_idx, 0, per_row)
             scores.add_rows(per_row)
         elif isinstance(module, nn.LayerNorm):
             # ⟨g, x̂ ⊙ V_w + V_b⟩ per row: layer_norm with the target as its affine part makes
             # x̂ ⊙ V_w + V_b in one op (zero for a parameter that is absent or not covered)
-            w, b = module.weight, module.bias
-            covered_w, covered_b = w is not None and id(w) in target, b is not None and id(b) in target
-            if not (covered_w or covered_b):
+            if not target:
                 return
-            v_w = target[id(w)].to(work) if covered_w else g.new_zeros(module.normalized_shape)
-            v_b = target[id(b)].to(work) if covered_b else None
-            v = F.layer_norm(x.to(work), module.normalized_shape, v_w, v_b, module.eps)
+            v_w = target.get("weight", g.new_zeros(module.normalized_shape))
+            v = F.layer_norm(x.to(work), module.normalized_shape, v_w, target.get("bias"), module.eps)
             width = math.prod(module.normalized_shape)
             scores.add_rows(torch.linalg.vecdot(g.reshape(-1, width), v.reshape(-1, width)))
         else:  # nn.Linear: the weight by the fused GEMM form or the ghost form, the bias element-wise
             x2, g2 = x.reshape(-1, x.shape[-1]).to(work), g.reshape(-1, g.shape[-1])
-            if id(module.weight) in target:
-                rows = self._target_rows.get(id(module))  # kept by record_target where the ghost form is cheaper
-                if rows is not None:
-                    scores.add_domains(ops.domain_grad_dots_ghost(
-                        x2, g2, scores.row_ids, self.num_domains, rows[0].to(work), rows[1].to(work),
-                        validate_ids=False))
-                else:
-                    scores.add_rows(ops.rowwise_bilinear(g2, target[id(module.weight)].to(work), x2))
-            if module.bias is not None and id(module.bias) in target:
-                scores.add_rows(g2 @ target[id(module.bias)].to(work))
+            rows = self._target_rows.get(id(module))  # kept by record_target where the ghost form is cheaper
+            if rows is not None and id(self._param(module, "weight")) in self._target:
+                scores.add_domains(ops.domain_grad_dots_ghost(
+                    x2, g2, scores.row_ids, self.num_domains, rows[0].to(work), rows[1].to(work),
+                    validate_ids=False))
+            elif "weight" in target:
+                scores.add_rows(ops.rowwise_bilinear(g2, target["weight"], x2))
+            if "bias" in target:
+                scores.add_rows(g2 @ target["bias"])
+
+    def _layer_target(self, module, work):
+        """{attr: V} for the layer's parameters in the target, whole and in `work` dtype: a
+        sharded one is gathered here, one layer at a time (the ghost form needs no weight)."""
+        out, gathered = {}, 0
+        for attr, p in self._params_of[id(module)].items():
+            v = self._target.get(id(p))
+            if v is None or (attr == "weight" and id(module) in self._target_rows):
+                continue
+            if _is_sharded(v):
+                v = v.full_tensor()
+                gathered += v.nbytes
+            out[attr] = v.to(work)
+        self._peak_gathered = max(self._peak_gathered, gathered)
+        return out
+
+
+def _check_sharding(model):
+    """FSDP2 needs its process group for the probe's gathers; FSDP1 flattens the parameters
+    out of the layers, where no hook can find them."""
+    if dist.is_available():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            raise TypeError("AlignmentProbe: the model is wrapped in FullyShardedDataParallel (FSDP1), whose flat "
+                            "parameters no layer hook can see; shard it with torch.distributed.fsdp.fully_shard "
+                            "(FSDP2) instead")
+    if any(_is_sharded(p) for p in model.parameters()) and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("AlignmentProbe: the model's parameters are sharded (FSDP2 DTensors) but no "
+                           "torch.distributed process group is initialised: call "
+                           "torch.distributed.init_process_group() first")
+
+
+def _whole_on_cpu(tensor):
+    """A copy of `tensor` on the CPU, gathered whole if it is sharded (every rank must call)."""
+    return (tensor.full_tensor() if _is_sharded(tensor) else tensor).cpu().clone()
+
+
+def _placed_like(tensor, param):
+    """A saved whole tensor placed like `param`: on its device, and cut into this rank's shard
+    if it is sharded (no communication: each rank keeps its own part)."""
+    if not _is_sharded(param):
+        return tensor.to(param.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
