@@ -137,18 +137,21 @@ def ghost_is_cheaper(n_rows, n_target_rows, d_in, d_out, target_formed=False):
     return ghost < dense
 
 
-# The fused op against the GEMM the backward runs anyway, measured by bench/bench_weight_grad.py
-# on the 2-core CPU: its GEMM takes about 1.6x MKL's (so 0.6 of a GEMM more), and each
-# domain boundary about 5 multiply-adds per weight entry (the epilogue). GPUs: not measured.
-FUSED_GEMM_OVERHEAD = 0.6
+# The fused op against the GEMM the backward runs anyway, as extra GEMMs' worth of work per
+# device type. CPU, measured by bench/bench_weight_grad.py on the 2-core machine: its GEMM
+# takes 1.7-2.6x MKL's (so at least one GEMM more: it never beats the current form's one extra
+# product there). GPU: not measured (no device was lent); 0.1 assumes the Triton kernel within
+# 10% of cuBLAS. Each domain boundary costs about 5 multiply-adds per weight entry (the epilogue).
+FUSED_GEMM_OVERHEAD = {"cpu": 1.0, "cuda": 0.1}
 FUSED_EPILOGUE_COST = 5
 
 
-def fused_extra_cost(n_rows, num_segments, d_in, d_out):
+def fused_extra_cost(n_rows, num_segments, d_in, d_out, device_type="cpu"):
     """Multiply-adds weight_grad_dots costs beyond the weight-gradient GEMM of the backward: its
     slower GEMM, the epilogue per domain, and the grouping permutation's copy of the rows."""
+    overhead = FUSED_GEMM_OVERHEAD.get(device_type, FUSED_GEMM_OVERHEAD["cpu"])
     weights = d_in * d_out
-    return (FUSED_GEMM_OVERHEAD * n_rows + FUSED_EPILOGUE_COST * num_segments) * weights + n_rows * (d_in + d_out)
+    return (overhead * n_rows + FUSED_EPILOGUE_COST * num_segments) * weights + n_rows * (d_in + d_out)
 
 
 def _rows(t):
