@@ -104,6 +104,7 @@ def test_chameleon_online_skips_the_update_of_a_model_gone_nan(seed):
     """Non-finite hidden states leave every domain without a row: that is no embedding (the
     update is skipped with a warning), not a zero vector that resets the weights to uniform."""
     from fastmix.model import GPT, GPTConfig
+    from fastmix.rundir import save_checkpoint
 
     k = 3
     model = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=2, n_head=2, n_embd=8))
@@ -127,11 +128,13 @@ def test_chameleon_online_skips_the_update_of_a_model_gone_nan(seed):
 def test_chameleon_offline_embeds_with_the_layer_it_was_given(tmp_path, seed):
     from fastmix.hidden_states import domain_embeddings
     from fastmix.model import GPT, GPTConfig
+    from fastmix.rundir import save_checkpoint
 
     k = 3
     proxy = GPT(GPTConfig(block_size=8, vocab_size=17, n_layer=4, n_head=2, n_embd=8))
-    torch.save({"config": dict(block_size=8, n_layer=4, n_head=2, n_embd=8, bias=True), "model": proxy.state_dict()},
-               tmp_path / "ckpt.pt")
+    save_checkpoint(str(tmp_path / "ckpt.pt"),
+                    {"step": 0, "config": dict(block_size=8, n_layer=4, n_head=2, n_embd=8, bias=True),
+                     "model": proxy.state_dict()})
     ctx = _chameleon_ctx(proxy, k)
     batch = ctx.balanced_batch(4)
     ctx.balanced_batch = lambda rows: batch
