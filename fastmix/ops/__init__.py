@@ -3,7 +3,8 @@
 from fastmix.ops.alignment import (
     domain_grad_dots, domain_grad_dots_ghost, group_rows, rowwise_bilinear, weight_grad_dots,
 )
+from fastmix.ops.fused_linear import DomainDots, fused_linear
 from fastmix.ops.linalg import batched_svd, ridge_leverage_scores
 
-__all__ = ["batched_svd", "domain_grad_dots", "domain_grad_dots_ghost", "ridge_leverage_scores",
-           "group_rows", "rowwise_bilinear", "weight_grad_dots"]
+__all__ = ["DomainDots", "batched_svd", "domain_grad_dots", "domain_grad_dots_ghost", "fused_linear",
+           "group_rows", "ridge_leverage_scores", "rowwise_bilinear", "weight_grad_dots"]
