@@ -1,4 +1,4 @@
-// Per-domain gradient inner products (DESIGN.md, "The key trick") on raw pointers.
+// Per-domain gradient inner products on raw pointers.
 //
 // rowwise_bilinear:  r_n = a_n · (m b_n)            a (N, p), m (p, q), b (N, q)
 // ghost_dots:        s_i = Σ_{seg(n)=i} Σ_t (x_n · tx_t)(g_n · tg_t)

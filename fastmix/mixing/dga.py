@@ -13,7 +13,7 @@ Three estimators of `a` (`mode`):
   forward and backward per domain, flattened gradients dotted with the flattened target
   gradient. k + 1 backward passes per update: the reference, slow by design.
 - "stratified" (default): the same balanced batch in ONE forward and backward, with an
-  AlignmentProbe splitting the gradient by domain (DESIGN.md's trick). Same estimator as
+  AlignmentProbe splitting the gradient by domain. Same estimator as
   "exact" (equal up to float rounding; tested), at the cost of one pass plus the target's.
 - "inline": no extra pass but the target's. At an update step the loop's own training
   forward and backward run under the probe (the `record` hook of the Mixer protocol), so the
@@ -38,7 +38,7 @@ rows of every domain).
 moments v̂ (the direction Adam would actually move along V); "none" the plain dot product.
 
 A score vector with a NaN or inf skips that update with one warning (the weights stay).
-Defaults: step_size 100, interval 10, floor 5% as in DESIGN.md's calibration point; EMA 0.2, the
+Defaults: step_size 100, interval 10, floor 5% (see docs/evidence.md); EMA 0.2, the
 best of {0, 0.2, 0.5} on the built-in corpus (docs/evidence.md).
 """
 import contextlib
