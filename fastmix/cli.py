@@ -17,7 +17,7 @@ def _usage_errors(command):
     be used: locked, damaged, not writable) ends the command with its message alone; any other
     error is a bug, and keeps its traceback."""
     from fastmix.rundir import RunError
-    from fastmix.train import UsageError
+    from fastmix.errors import UsageError
 
     try:
         yield

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from fastmix.data import DomainStore, MixtureSampler, builtin_store
 from fastmix.data.sampler import TooShortError
 from fastmix.data.store import StoreError
+from fastmix.errors import UsageError
 from fastmix.mixing import MIXERS, MixerContext, build_mixer
 from fastmix.mixing.base import check_number, mixer_options
 from fastmix.mixing.dga import MODES, _gather
@@ -36,11 +37,6 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, installed as tomli
     import tomli as tomllib
-
-
-class UsageError(ValueError):
-    """A mistake in what was asked for (a flag, the config, the data, the checkpoint): the
-    `fastmix` commands print its message alone, where any other error keeps its traceback."""
 
 
 def _opt(default, help, **kw):
