@@ -556,7 +556,8 @@ def _train(config, rank, world, device):
         if world > 1:
             _check_same_on_all_ranks(mixer.weights, device)
         record = {"step": step, "lr": lr, "train_loss": train_loss,
-                  "weights": _weights_dict(weights, store.domains), "eval": eval_losses}
+                  "weights": _weights_dict(weights, store.domains), "eval": eval_losses,
+                  "epochs": _weights_dict(sampler.epochs, store.domains)}
         records.append(record)
         if is_main:
             with open(metrics_path, "a", encoding="utf-8") as f:

@@ -162,3 +162,22 @@ def test_many_domains(tmp_path):
     assert sorted(ids.tolist()) == [5] * 4 + [1500] * 12
     assert torch.equal(x[:, 0], ids)
     sampler.close()
+
+
+def test_epochs_count_training_tokens_drawn_over_tokens_held_and_resume(store):
+    a = MixtureSampler(store, [1, 2, 3, 4, 5], 16, BLOCK, seed=3)
+    rows = np.zeros(K, dtype=np.int64)
+    for _ in range(5):
+        rows += np.bincount(a.next_batch()[2].numpy(), minlength=K)
+    a.balanced_batch(2)  # mixer batches are not training tokens
+    a.target_batch("t", 4)
+    np.testing.assert_array_equal(a.epochs, rows * BLOCK / store.train_tokens)
+    b = MixtureSampler(store, None, 16, BLOCK, seed=3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        a.next_batch()
+        b.next_batch()
+    np.testing.assert_array_equal(a.epochs, b.epochs)
+    assert np.all(a.epochs > 0)
+    a.close()
+    b.close()

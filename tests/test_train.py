@@ -49,8 +49,10 @@ def test_run_writes_metrics_checkpoint_and_plot(store_dir, tmp_path):
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [0, 2, 3, 4, 6]
     for r in records:
-        assert set(r) == {"step", "lr", "train_loss", "weights", "eval"}
+        assert set(r) == {"step", "lr", "train_loss", "weights", "eval", "epochs"}
         assert set(r["weights"]) == set(result.store.domains)
+        tokens_drawn = sum(r["epochs"][d] * n for d, n in zip(result.store.domains, result.store.train_tokens))
+        assert tokens_drawn == pytest.approx(r["step"] * TINY["batch_size"] * TINY["block_size"], rel=1e-12)
         assert abs(sum(r["weights"].values()) - 1) < 1e-9
     assert set(records[1]["eval"]) == set() and set(records[2]["eval"]) == set(result.store.domains + result.store.targets)
     assert all(isinstance(r["train_loss"], float) for r in records[1:])
@@ -76,6 +78,7 @@ def test_resume_matches_an_uninterrupted_run(store_dir, tmp_path, mixer, log_int
     for a in full:
         b = by_step[a["step"]]
         assert a["train_loss"] == b["train_loss"] and a["weights"] == b["weights"], a["step"]
+        assert a["epochs"] == b["epochs"], a["step"]
         if a["eval"]:
             assert a["eval"] == b["eval"], a["step"]
     if mixer == "test-drifting":

@@ -61,6 +61,7 @@ class MixtureSampler:
         self.step = 0
         self._balanced_draws = 0
         self._target_draws = 0
+        self._tokens_drawn = np.zeros(store.num_domains, dtype=np.int64)
         self._version = 0
         self.set_weights(np.full(store.num_domains, 1.0 / store.num_domains) if weights is None else weights)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastmix-prefetch") if prefetch else None
@@ -115,14 +116,17 @@ class MixtureSampler:
         shift = int(rng.integers(self.world_size))
         mine = slice((self.rank + shift) % self.world_size, global_rows, self.world_size)
         x, y = self._read(ids[mine], starts[mine])
-        return x, y, torch.from_numpy(ids[mine].astype(np.int64))
+        rows_per_domain = np.bincount(ids, minlength=self.store.num_domains)
+        return (x, y, torch.from_numpy(ids[mine].astype(np.int64))), rows_per_domain
 
     def next_batch(self):
         pending, self._pending = self._pending, None
         if pending is not None and pending[:2] == (self.step, self._version):
-            batch = pending[2].result()
+            batch, rows_per_domain = pending[2].result()
         else:
-            batch = self._draw(self.step, self._cdf)
+            batch, rows_per_domain = self._draw(self.step, self._cdf)
+        # Counted over the global batch, so every rank holds the same counts.
+        self._tokens_drawn += rows_per_domain * self.block_size
         self.step += 1
         if self._executor is not None:
             self._pending = (self.step, self._version, self._executor.submit(self._draw, self.step, self._cdf))
@@ -133,6 +137,11 @@ class MixtureSampler:
 
     def __next__(self):
         return self.next_batch()
+
+    @property
+    def epochs(self):
+        """Each domain's epochs so far: training tokens drawn / training tokens held (float64, k)."""
+        return self._tokens_drawn / self.store.train_tokens
 
     # batches for mixers and evaluation ----------------------------------------------------
     def balanced_batch(self, rows_per_domain):
@@ -160,12 +169,15 @@ class MixtureSampler:
     # state -------------------------------------------------------------------------------
     def state_dict(self):
         return {"step": self.step, "balanced_draws": self._balanced_draws, "target_draws": self._target_draws,
-                "weights": self._weights.copy(), "seed": self.seed, "allocation": self.allocation}
+                "weights": self._weights.copy(), "seed": self.seed, "allocation": self.allocation,
+                "tokens_drawn": self._tokens_drawn.copy()}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
         self._balanced_draws = int(state["balanced_draws"])
         self._target_draws = int(state["target_draws"])
+        # States saved before epochs were counted start the count at zero.
+        self._tokens_drawn = np.asarray(state.get("tokens_drawn", np.zeros(self.store.num_domains)), dtype=np.int64).copy()
         self.set_weights(state["weights"])
         self._pending = None
 
