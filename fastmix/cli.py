@@ -39,18 +39,22 @@ def _cmd_bench(args):
 
 
 def _cmd_train(args):
-    from fastmix.train import checkpoint_step, config_from_args, train
+    from fastmix.rundir import CHECKPOINT, RunError, checkpoint_step
+    from fastmix.train import config_from_args, train
 
     config = config_from_args(args)
     try:
         with _usage_errors("train"):
             train(config)
     except KeyboardInterrupt:
-        step = checkpoint_step(config.out)
-        if step is None:
-            where = f"no checkpoint was written yet in {config.out}"
-        else:
-            where = f"the last checkpoint (step {step}) is in {config.out}: continue with --resume"
+        try:
+            step = checkpoint_step(os.path.join(config.out, CHECKPOINT))
+            if step is None:
+                where = f"no checkpoint was written yet in {config.out}"
+            else:
+                where = f"the last checkpoint (step {step}) is in {config.out}: continue with --resume"
+        except RunError as error:  # a checkpoint damaged before this run began
+            where = str(error)
         print(f"fastmix train: interrupted; {where}", file=sys.stderr)
         raise SystemExit(130) from None  # what a shell reports for a Ctrl-C
 

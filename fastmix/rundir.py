@@ -98,6 +98,10 @@ class DirectoryLock:
             raise
         return fd
 
+    @property
+    def held(self):
+        return self.fd is not None
+
     def release(self):
         if self.fd is not None:
             os.close(self.fd)  # closing drops the flock

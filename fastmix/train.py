@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 -m fastmix.train ...             # DDP (gloo on CPU, nccl on GPU)
 
 Writes into --out: metrics.jsonl (one record per log step), ckpt.pt (model, optimizer,
-sampler, mixer, RNG states), config.json, and weights.png at the end.
+sampler, mixer, RNG states) and ckpt.prev.pt (the one before), config.json, and weights.png at
+the end; run.lock holds the run for one writer (fastmix.rundir says what the directory guarantees).
 """
 import argparse
 import contextlib
@@ -32,6 +33,8 @@ from fastmix.mixing import MIXERS, MixerContext, build_mixer
 from fastmix.mixing.base import check_number, mixer_options
 from fastmix.mixing.dga import MODES, _gather
 from fastmix.model import GPT, GPTConfig, checkpoint_config, lm_loss
+from fastmix.rundir import (CHECKPOINT, PREVIOUS_CHECKPOINT, RunLock, load_checkpoint, read_metrics, save_checkpoint,
+                            write_text_atomic, writing)
 
 try:
     import tomllib
@@ -281,12 +284,22 @@ def _set_rng_states(states, device):
         torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
-def _save_checkpoint(path, step, model, optimizer, sampler, mixer_state, store, config, loss_window, device):
+def _save_checkpoint(path, step, model, optimizer, sampler, mixer_state, store, config, loss_window, device,
+                     resume_hint):
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "sampler": sampler.state_dict(), "mixer": mixer_state, "rng": _rng_states(device),
              "config": dataclasses.asdict(config), "domains": list(store.domains), "targets": list(store.targets),
              "loss_window": loss_window}
-    _replace_atomic(path, lambda tmp: torch.save(state, tmp))  # a crash mid-save keeps the previous checkpoint
+    # verified and swapped in whole: a crash or a full disk mid-save keeps the previous checkpoint
+    save_checkpoint(path, state, resume_hint)
+
+
+def _how_to_go_on(ckpt_path, step):
+    """(what is intact, how to go on) after a write error in a run whose checkpoint `ckpt_path`
+    is at `step` (None: not written yet)."""
+    if step is None:
+        return "No checkpoint was written yet", "start the run again"
+    return f"The checkpoint {ckpt_path} (step {step}) is intact", "continue with --resume"
 
 
 def _own_window(saved, rank, world):
@@ -300,13 +313,10 @@ def _own_window(saved, rank, world):
     return saved.sum() / saved.numel() * world if rank == 0 else torch.zeros_like(saved[0])
 
 
-def checkpoint_step(out):
-    """The step of the checkpoint in the run directory `out`; None when it has none."""
-    path = os.path.join(out, "ckpt.pt")
-    if not os.path.exists(path):
-        return None
-    # mmap: the step without reading the model and optimizer states
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["step"]
+def _check_out_is_free(config, ckpt_path):
+    if os.path.exists(ckpt_path) and not (config.resume or config.overwrite):
+        raise UsageError(f"{config.out} already holds a run: pass --resume to continue it, "
+                         "--overwrite to start afresh, or another --out")
 
 
 # What a resumed run cannot change: the mixer (the checkpoint holds its state) and the model's
@@ -400,35 +410,6 @@ def _build_mixer(config, store):
         raise UsageError(f"--mixer {config.mixer}: {error}") from None
 
 
-def _replace_atomic(path, write):
-    """write(tmp) writes a temporary file beside `path`, which then replaces `path` (os.replace):
-    an error or a Ctrl-C meanwhile leaves the old file whole, and no temporary one."""
-    tmp = path + ".tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def _write_atomic(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _replace_atomic(path, write)
-
-
-def _read_metrics(path, up_to_step=None):
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
-
-
 def _weights_dict(weights, domains):
     return {d: float(w) for d, w in zip(domains, weights)}
 
@@ -448,27 +429,31 @@ class TrainResult:
 def train(config):
     """Train as `config` says; returns a TrainResult (metrics are only complete on rank 0)."""
     rank, world, device, created_group = _setup_distributed(config.device)
+    # one writer per run directory: rank 0, the only rank that writes it, holds its lock
+    lock = RunLock(config.out) if rank == 0 else None
     try:
-        return _train(config, rank, world, device)
+        return _train(config, rank, world, device, lock)
     finally:
+        if lock is not None:
+            lock.release()
         if created_group:
             dist.destroy_process_group()
 
 
-def _train(config, rank, world, device):
+def _train(config, rank, world, device, lock):
     is_main = rank == 0
     out = config.out
-    ckpt_path = os.path.join(out, "ckpt.pt")
+    ckpt_path = os.path.join(out, CHECKPOINT)
     metrics_path = os.path.join(out, "metrics.jsonl")
+    if lock is not None and os.path.isdir(out):  # a run there is locked before any of it is read
+        lock.acquire()
     # Everything the user may have got wrong is checked before the run directory is touched.
-    if os.path.exists(ckpt_path) and not (config.resume or config.overwrite):
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it, "
-                         "--overwrite to start afresh, or another --out")
+    _check_out_is_free(config, ckpt_path)
     ckpt = None
     if config.resume:
         if not os.path.exists(ckpt_path):
             raise UsageError(f"--resume: no checkpoint at {ckpt_path} (leave out --resume to start a run there)")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, map_location=device)  # verified: a damaged one names the last good one
         _check_resumed_config(ckpt["config"], ckpt["step"], config)
     try:
         store = _open_store(config.data, rank, world)
@@ -519,17 +504,28 @@ def _train(config, rank, world, device):
         _set_rng_states(ckpt["rng"], device)
         start_step = ckpt["step"]
         loss_window = ckpt.get("loss_window")  # older checkpoints: the first record averages fewer steps
+    saved_step = start_step if ckpt is not None else None  # of the checkpoint in --out
+
+    def run_file(path):  # a write error on a run file ends the run in one line: what is intact, what to do
+        return writing(path, *_how_to_go_on(ckpt_path, saved_step))
+
     records = []
     if is_main:  # only rank 0 reads the old records (and keeps the metrics): it rewrites the file below
-        records = _read_metrics(metrics_path, start_step) if config.resume else []
-        os.makedirs(out, exist_ok=True)
+        # a torn last line (a full disk, a power loss) is dropped with a warning
+        records = read_metrics(metrics_path, start_step) if config.resume else []
+        if not lock.held:  # a new directory, made with its lock once every check has passed
+            lock.acquire()
+            _check_out_is_free(config, ckpt_path)  # another run may have started there meanwhile
         if not config.resume:  # --overwrite: nothing of the old run may outlive it (a crash would mix them)
-            for stale in (ckpt_path, os.path.join(out, "weights.png")):
+            for stale in (ckpt_path, os.path.join(out, PREVIOUS_CHECKPOINT), os.path.join(out, "weights.png")):
                 if os.path.exists(stale):
                     os.remove(stale)
-        # atomic: a Ctrl-C mid-write must not lose the run's history (nor its config)
-        _write_atomic(os.path.join(out, "config.json"), json.dumps(dataclasses.asdict(config), indent=1))
-        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))  # drops records past the checkpoint
+        # atomic: a Ctrl-C or a full disk mid-write must not lose the run's history (nor its config)
+        config_path = os.path.join(out, "config.json")
+        with run_file(config_path):
+            write_text_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=1))
+        with run_file(metrics_path):  # drops the records past the checkpoint
+            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
     autocast = _autocast(device)
     train_model = torch.compile(model) if config.compile else model
@@ -560,7 +556,7 @@ def _train(config, rank, world, device):
                   "epochs": _weights_dict(sampler.epochs, store.domains)}
         records.append(record)
         if is_main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
+            with run_file(metrics_path), open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
     def mixer_context(step, lr, batch, grad_clip_coef=1.0):
@@ -648,7 +644,8 @@ def _train(config, rank, world, device):
                 mixer_state = mixer.state_dict()  # on every rank: a mixer may gather per-rank state
                 if is_main:
                     _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer_state, store, config,
-                                     loss_window, device)
+                                     loss_window, device, _how_to_go_on(ckpt_path, saved_step)[1])
+                    saved_step = done
         bar.close()
     finally:
         sampler.close()
@@ -660,7 +657,11 @@ def _train(config, rank, world, device):
         if config.plot:
             from fastmix.plot import plot_run
 
-            plot_run(records, store.domains, store.targets, os.path.join(out, "weights.png"), final)
+            plot_path = os.path.join(out, "weights.png")
+            with writing(plot_path, f"The run is complete: {ckpt_path} (step {saved_step}) and {metrics_path} are "
+                                    "intact, only the plot is missing", "draw it from metrics.jsonl with "
+                                    "fastmix.plot.plot_run"):
+                plot_run(records, store.domains, store.targets, plot_path, final)
         if not config.quiet:
             print(summary_table(records, store, final))
             if config.plot:

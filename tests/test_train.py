@@ -14,6 +14,7 @@ import torch
 from fastmix.data import DomainStore, StoreWriter
 from fastmix.mixing import MIXERS, Temperature, Uniform, register_mixer
 from fastmix.mixing.baselines import StaticMixer
+from fastmix.rundir import write_text_atomic
 import fastmix.train
 from fastmix.train import TrainConfig, UsageError, add_train_arguments, check_device, config_from_args, train
 
@@ -105,13 +106,14 @@ def test_resume_needs_the_checkpoints_domains_first_in_the_same_order(store_dir,
     fewer = _store_with_domains(store_dir, tmp_path / "fewer", domains[:-1])
     with pytest.raises(ValueError, match=re.escape(f"domain {len(domains) - 1} of the store is missing")):
         _run(fewer, tmp_path / "run", max_steps=4, resume=True)
-    # a checkpoint from before the names were saved resumes unchecked
+    # a checkpoint from before the names (and the checksum) were saved resumes unchecked
     path = tmp_path / "run" / "ckpt.pt"
     ckpt = torch.load(path, weights_only=False)
     assert (ckpt["domains"], ckpt["targets"]) == (domains, DomainStore(store_dir).targets)
-    del ckpt["domains"], ckpt["targets"]
+    del ckpt["domains"], ckpt["targets"], ckpt["checksum"]
     torch.save(ckpt, path)
-    assert _run(store_dir, tmp_path / "run", max_steps=4, resume=True).metrics[-1]["step"] == 4
+    with pytest.warns(UserWarning, match="has no checksum"):
+        assert _run(store_dir, tmp_path / "run", max_steps=4, resume=True).metrics[-1]["step"] == 4
 
 
 def test_resume_needs_a_checkpoint(store_dir, tmp_path):
@@ -296,7 +298,7 @@ def test_only_rank_0_reads_the_old_metrics(store_dir, tmp_path):
     metrics = tmp_path / "run" / "metrics.jsonl"
     metrics.write_text('{"step": 0, "lr"')  # what rank 0 may be in the middle of writing
     config = TrainConfig(data=store_dir, out=str(tmp_path / "run"), max_steps=3, resume=True, **TINY)
-    result = fastmix.train._train(config, rank=1, world=1, device=torch.device("cpu"))
+    result = fastmix.train._train(config, rank=1, world=1, device=torch.device("cpu"), lock=None)
     assert [r["step"] for r in result.metrics] == [3]
     assert metrics.read_text() == '{"step": 0, "lr"'
 
@@ -321,15 +323,14 @@ def test_ctrl_c_while_resume_rewrites_the_metrics_loses_nothing(store_dir, tmp_p
     assert metrics.read_text() == before
     monkeypatch.undo()
     # an interruption after the temporary file is written, before it replaces the old one
-    monkeypatch.setattr(fastmix.train.os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        fastmix.train._write_atomic(str(metrics), "new\n")
+        write_text_atomic(str(metrics), "new\n")
     monkeypatch.undo()
     assert metrics.read_text() == before
 
-    def interrupted_save(obj, path, *args, **kwargs):  # a Ctrl-C in the middle of writing a checkpoint
-        with open(path, "wb") as f:
-            f.write(b"partial")
+    def interrupted_save(obj, f, *args, **kwargs):  # a Ctrl-C in the middle of writing a checkpoint
+        f.write(b"partial")
         raise KeyboardInterrupt
 
     ckpt = (tmp_path / "run" / "ckpt.pt").read_bytes()
@@ -338,7 +339,8 @@ def test_ctrl_c_while_resume_rewrites_the_metrics_loses_nothing(store_dir, tmp_p
         _run(store_dir, tmp_path / "run", max_steps=5, log_interval=1, checkpoint_interval=1, resume=True)
     monkeypatch.undo()
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == ckpt
-    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+    # no temporary file left, and no ckpt.prev.pt: the new checkpoint never replaced the old one
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt.pt", "config.json", "metrics.jsonl", "run.lock"]
     json.loads((tmp_path / "run" / "config.json").read_text())
     assert _run(store_dir, tmp_path / "run", max_steps=5, log_interval=1, resume=True).metrics[-1]["step"] == 5
 
