@@ -12,6 +12,7 @@ _LAZY = {
     "model": "fastmix.model",
     "train": "fastmix.train",
     "AlignmentProbe": "fastmix.probe",
+    "register_probe_rule": "fastmix.probe",
     "OnlineMixing": "fastmix.mixing.online",
     "chameleon_weights": "fastmix.leverage_weights",
     "domain_embeddings": "fastmix.hidden_states",

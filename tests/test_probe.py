@@ -559,3 +559,54 @@ def test_tied_weight_never_takes_the_ghost_form_even_when_a_use_is_excluded(seed
         scores.append(probe.result().dots)
         probe.remove()
     assert_close_scores(scores[0], scores[1], 1e-8)
+
+
+class Scale(nn.Module):
+    """A layer type of the user's own: y = x ⊙ w."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0], ids=["right-rule", "doubled-rule"])
+def test_a_registered_rule_scores_its_layer_type(seed, factor):
+    """register_probe_rule(Scale, rule): the probe covers Scale layers with that rule and its
+    scores are what the rule says (a rule giving twice the truth doubles that layer's part)."""
+    from fastmix import register_probe_rule
+    from fastmix.probe.rules import RULES
+
+    calls = []
+
+    def scale_rule(layer, inputs, grad_output, target):
+        calls.append(layer)
+        return factor * (grad_output * inputs[0].to(grad_output.dtype) * target["weight"]).sum(-1)
+
+    model = nn.Sequential(nn.Linear(5, 6), Scale(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    register_probe_rule(Scale, scale_rule)
+    try:
+        probe = AlignmentProbe(model, 3, strict=True)
+        x, y = torch.randn(8, 4, 5, dtype=torch.float64), torch.randn(8, 4, 3, dtype=torch.float64)
+        model.zero_grad()
+        F.mse_loss(model(x[:3]), y[:3]).backward()
+        probe.set_target()
+        params = list(model.parameters())
+        target = flat_grads(model, params)
+        ids = torch.randint(0, 3, (8,))
+        model.zero_grad()
+        with probe.record(ids):
+            F.mse_loss(model(x), y, reduction="sum").backward()
+    finally:
+        del RULES[Scale]
+    probe.remove()
+    assert calls == [model[1]]
+    scale_part = torch.zeros_like(target)  # the Scale weight's slice of the flattened target
+    offset = sum(p.numel() for p in params[:2])
+    scale_part[offset:offset + 6] = target[offset:offset + 6]
+    want = naive_mse_scores(model, x, y, ids, 3, target + (factor - 1) * scale_part, params)
+    assert_close_scores(probe.result().dots, want, 1e-9)
+    with pytest.raises(TypeError, match="layer_type must be an nn.Module subclass"):
+        register_probe_rule(int, scale_rule)

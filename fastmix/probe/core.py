@@ -1,12 +1,13 @@
 """AlignmentProbe: per-domain gradient alignment ⟨∇L_i, V⟩ from the one backward pass a
 training step already does.
 
-Hooks on nn.Linear, nn.Embedding and nn.LayerNorm see each layer's inputs and output
-gradients; DESIGN.md's key trick turns those into all k domain scores with one extra
-GEMM-sized product per layer (fastmix.ops.rowwise_bilinear: δ_nᵀ V x_n per row, the
-product never written), or the cheaper "ghost" form when the target came from few rows.
-The per-row terms of all layers are summed, then segment-summed by domain once per record.
-No per-domain gradient is ever formed.
+Hooks on the layers see each layer's inputs and output gradients, and the layer type's rule
+(fastmix.probe.rules: nn.Linear, nn.Embedding, nn.LayerNorm, or one registered with
+fastmix.register_probe_rule) turns them into each row's ⟨g_row, V⟩: for a linear layer one
+extra GEMM-sized product (fastmix.ops.rowwise_bilinear: δ_nᵀ V x_n per row, the product never
+written), or the cheaper "ghost" form when the target came from few rows. The per-row terms
+of all layers are summed, then segment-summed by domain once per record. No per-domain
+gradient is ever formed.
 
     probe = AlignmentProbe(model, num_domains)
     model.zero_grad(); target_loss.backward(); probe.set_target()      # V = ∇L_target
@@ -26,7 +27,6 @@ backward, where that layer scores this rank's rows; result() all-reduces the k s
 `probe.target_memory` tells what that costs per rank.
 """
 import contextlib
-import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -41,16 +41,15 @@ from torch.utils import _pytree as pytree
 from fastmix import ops
 from fastmix.ops.alignment import ghost_is_cheaper
 from fastmix.ops.reference import accumulation_dtype, segment_sum
-
-HOOKED = (nn.Linear, nn.Embedding, nn.LayerNorm)
+from fastmix.probe.rules import rule_for
 
 
 def _hookable(module):
-    """Modules whose parameter gradients the probe can split by row. An Embedding that scales
-    gradients by frequency or makes them sparse is not one of them."""
-    if isinstance(module, nn.Embedding):
-        return not (module.scale_grad_by_freq or module.sparse)
-    return isinstance(module, HOOKED)
+    """Modules with a rule, whose parameter gradients the probe can split by row. An Embedding
+    that scales gradients by frequency or makes them sparse is not one of them."""
+    if isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse):
+        return False
+    return rule_for(module) is not None
 
 
 def _world_size():
@@ -208,6 +207,7 @@ class AlignmentProbe:
         # a layer without trainable parameters (LayerNorm without affine, a frozen one) has nothing to score
         self._sites = [(name, m) for name, m in model.named_modules()
                        if _hookable(m) and id(m) not in excluded and self._site_params(m)]
+        self._rules = {id(m): rule_for(m) for _, m in self._sites}  # fixed now: a later registration is for later probes
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._unsplittable = set()  # site names whose inputs carry no batch dimension
@@ -238,11 +238,9 @@ class AlignmentProbe:
     # ------------------------------------------------------------------ coverage
     @staticmethod
     def _registered(module):
-        """{"weight": ..., "bias": ...}: the parameters a hooked layer's rule scores."""
-        params = {"weight": module.weight}
-        if not isinstance(module, nn.Embedding) and module.bias is not None:
-            params["bias"] = module.bias
-        return {attr: p for attr, p in params.items() if p is not None}
+        """{"weight": ..., "bias": ...}: the parameters a hooked layer's rule scores, those
+        registered on the layer itself."""
+        return dict(module.named_parameters(recurse=False))
 
     def _site_params(self, module):
         return list(self._params_of[id(module)].values())
@@ -505,10 +503,15 @@ class AlignmentProbe:
         self._site_depth = max(self._site_depth - 1, 0)
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        x = (args[0] if args else kwargs["input"]).detach()
-        if isinstance(module, nn.Linear) and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))  # what F.linear multiplied
+        rule = self._rules[id(module)]
+        inputs = tuple(t.detach() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        x = inputs[0]
+        if rule.autocast_inputs and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)  # what the layer multiplied
+            inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+            x = inputs[0]
         inv_scale = self._inv_scale
+        shape = output.shape  # the anchor below may be a flattened base of the output
         output = _gradient_anchor(output)
         if self._target_calls is not None:
             if isinstance(module, nn.Linear):
@@ -529,24 +532,15 @@ class AlignmentProbe:
             if not left_out:  # first ran after set_target, which covered the layers seen so far
                 self._untargeted.add(name)
             return
-        scores = self._layout(self._leading_shape(module, x), name, x.device)
-        if scores is not None:
-            output.register_hook(lambda grad: self._contribute(module, x, grad, scores))
+        if self._layout(tuple(shape[:-1]), name, x.device) is not None:
+            output.register_hook(lambda grad: self._contribute(module, rule, inputs, grad.reshape(shape), name))
             # the edge, not the tensor: an in-place op after the layer (ReLU(inplace=True), h += r)
             # moves the tensor to a later node, whose gradient is not the layer's output gradient
             self._output_edges.append(torch.autograd.graph.get_gradient_edge(output))
 
-    @staticmethod
-    def _leading_shape(module, x):
-        """The dims of a layer input that index rows (not features)."""
-        if isinstance(module, nn.Embedding):
-            return tuple(x.shape)
-        feature_dims = len(module.normalized_shape) if isinstance(module, nn.LayerNorm) else 1
-        return tuple(x.shape[:-feature_dims])
-
     def _layout(self, shape, name, device):
-        """This record's accumulator for layer inputs whose leading dims are `shape`, on `device`
-        (it holds the domain id of each row), or None if those rows carry no domain."""
+        """This record's accumulator for rows of shape `shape` (a layer output's leading dims),
+        on `device` (it holds the domain id of each row), or None if those rows carry no domain."""
         if (shape, device) in self._layouts:
             return self._layouts[shape, device]
         if device not in self._ids_on:
@@ -566,40 +560,28 @@ class AlignmentProbe:
             warnings.warn(message, stacklevel=2)
         return None
 
-    def _contribute(self, module, x, grad, scores):
+    def _contribute(self, module, rule, inputs, grad, name):
         """Adds one layer's ⟨g_n, V⟩ terms for the rows of this call to the record's scores."""
-        dtypes = {x.dtype, grad.dtype} | {p.dtype for p in self._site_params(module)}
+        dtypes = {t.dtype for t in inputs if t.is_floating_point()} | {grad.dtype}
+        dtypes |= {p.dtype for p in self._site_params(module)}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         target = self._layer_target(module, work)  # {attr: this layer's whole V}, gathered if sharded
         g = grad.to(work)
-        if isinstance(module, nn.Embedding):
-            if "weight" not in target:  # left out after the hook ran (used outside the layer too)
-                return
-            idx = x.reshape(-1)
-            per_row = (g.reshape(-1, g.shape[-1]) * target["weight"][idx]).sum(-1)
-            if module.padding_idx is not None:  # that row of the table gets no gradient
-                per_row = torch.where(idx == module.padding_idx, 0, per_row)
-            scores.add_rows(per_row)
-        elif isinstance(module, nn.LayerNorm):
-            # ⟨g, x̂ ⊙ V_w + V_b⟩ per row: layer_norm with the target as its affine part makes
-            # x̂ ⊙ V_w + V_b in one op (zero for a parameter that is absent or not covered)
-            if not target:
-                return
-            v_w = target.get("weight", g.new_zeros(module.normalized_shape))
-            v = F.layer_norm(x.to(work), module.normalized_shape, v_w, target.get("bias"), module.eps)
-            width = math.prod(module.normalized_shape)
-            scores.add_rows(torch.linalg.vecdot(g.reshape(-1, width), v.reshape(-1, width)))
-        else:  # nn.Linear: the weight by the fused GEMM form or the ghost form, the bias element-wise
-            x2, g2 = x.reshape(-1, x.shape[-1]).to(work), g.reshape(-1, g.shape[-1])
-            rows = self._target_rows.get(id(module))  # kept by record_target where the ghost form is cheaper
-            if rows is not None and id(self._param(module, "weight")) in self._target:
-                scores.add_domains(ops.domain_grad_dots_ghost(
-                    x2, g2, scores.row_ids, self.num_domains, rows[0].to(work), rows[1].to(work),
-                    validate_ids=False))
-            elif "weight" in target:
-                scores.add_rows(ops.rowwise_bilinear(g2, target["weight"], x2))
-            if "bias" in target:
-                scores.add_rows(g2 @ target["bias"])
+        rows = self._target_rows.get(id(module))  # kept by record_target where the ghost form is cheaper
+        if rows is not None and id(self._param(module, "weight")) in self._target:
+            x2, g2 = inputs[0].reshape(-1, inputs[0].shape[-1]).to(work), g.reshape(-1, g.shape[-1])
+            scores = self._layout(tuple(g.shape[:-1]), name, g.device)
+            scores.add_domains(ops.domain_grad_dots_ghost(
+                x2, g2, scores.row_ids, self.num_domains, rows[0].to(work), rows[1].to(work),
+                validate_ids=False))
+        if not target:  # nothing left to score (left out after the hook ran, or all in the ghost form)
+            return
+        per_row = rule.score(module, inputs, g, target)
+        scores = self._layout(tuple(per_row.shape), name, g.device)
+        if scores is None:
+            raise RuntimeError(f"AlignmentProbe: the rule for {type(module).__name__} ({name!r}) returned scores of "
+                               f"shape {tuple(per_row.shape)}, whose leading dims are not the domain ids' shape")
+        scores.add_rows(per_row.reshape(-1))
 
     def _layer_target(self, module, work):
         """{attr: V} for the layer's parameters in the target, whole and in `work` dtype: a
