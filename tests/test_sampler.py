@@ -181,3 +181,18 @@ def test_epochs_count_training_tokens_drawn_over_tokens_held_and_resume(store):
     assert np.all(a.epochs > 0)
     a.close()
     b.close()
+
+
+def test_domains_appended_since_the_state_start_at_zero_epochs(store):
+    a = MixtureSampler(store, None, 16, BLOCK, seed=3)
+    a.next_batch()
+    state = a.state_dict()
+    fewer = {**state, "tokens_drawn": state["tokens_drawn"][:-1]}  # saved before the last domain was added
+    b = MixtureSampler(store, None, 16, BLOCK, seed=3)
+    b.load_state_dict(fewer)
+    np.testing.assert_array_equal(b.epochs[:-1], a.epochs[:-1])
+    assert b.epochs[-1] == 0
+    with pytest.raises(ValueError, match="tokens_drawn has 6 domains, the store 5"):
+        b.load_state_dict({**state, "tokens_drawn": np.ones(K + 1, dtype=np.int64)})
+    a.close()
+    b.close()

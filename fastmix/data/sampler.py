@@ -176,8 +176,13 @@ class MixtureSampler:
         self.step = int(state["step"])
         self._balanced_draws = int(state["balanced_draws"])
         self._target_draws = int(state["target_draws"])
-        # States saved before epochs were counted start the count at zero.
-        self._tokens_drawn = np.asarray(state.get("tokens_drawn", np.zeros(self.store.num_domains)), dtype=np.int64).copy()
+        # Counts start at zero for states saved before epochs were counted and for domains
+        # appended to the store since the state was saved.
+        drawn = np.asarray(state.get("tokens_drawn", ()), dtype=np.int64)
+        if len(drawn) > self.store.num_domains:
+            raise ValueError(f"state: tokens_drawn has {len(drawn)} domains, the store {self.store.num_domains}")
+        self._tokens_drawn = np.zeros(self.store.num_domains, dtype=np.int64)
+        self._tokens_drawn[:len(drawn)] = drawn
         self.set_weights(state["weights"])
         self._pending = None
 
