@@ -27,6 +27,8 @@ sampling (each domain gets floor or ceil of weight · rows), like fastmix's Mixt
 import numpy as np
 import torch
 
+from fastmix.distributed import rank_and_world
+
 # Stream ids keep the random numbers of training, balanced and target batches independent.
 TRAIN_STREAM, BALANCED_STREAM, TARGET_STREAM = 0, 1, 2
 
@@ -99,9 +101,7 @@ class DomainMixture(torch.utils.data.Dataset):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.batch_size, self.block_size, self.seed = batch_size, block_size, int(seed)
         if rank is None or world_size is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if distributed else 0
-            world_size = torch.distributed.get_world_size() if distributed else 1
+            rank, world_size = rank_and_world()
         self.rank, self.world_size = int(rank), int(world_size)
         k = len(self.domains)
         # weights and, last, their version: shared with the DataLoader's workers

@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from fastmix.distributed import rank_and_world
+
 # Stream ids keep the random numbers of training, balanced and target batches independent.
 _TRAIN, _BALANCED, _TARGET = 0, 1, 2
 
@@ -47,9 +49,7 @@ class MixtureSampler:
         self.seed = int(seed)
         self.allocation = allocation
         if rank is None or world_size is None:
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if distributed else 0
-            world_size = torch.distributed.get_world_size() if distributed else 1
+            rank, world_size = rank_and_world()
         self.rank, self.world_size = int(rank), int(world_size)
         # Windows of block_size + 1 tokens (x and y shifted by one) can start at n - block_size places.
         self._starts = store.train_tokens - self.block_size

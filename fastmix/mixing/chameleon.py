@@ -27,7 +27,8 @@ import torch
 from fastmix.hidden_states import EmbeddingAccumulator, domain_embeddings, resolve_layer
 from fastmix.leverage_weights import chameleon_weights, check_weight_options
 from fastmix.mixing.base import check_counts, check_number, register_mixer
-from fastmix.mixing.dga import _all_reduce, _gather, shard_balanced, _world
+from fastmix.distributed import all_gather_stacked, all_reduce_sum, rank_and_world, world_size
+from fastmix.mixing.dga import shard_balanced
 
 SOURCES = ("online", "offline")
 
@@ -103,7 +104,7 @@ class Chameleon:
         else:
             embeddings = self._balanced_embeddings(ctx, list(range(self.num_domains)), ctx.model, self.layer)
         self._missing = []
-        if _world()[1] > 1:  # one rank's numbers for all (the balanced batch is the same on every rank)
+        if world_size() > 1:  # one rank's numbers for all (the balanced batch is the same on every rank)
             embeddings = embeddings.to(ctx.device)
             torch.distributed.broadcast(embeddings, 0)
         self._set_weights(embeddings)
@@ -117,10 +118,10 @@ class Chameleon:
         if self.source != "online" or ctx.step % self.interval != 0:
             return
         acc = self._accumulator(ctx.model)
-        counts = _all_reduce(acc.counts.clone())
+        counts = all_reduce_sum(acc.counts.clone())
         missing = [i for i in range(self.num_domains) if float(counts[i]) <= 0]
         if missing:  # a no-grad forward of balanced rows of those domains, into the accumulator
-            x, _, ids = shard_balanced(*ctx.balanced_batch(self.rows_per_domain * _world()[1]), self.num_domains)
+            x, _, ids = shard_balanced(*ctx.balanced_batch(self.rows_per_domain * world_size()), self.num_domains)
             keep = torch.zeros(self.num_domains, dtype=torch.bool, device=ids.device)
             keep[missing] = True
             ids = torch.where(keep[ids], ids, torch.full_like(ids, -1))
@@ -130,8 +131,8 @@ class Chameleon:
                 acc.set_domains(ids)
                 ctx.model(x)
             ctx.model.train(was_training)
-        sums = _all_reduce(acc.sums.clone())
-        counts = _all_reduce(acc.counts.clone()).unsqueeze(1)
+        sums = all_reduce_sum(acc.sums.clone())
+        counts = all_reduce_sum(acc.counts.clone()).unsqueeze(1)
         acc.reset()
         # a domain still without a (finite) row has no embedding: NaN skips the update, where a
         # zero vector would pass for one (a model gone NaN would silently reset the weights)
@@ -144,7 +145,7 @@ class Chameleon:
         window = self._window()
         if window is not None:
             # every rank's own window (the ranks see different rows): (world, k, d) and (world, k)
-            sums, counts = (_gather(t) for t in window)
+            sums, counts = (all_gather_stacked(t) for t in window)
             state["accumulator"] = {"sums": sums.cpu(), "counts": counts.cpu()}
         return state
 
@@ -176,7 +177,7 @@ class Chameleon:
             saved_sums, saved_counts = (state["accumulator"][key].to(torch.float64).cpu() for key in ("sums", "counts"))
             if saved_counts.dim() == 1:  # saved by one process (before per-rank windows were saved)
                 saved_sums, saved_counts = saved_sums[None], saved_counts[None]
-            rank, world = _world()
+            rank, world = rank_and_world()
             if saved_counts.shape[0] == world:  # each rank takes its own window back
                 saved_sums, saved_counts = saved_sums[rank], saved_counts[rank]
             else:  # another world size: rank 0 holds the whole window, the next all-reduce spreads it

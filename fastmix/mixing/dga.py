@@ -46,39 +46,13 @@ import math
 import warnings
 
 import torch
-import torch.distributed as dist
 
+from fastmix.distributed import all_reduce_sum, rank_and_world, world_size
 from fastmix.mixing.base import check_counts, check_number, register_mixer
 from fastmix.probe import AlignmentProbe
 
 MODES = ("exact", "stratified", "inline")
 PRECONDITIONS = ("none", "adam")
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce(tensor):
-    rank, world = _world()
-    if world > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def _gather(tensor):
-    """(world, *shape): every rank's `tensor`, on every rank (under torch.distributed)."""
-    world = _world()[1]
-    if world == 1:
-        return tensor[None].clone()
-    if dist.get_backend() == "nccl":  # CUDA tensors only (Chameleon's restored window is on the CPU)
-        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts)
 
 
 def _trainable(model):
@@ -109,7 +83,7 @@ def adam_preconditioner(model, optimizer):
 def shard_balanced(x, y, ids, num_domains):
     """This rank's share of a balanced batch of rows_per_domain * world rows per domain,
     grouped by domain: the same number of rows of every domain on every rank, disjoint."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     if world == 1:
         return x, y, ids
     per = ids.numel() // num_domains
@@ -171,8 +145,8 @@ def exact_scores(model, loss_fn, x, y, ids, target, num_domains, autocast=contex
         loss.backward()
         scores[i] = float(flat_grad(model) @ target)
     model.zero_grad(set_to_none=True)
-    world = _world()[1]
-    return _all_reduce(scores.to(target.device)).cpu() / world if world > 1 else scores
+    world = world_size()
+    return all_reduce_sum(scores.to(target.device)).cpu() / world if world > 1 else scores
 
 
 class DGA:
@@ -374,7 +348,7 @@ class DGA:
         model, k = ctx.model, self.num_domains
         probe = self.probe(model)
         target = self._set_target(ctx, probe)
-        world = _world()[1]
+        world = world_size()
         x, y, ids = shard_balanced(*ctx.balanced_batch(self.rows_per_domain * world), k)
         if self.mode == "exact":
             scores = exact_scores(model, ctx.loss_fn, x, y, ids, target, k, ctx.autocast)

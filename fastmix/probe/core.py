@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from fastmix import ops
+from fastmix.distributed import world_size
 from fastmix.ops.alignment import ghost_is_cheaper
 from fastmix.ops.reference import accumulation_dtype, segment_sum
 from fastmix.probe.rules import rule_for
@@ -50,10 +51,6 @@ def _hookable(module):
     if isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse):
         return False
     return rule_for(module) is not None
-
-
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _is_sharded(tensor):
@@ -330,7 +327,7 @@ class AlignmentProbe:
         the rows would be this rank's alone while `.grad` may be averaged, so only `.grad`
         is kept there."""
         calls = {}
-        self._target_calls = calls if _world_size() == 1 else None
+        self._target_calls = calls if world_size() == 1 else None
         self._inv_scale = 1.0 / loss_scale
         try:
             yield self
@@ -477,7 +474,7 @@ class AlignmentProbe:
             raise RuntimeError(f"AlignmentProbe(strict=True): hooked layers whose parameters scored nothing: "
                                f"{missing} (never ran while recording: weights used functionally? or first ran "
                                "after the target was set: set it again)")
-        world = _world_size()
+        world = world_size()
         if all_reduce is None:
             all_reduce = world > 1
         if all_reduce:
