@@ -1,8 +1,11 @@
-"""The run plot: domain weights and eval losses over steps, from metrics.jsonl records."""
+"""The run plot: domain weights, held-out losses and each domain's epochs over steps, from
+metrics.jsonl records."""
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fastmix.rundir import replace_atomic  # noqa: E402
 
 _MAX_LINES = 20  # beyond this many domains, plot the heaviest ones only
 
@@ -11,7 +14,7 @@ def plot_run(records, domains, targets, path, final=None):
     """The plot of a run's records into `path`. `final` ({domain: w}): the mixer's weights at the
     end, after its last update (a record holds the weights its step's batch was drawn with):
     they pick the heaviest domains to show; default the last record's weights."""
-    fig, (ax_w, ax_l) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (ax_w, ax_l, ax_e) = plt.subplots(1, 3, figsize=(19, 4.5))
     final = records[-1]["weights"] if final is None else final
     shown = sorted(domains, key=lambda d: -final.get(d, 0.0))[:_MAX_LINES]
     # one colour per domain in both panels; targets in greys, drawn thick
@@ -33,7 +36,17 @@ def plot_run(records, domains, targets, path, final=None):
                   linewidth=2.5 if is_target else 1, linestyle="-" if is_target else ":")
     ax_l.set(title="held-out loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     ax_l.legend(fontsize=7, ncol=2)
+
+    # repetition: a domain past one epoch is being trained on again (the limited-data regime)
+    for d in shown:
+        present = [r for r in records if d in r.get("epochs", {})]
+        ax_e.plot([r["step"] for r in present], [r["epochs"][d] for r in present], label=d, color=colour[d])
+    ax_e.axhline(1.0, color="0.6", linewidth=0.8, linestyle="--")
+    ax_e.set(title="epochs per domain", xlabel="step", ylabel="training tokens drawn / tokens held", ylim=(0, None))
+    ax_e.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # whole or not at all: a full disk mid-save keeps the plot there was
+        replace_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path

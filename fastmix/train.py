@@ -28,13 +28,14 @@ from tqdm import tqdm
 from fastmix.data import DomainStore, MixtureSampler, builtin_store
 from fastmix.data.sampler import TooShortError
 from fastmix.data.store import StoreError
+from fastmix.distributed import all_gather_stacked, rank_and_world
 from fastmix.errors import UsageError
 from fastmix.mixing import MIXERS, MixerContext, build_mixer
 from fastmix.mixing.base import check_number, mixer_options
-from fastmix.mixing.dga import MODES, _gather
+from fastmix.mixing.dga import MODES
 from fastmix.model import GPT, GPTConfig, checkpoint_config, lm_loss
-from fastmix.rundir import (CHECKPOINT, PREVIOUS_CHECKPOINT, RunLock, load_checkpoint, read_metrics, save_checkpoint,
-                            write_text_atomic, writing)
+from fastmix.rundir import (CHECKPOINT, PREVIOUS_CHECKPOINT, RunError, RunLock, load_checkpoint, read_metrics,
+                            save_checkpoint, write_text_atomic, writing)
 
 try:
     import tomllib
@@ -44,6 +45,11 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, installed as tomli
 
 def _opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+# a run that skips this many steps in a row has diverged for good: its parameters are not finite
+MAX_SKIPPED_IN_A_ROW = 10
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -94,6 +100,9 @@ class TrainConfig:
     overwrite: bool = _opt(False, "start afresh even if --out already holds a run")
     quiet: bool = _opt(False, "no progress bar and no summary")
     plot: bool = _opt(True, "write weights.png at the end")
+    skip_nonfinite_steps: bool = _opt(False, "skip a step whose loss or gradient is not finite (as torch's GradScaler "
+                                             f"does) instead of stopping the run; {MAX_SKIPPED_IN_A_ROW} in a row "
+                                             "still stop it")
 
     def __post_init__(self):
         self.mixer_options = dict(self.mixer_options or {})
@@ -110,6 +119,14 @@ class TrainConfig:
             check_number(_flag(name), getattr(self, name), low, high, high_open=True)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             check_number(_flag(name), getattr(self, name), 0)
+            if getattr(self, name) > FLOAT32_MAX:
+                raise ValueError(f"{_flag(name)} {getattr(self, name)} is beyond float32's range "
+                                 f"({FLOAT32_MAX:.4g}), in which the optimizer's state is kept")
+        # AdamW's first step moves a parameter by up to lr / (1 - beta1), and decays it by lr * weight_decay
+        peak_lr = max(self.lr, self.min_lr)
+        if peak_lr / (1 - self.beta1) > FLOAT32_MAX or peak_lr * self.weight_decay > FLOAT32_MAX:
+            raise ValueError(f"--lr {peak_lr} with --beta1 {self.beta1} and --weight-decay {self.weight_decay} "
+                             "overflows float32 in AdamW's step: lower --lr")
         for f in dataclasses.fields(self):
             if f.type is bool and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{_flag(f.name)} must be true or false, got {getattr(self, f.name)!r}")
@@ -157,8 +174,7 @@ def _setup_distributed(device):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device != "cpu" and torch.cuda.is_available() else "gloo")
         created = True
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = rank_and_world()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK picks it
@@ -292,6 +308,29 @@ def _save_checkpoint(path, step, model, optimizer, sampler, mixer_state, store, 
              "loss_window": loss_window}
     # verified and swapped in whole: a crash or a full disk mid-save keeps the previous checkpoint
     save_checkpoint(path, state, resume_hint)
+
+
+class DivergedError(RunError):
+    """The loss, a gradient or the parameters stopped being finite: the run stops before any
+    checkpoint holds them."""
+
+
+def _all_finite(tensors, world):
+    """Whether every tensor is finite on every rank: one flag all-reduced, so the ranks stop
+    (or skip a step) together."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(torch.int32)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def _diverged_message(what, step, config, ckpt_path, saved_step):
+    if saved_step is None:
+        kept, again = "no checkpoint was written yet", "start again"
+    else:
+        kept, again = f"{ckpt_path} (step {saved_step}) holds the last good state", "continue with --resume"
+    return (f"the run diverged: {what} at step {step} (--lr {config.lr}); {kept}. Lower --lr or --grad-clip and "
+            f"{again}, or pass --skip-nonfinite-steps to skip such steps")
 
 
 def _how_to_go_on(ckpt_path, step):
@@ -545,7 +584,7 @@ def _train(config, rank, world, device, lock):
     def to_device(*tensors):
         return tuple(t.to(device, non_blocking=True) for t in tensors)
 
-    def log(step, lr, train_loss, weights, evaluate):
+    def log(step, lr, train_loss, weights, evaluate, skipped=0):
         eval_losses = {}
         if evaluate and config.eval_batches > 0:
             eval_losses = _evaluate(model, eval_data, eval_names, device, autocast, world)
@@ -554,6 +593,8 @@ def _train(config, rank, world, device, lock):
         record = {"step": step, "lr": lr, "train_loss": train_loss,
                   "weights": _weights_dict(weights, store.domains), "eval": eval_losses,
                   "epochs": _weights_dict(sampler.epochs, store.domains)}
+        if config.skip_nonfinite_steps:
+            record["skipped_steps"] = skipped
         records.append(record)
         if is_main:
             with run_file(metrics_path), open(metrics_path, "a", encoding="utf-8") as f:
@@ -585,9 +626,11 @@ def _train(config, rank, world, device, lock):
                    disable=True if (config.quiet or not is_main) else None)
         # the training loss summed since the last record, over window_steps steps (carried over a resume)
         window_loss = torch.zeros((), device=device)
-        window_steps = 0
+        window_steps = window_skipped = 0  # steps trained and steps skipped since the last record
         if loss_window is not None:
             window_loss, window_steps = _own_window(loss_window["sum"], rank, world).to(device), loss_window["steps"]
+            window_skipped = loss_window.get("skipped", 0)
+        skipped_in_a_row = 0
         window_start, timed_steps = time.perf_counter(), 0
         model.train()
         for step in range(start_step, config.max_steps):
@@ -597,6 +640,7 @@ def _train(config, rank, world, device, lock):
             weights = mixer.weights  # the weights this step's batches are drawn with
             optimizer.zero_grad(set_to_none=True)
             micro_batches = []
+            step_loss = torch.zeros((), device=device)
             step_ctx = mixer_context(step + 1, lr, None) if mixer_record else None
             for micro in range(config.grad_accum):
                 x, y, domain_ids = to_device(*sampler.next_batch())
@@ -607,40 +651,61 @@ def _train(config, rank, world, device, lock):
                     with (contextlib.nullcontext() if last or world == 1 else train_model.no_sync()), autocast():
                         loss = lm_loss(train_model, x, y) / config.grad_accum
                     loss.backward()
-                window_loss += loss.detach()
+                step_loss += loss.detach()
             clip_coef = 1.0
             if config.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 clip_coef = torch.clamp(config.grad_clip / (norm + 1e-6), max=1.0)  # what clipping multiplied by
-            optimizer.step()
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             done = step + 1
-
-            batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
-            mixer.update(mixer_context(done, lr, batch, clip_coef))
-            sampler.set_weights(mixer.weights)
-            window_steps += 1
+            # the norm of every gradient is finite when they all are: one number tells, as GradScaler's check
+            if _all_finite([step_loss, norm], world):
+                optimizer.step()
+                batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
+                mixer.update(mixer_context(done, lr, batch, clip_coef))
+                sampler.set_weights(mixer.weights)
+                window_loss += step_loss
+                window_steps += 1
+                skipped_in_a_row = 0
+            else:  # neither the parameters nor the mixer see this step
+                what = "the loss or a gradient is not finite"
+                if not config.skip_nonfinite_steps:
+                    raise DivergedError(_diverged_message(what, done, config, ckpt_path, saved_step))
+                window_skipped += 1
+                skipped_in_a_row += 1
+                if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
+                    raise DivergedError(_diverged_message(f"{what} in {MAX_SKIPPED_IN_A_ROW} steps in a row", done,
+                                                          config, ckpt_path, saved_step))
             timed_steps += 1
             bar.update(1)
 
             evaluate = done % config.eval_interval == 0 or done == config.max_steps
             regular_record = done % config.log_interval == 0 or done % config.eval_interval == 0
-            checkpoint = done % config.checkpoint_interval == 0 or done == config.max_steps
+            # not while steps are being skipped: a run whose skips end in a stop keeps the checkpoint from before
+            checkpoint = ((done % config.checkpoint_interval == 0 and not skipped_in_a_row)
+                          or done == config.max_steps)
             if checkpoint:  # the window an uninterrupted run carries past this step: empty after a record
                 carried = window_loss.clone() if not regular_record else torch.zeros_like(window_loss)
                 # every rank's own sum: a resumed record then adds up as the uninterrupted one
-                loss_window = {"sum": _gather(carried).cpu(), "steps": 0 if regular_record else window_steps}
+                loss_window = {"sum": all_gather_stacked(carried).cpu(), "steps": 0 if regular_record else window_steps,
+                               "skipped": 0 if regular_record else window_skipped}
             if regular_record or done == config.max_steps:
                 if world > 1:
                     dist.all_reduce(window_loss)
                     window_loss /= world
-                train_loss = window_loss.item() / window_steps
+                train_loss = window_loss.item() / window_steps if window_steps else None  # None: all skipped
                 elapsed = time.perf_counter() - window_start
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * timed_steps / elapsed:,.0f}")
-                log(done, lr, train_loss, weights, evaluate)
+                if train_loss is not None:
+                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * timed_steps / elapsed:,.0f}")
+                log(done, lr, train_loss, weights, evaluate, window_skipped)
                 window_loss.zero_()
-                window_steps = 0
+                window_steps = window_skipped = 0
                 window_start, timed_steps = time.perf_counter(), 0
             if checkpoint:
+                if not _all_finite([p.detach() for p in model.parameters()], world):  # a good checkpoint stays
+                    raise DivergedError(_diverged_message("the parameters are not finite", done, config,
+                                                          ckpt_path, saved_step))
                 mixer_state = mixer.state_dict()  # on every rank: a mixer may gather per-rank state
                 if is_main:
                     _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer_state, store, config,

@@ -463,20 +463,23 @@ def test_a_saved_loss_window_is_shared_out_whatever_the_number_of_ranks():
     assert float(_own_window(torch.tensor(2.5), 1, 2)) == 2.5  # an older checkpoint: one sum for all
 
 
-def test_plot_gives_a_domain_one_colour_in_both_panels(tmp_path, monkeypatch):
+def test_plot_gives_a_domain_one_colour_in_every_panel_and_shows_its_epochs(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     from fastmix import plot
 
     figures = []
     monkeypatch.setattr(plot.plt, "close", figures.append)  # keep the figure to look at it
-    records = [{"step": s, "weights": {"a": 0.6, "b": 0.4}, "eval": {"a": 2.0 - s, "b": 2.0, "t": 3.0, "u": 1.0}}
-               for s in range(3)]
+    records = [{"step": s, "weights": {"a": 0.6, "b": 0.4}, "eval": {"a": 2.0 - s, "b": 2.0, "t": 3.0, "u": 1.0},
+                "epochs": {"a": 0.5 * s, "b": 0.25 * s}} for s in range(3)]
     plot.plot_run(records, ["a", "b"], ["t", "u"], str(tmp_path / "p.png"))
-    weights_ax, loss_ax = figures[0].axes
+    weights_ax, loss_ax, epochs_ax = figures[0].axes
     colour = {line.get_label(): line.get_color() for line in weights_ax.lines}
-    for line in loss_ax.lines:
+    for line in loss_ax.lines + [line for line in epochs_ax.lines if not line.get_label().startswith("_")]:
         if not line.get_label().startswith("target: "):
             assert line.get_color() == colour[line.get_label()], line.get_label()
     assert len(set(colour.values())) == 2
+    epochs = {line.get_label(): list(line.get_ydata()) for line in epochs_ax.lines if not line.get_label().startswith("_")}
+    assert epochs == {"a": [0.0, 0.5, 1.0], "b": [0.0, 0.25, 0.5]}
+    assert (tmp_path / "p.png").stat().st_size > 0 and not list(tmp_path.glob("*.tmp"))
     plt.close(figures[0])

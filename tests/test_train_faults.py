@@ -1,12 +1,25 @@
-"""`fastmix train` where a user's machine fails it, driven through the command: a store whose
-token ids do not fit its vocabulary."""
+"""`fastmix train` where a user's machine fails it, driven through the command: a second
+process on the same run, a torn metrics line, a damaged checkpoint, a diverged model, numbers
+the optimizer cannot take, and a store whose token ids do not fit its vocabulary."""
+import contextlib
+import json
+import math
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from fastmix.cli import main
 from fastmix.data import StoreWriter
+from fastmix.mixing import register_mixer
+from fastmix.mixing.baselines import Uniform
+from fastmix.mixing.base import MIXERS
+from fastmix.rundir import checkpoint_step, load_checkpoint
 
 TINY = ["--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
         "--eval-batches", "1", "--device", "cpu", "--quiet", "--no-plot", "--warmup-steps", "2"]
@@ -52,3 +65,152 @@ def test_a_store_with_token_ids_past_the_vocabulary_stops_before_the_run_directo
     assert "token id 300" in _error(["train", "--data", str(tmp_path / "good"), "--out", str(out), *TINY,
                                      "--max-steps", "4", "--resume"])
     assert (out / "config.json").read_text() == config_before
+
+
+# ---------------------------------------------------------------- one writer
+
+def test_a_second_train_on_a_running_run_is_refused_naming_its_pid(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "fastmix", "train", "--out", str(out), *TINY,
+                              "--max-steps", "100000", "--checkpoint-interval", "1", "--log-interval", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "ckpt.pt").exists():
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.monotonic() < deadline, "the first run wrote no checkpoint"
+            time.sleep(0.2)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            message = _error(["train", "--out", str(out), *TINY, "--max-steps", "100001", *extra])
+            assert message.startswith(f"fastmix train: error: {out} is in use by another fastmix train "
+                                      f"(PID {first.pid}, lock {out / 'run.lock'})"), message
+    finally:
+        first.kill()
+        first.wait()
+    # the killed holder's lock is no obstacle: the run goes on from its last whole checkpoint
+    step = checkpoint_step(str(out / "ckpt.pt"))
+    main(["train", "--out", str(out), *TINY, "--max-steps", str(step + 1), "--resume"])
+    assert checkpoint_step(str(out / "ckpt.pt")) == step + 1
+
+
+# ---------------------------------------------------------------- a torn metrics line
+
+def test_a_torn_last_metrics_line_is_dropped_and_the_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    flags = [*TINY, "--log-interval", "1", "--checkpoint-interval", "2", "--eval-interval", "2", "--lr-decay-steps", "8",
+             "--mixer", "dga"]
+    main(["train", "--out", str(tmp_path / "whole"), *flags, "--max-steps", "8"])
+    whole = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    out = tmp_path / "run"
+    main(["train", "--out", str(out), *flags, "--max-steps", "6"])
+    with open(out / "metrics.jsonl", "a") as f:  # the append of record 7 cut by a full disk
+        f.write(whole[7][:len(whole[7]) // 2])
+    with pytest.warns(UserWarning, match="torn"):
+        main(["train", "--out", str(out), *flags, "--max-steps", "8", "--resume"])
+    assert [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()] == [json.loads(r) for r in whole]
+
+
+# ---------------------------------------------------------------- a damaged checkpoint
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    main(["train", "--out", str(out), *TINY, "--max-steps", "4", "--checkpoint-interval", "2"])
+    return out
+
+
+DAMAGES = {
+    "truncated": lambda data: data[:len(data) // 2],
+    "empty": lambda data: b"",
+    "text": lambda data: b"this is not a checkpoint\n",
+    "bytes flipped": lambda data: data[:len(data) // 2] + bytes(b ^ 0xFF for b in data[len(data) // 2:][:2000])
+    + data[len(data) // 2 + 2000:],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_stops_resume_and_weights_naming_the_last_good_one(finished_run, tmp_path, damage):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    ckpt = out / "ckpt.pt"
+    ckpt.write_bytes(DAMAGES[damage](ckpt.read_bytes()))
+    for argv in (["train", "--out", str(out), *TINY, "--max-steps", "6", "--resume"], ["weights", str(out)]):
+        message = _error(argv)
+        assert str(ckpt) in message and f"{out / 'ckpt.prev.pt'} (step 2)" in message, message
+    assert load_checkpoint(str(out / "ckpt.prev.pt"))["step"] == 2
+
+
+# ---------------------------------------------------------------- divergence
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    good = (out / "ckpt.pt").read_bytes()
+    message = _error(["train", "--out", str(out), *TINY, "--max-steps", "40", "--resume", "--lr", "1e30"])
+    assert message.startswith("fastmix train: error: the run diverged: "), message
+    assert f"{out / 'ckpt.pt'} (step 4) holds the last good state" in message
+    assert "--skip-nonfinite-steps" in message
+    assert (out / "ckpt.pt").read_bytes() == good
+    records = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train_loss"] is None or math.isfinite(r["train_loss"]) for r in records)
+
+
+def test_skipping_non_finite_steps_still_stops_a_run_that_never_recovers(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    message = _error(["train", "--out", str(out), *TINY, "--max-steps", "40", "--resume", "--lr", "1e30",
+                      "--skip-nonfinite-steps", "--log-interval", "1"])
+    assert "in 10 steps in a row at step" in message, message
+    assert checkpoint_step(str(out / "ckpt.pt")) == 4
+    last = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()][-3:]
+    assert [(r["train_loss"], r["skipped_steps"]) for r in last] == [(None, 1)] * 3
+
+
+class _NonFiniteGradientOnce(Uniform):
+    """A uniform mixer that makes one step's gradient NaN from inside the training pass, as an
+    fp16 overflow would."""
+    bad_step = 3
+
+    @contextlib.contextmanager
+    def record(self, ctx, domain_ids):
+        yield
+        if ctx.step == self.bad_step:
+            next(ctx.model.parameters()).grad.view(-1)[0] = float("nan")
+
+
+@pytest.fixture
+def nan_once_mixer():
+    register_mixer("nan-once", lambda store: _NonFiniteGradientOnce(store.num_domains))
+    yield "nan-once"
+    del MIXERS["nan-once"]
+
+
+@pytest.mark.parametrize("grad_clip", ["1.0", "0"])
+def test_a_skipped_step_leaves_the_parameters_untouched_and_the_run_goes_on(tmp_path, nan_once_mixer, grad_clip):
+    flags = [*TINY, "--mixer", nan_once_mixer, "--log-interval", "1", "--grad-clip", grad_clip]
+    message = _error(["train", "--out", str(tmp_path / "stops"), *flags, "--max-steps", "6"])
+    assert "the loss or a gradient is not finite at step 3" in message and "no checkpoint was written yet" in message
+    out = tmp_path / "skips"
+    main(["train", "--out", str(out), *flags, "--max-steps", "6", "--skip-nonfinite-steps",
+          "--checkpoint-interval", "2"])
+    records = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records[1:]] == [0, 0, 1, 0, 0, 0]
+    assert records[3]["train_loss"] is None
+    assert all(math.isfinite(r["train_loss"]) for r in records[1:] if r["step"] != 3)
+    model = load_checkpoint(str(out / "ckpt.pt"))["model"]
+    assert all(torch.isfinite(t).all() for t in model.values())
+
+
+# ---------------------------------------------------------------- numbers the optimizer cannot take
+
+@pytest.mark.parametrize("flag", ["--lr", "--min-lr", "--weight-decay", "--grad-clip"])
+def test_a_number_beyond_float32_is_refused_naming_its_flag(tmp_path, flag):
+    message = _error(["train", "--out", str(tmp_path / "run"), *TINY, flag, "1e39"])
+    assert message.startswith(f"fastmix train: error: {flag} 1e+39 is beyond float32's range"), message
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_learning_rate_whose_adamw_step_overflows_is_refused(tmp_path):
+    message = _error(["train", "--out", str(tmp_path / "run"), *TINY, "--lr", "1e38"])
+    assert message == ("fastmix train: error: --lr 1e+38 with --beta1 0.9 and --weight-decay 0.1 overflows float32 "
+                       "in AdamW's step: lower --lr")
+    assert not (tmp_path / "run").exists()

@@ -2,7 +2,8 @@
 
 The loop calls `mixer.update(ctx)` once per optimizer step, after the step (gradients are
 cleared at the start of the next one, so a mixer may run its own backward passes), then
-feeds `mixer.weights` to the sampler for the next batch. The mixer decides by itself whether
+feeds `mixer.weights` to the sampler for the next batch. A step whose loss or gradient is not
+finite, which the loop skips (`--skip-nonfinite-steps`), gets no update. The mixer decides by itself whether
 a step is an update step (e.g. every `interval` steps). Under torch.distributed every rank
 must end up with the same weights (the sampler checks nothing; the loop checks at evals).
 
