@@ -5,7 +5,7 @@ import torch
 
 import fastmix.ops as ops
 from conftest import HAS_GPU, synchronize
-from fastmix.ops import _backends
+from fastmix.ops import backends
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 
@@ -49,7 +49,7 @@ def test_domain_grad_dots(benchmark, device, n, d, k, method):
         run(benchmark, device, lambda: composite(x, grad_out, ids, k, target))
     elif method == "gemm":
         run(benchmark, device, lambda: x @ target.T)
-    elif _backends.available("rowwise_bilinear", method, device) and not (method == "triton" and device == "cpu"):
+    elif backends.available("rowwise_bilinear", method, device) and not (method == "triton" and device == "cpu"):
         run(benchmark, device, lambda: ops.domain_grad_dots(x, grad_out, ids, k, target, backend=method,
                                                             validate_ids=False))
     else:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import synchronize
-from fastmix.ops import _backends, batched_svd, linalg, ridge_leverage_scores, rowwise_bilinear
+from fastmix.ops import backends, batched_svd, linalg, ridge_leverage_scores, rowwise_bilinear
 
 FULL = os.environ.get("FASTMIX_BENCH_FULL") == "1"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -64,7 +64,7 @@ def run(benchmark, group, name, fn, device, work):
 
 def jacobi_backend(device):
     name = "cuda" if device == "cuda" else "cpu"
-    return name if _backends.has_kernel("batched_svd", name.upper()) else None
+    return name if backends.has_kernel("batched_svd", name.upper()) else None
 
 
 SVD_IMPLS = {

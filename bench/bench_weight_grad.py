@@ -6,7 +6,7 @@ import torch
 
 import fastmix.ops as ops
 from conftest import HAS_GPU, synchronize
-from fastmix.ops import _backends
+from fastmix.ops import backends
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 
@@ -44,7 +44,7 @@ def test_weight_grad_dots(benchmark, device, n, d, k, method):
         ids = ops.reference.offsets_to_ids(offsets, n)
         run(benchmark, device, lambda: (torch.mm(grad_out.T, x),
                                         ops.domain_grad_dots(x, grad_out, ids, k, target, validate_ids=False)))
-    elif _backends.available("weight_grad_dots", method, device) and not (method == "triton" and device == "cpu"):
+    elif backends.available("weight_grad_dots", method, device) and not (method == "triton" and device == "cpu"):
         run(benchmark, device, lambda: ops.weight_grad_dots(x, grad_out, target, offsets=offsets, backend=method,
                                                             validate_ids=False))
     else:

@@ -197,8 +197,7 @@ def build_parser():
 
     train = sub.add_parser("train", help="train a GPT on a mixture of domains, with a mixer setting the weights",
                            description="Train a GPT on a mixture of domains. Runs on the built-in corpus "
-                                       "when no --data is given. Also: python -m fastmix.train, torchrun ... "
-                                       "-m fastmix.train.")
+                                       "when no --data is given. Under DDP: torchrun ... -m fastmix train.")
     add_train_arguments(train)
     train.set_defaults(func=_cmd_train)
 

@@ -2,14 +2,14 @@
 import importlib.util
 import torch
 
-from fastmix.ops import _backends
+from fastmix.ops import backends
 
 OPS = ("rowwise_bilinear", "ghost_dots", "weight_grad_dots")
 
 
 def _cuda_arch_list():
     """The GPU targets the CUDA kernels were compiled for ("_" separates them)."""
-    if not _backends.COMPILED:
+    if not backends.COMPILED:
         return None
     from fastmix import _C
 
@@ -29,18 +29,18 @@ def collect():
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     ops = {}
     for op in OPS + tuple(getattr(_linalg(), "OPS", ())):
-        ops[op] = {device: _backends.choose(op, device) for device in ("cpu", "cuda")}
+        ops[op] = {device: backends.choose(op, device) for device in ("cpu", "cuda")}
     return {
         "fastmix": __version__,
         "torch": torch.__version__,
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "triton": _version("triton"),
         "GPU": gpu or "none visible",
-        "compiled extension": "loaded" if _backends.COMPILED else "not loaded",
-        "compiled CPU kernels": any(_backends.has_kernel(op, "CPU") for op in OPS),
-        "compiled CUDA kernels": any(_backends.has_kernel(op, "CUDA") for op in OPS),
+        "compiled extension": "loaded" if backends.COMPILED else "not loaded",
+        "compiled CPU kernels": any(backends.has_kernel(op, "CPU") for op in OPS),
+        "compiled CUDA kernels": any(backends.has_kernel(op, "CUDA") for op in OPS),
         "CUDA arch list": _cuda_arch_list(),
-        "triton interpreter": _backends.triton_interpreted(),
+        "triton interpreter": backends.triton_interpreted(),
         "backend per op": ops,
         "notes": getattr(_linalg(), "FAST_PATH_NOTE", None),
     }

@@ -7,7 +7,7 @@ import time
 import torch
 
 import fastmix.ops as ops
-from fastmix.ops import _backends
+from fastmix.ops import backends
 
 
 def _median_ms(fn, min_seconds=0.5):
@@ -54,6 +54,6 @@ def run(device="cpu", rows=4096, width=768, domains=64, batch=256, min_seconds=0
         base_ms = _median_ms(baseline, min_seconds)
         print(f"{name:<52} {'torch (baseline)':<22} {base_ms:10.3f} {1.0:8.2f}x")
         for backend in ("cpu", "cuda", "triton"):
-            if _backends.available(op, backend, device) and not (backend == "triton" and device == "cpu"):
+            if backends.available(op, backend, device) and not (backend == "triton" and device == "cpu"):
                 ms = _median_ms(lambda: fast(backend), min_seconds)
                 print(f"{'':<52} {backend:<22} {ms:10.3f} {base_ms / ms:8.2f}x")

@@ -1,7 +1,7 @@
 """The training loop: a GPT on a mixture of domains whose weights a Mixer may change online.
 
-    python -m fastmix.train --max-steps 300 --mixer uniform      # or: fastmix train ...
-    torchrun --nproc_per_node 2 -m fastmix.train ...             # DDP (gloo on CPU, nccl on GPU)
+    fastmix train --max-steps 300 --mixer uniform                # or: python -m fastmix train ...
+    torchrun --nproc_per_node 2 -m fastmix train ...             # DDP (gloo on CPU, nccl on GPU)
 
 Writes into --out: metrics.jsonl (one record per log step), ckpt.pt (model, optimizer,
 sampler, mixer, RNG states) and ckpt.prev.pt (the one before), config.json, and weights.png at
@@ -857,12 +857,3 @@ def _read_toml(path):
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"--config {path}: not valid TOML: {error}") from None
 
-
-def main(argv=None):
-    from fastmix.cli import main as fastmix_main  # one place turns user errors and Ctrl-C into messages
-
-    fastmix_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,8 @@ from fastmix.hidden_states import WINDOWS_PER_DOMAIN, check_store, domain_embedd
 from fastmix.leverage_weights import chameleon_weights
 from fastmix.model import GPT, checkpoint_file
 from fastmix.rundir import peek_checkpoint
-from fastmix.train import UsageError, check_device
+from fastmix.errors import UsageError
+from fastmix.train import check_device
 
 
 def domain_weights(model, store, mode="pretrain", lam=10.0, temperature=None, *,

@@ -14,12 +14,12 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastmix.ops import _backends  # noqa: E402  (after TRITON_INTERPRET is set)
+from fastmix.ops import backends  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
 def backends_for(op, device_type):
     """The fast backends that can run `op` on `device_type` here (reference excluded)."""
-    return [b for b in ("cpu", "cuda", "triton") if _backends.available(op, b, device_type)]
+    return [b for b in ("cpu", "cuda", "triton") if backends.available(op, b, device_type)]
 
 
 def device_backend_params(op):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fastmix.ops as ops
 from conftest import HAS_GPU, backends_for, device_backend_params
-from fastmix.ops import _backends
+from fastmix.ops import backends
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Inputs are rounded to the dtype first, so only accumulation error remains: float32
@@ -86,7 +86,7 @@ def kernel_op(name, backend):
 
 
 def interpreted(backend):
-    return backend == "triton" and _backends.triton_interpreted()
+    return backend == "triton" and backends.triton_interpreted()
 
 
 SHAPES = [  # (leading shape, d_in, d_out, k)
@@ -372,9 +372,9 @@ def test_bad_backend_names_the_backend(seed):
 
 def require_kernel(name, backend):
     """Skips unless `backend` ("cpu" or "triton") has a kernel for the op here."""
-    if backend == "cpu" and not _backends.has_kernel(name, "CPU"):
+    if backend == "cpu" and not backends.has_kernel(name, "CPU"):
         pytest.skip("compiled extension not built")
-    if backend == "triton" and not _backends.TRITON_INSTALLED:
+    if backend == "triton" and not backends.TRITON_INSTALLED:
         pytest.skip("triton not installed")
 
 
@@ -513,13 +513,13 @@ def test_missing_extension_falls_back_with_one_warning(tmp_path):
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    import torch, fastmix.ops as ops\n"
-        "    from fastmix.ops import _backends\n"
+        "    from fastmix.ops import backends\n"
         "    out = ops.domain_grad_dots(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, 1, 0]), 2, torch.randn(2, 3))\n"
         "    out = ops.domain_grad_dots(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, 1, 0]), 2, torch.randn(2, 3))\n"
-        "ours = [w for w in caught if issubclass(w.category, _backends.BackendWarning)]\n"
+        "ours = [w for w in caught if issubclass(w.category, backends.BackendWarning)]\n"
         "assert len(ours) == 1, ours\n"
         "assert 'fastmix._C could not be loaded' in str(ours[0].message)\n"
-        "assert _backends.choose('rowwise_bilinear', 'cpu') == 'reference'\n"
+        "assert backends.choose('rowwise_bilinear', 'cpu') == 'reference'\n"
         "print('ok', out.shape)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

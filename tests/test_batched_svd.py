@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import HAS_GPU, random_matrix
-from fastmix.ops import _backends, batched_svd
+from fastmix.ops import backends, batched_svd
 from fastmix.ops.linalg import FAST_PATH_NOTE, svd_backend
 
-COMPILED_CPU = _backends.has_kernel("batched_svd", "CPU")
+COMPILED_CPU = backends.has_kernel("batched_svd", "CPU")
 
 
 def device_backends():
@@ -208,7 +208,7 @@ def test_backend_choice_and_note():
     assert svd_backend("cpu") == ("cpu" if COMPILED_CPU else "reference")
     assert svd_backend("cpu", "reference") == "reference"
     if HAS_GPU:
-        assert svd_backend("cuda") == ("cuda" if _backends.has_kernel("batched_svd", "CUDA") else "reference")
+        assert svd_backend("cuda") == ("cuda" if backends.has_kernel("batched_svd", "CUDA") else "reference")
     with pytest.raises(ValueError, match="batched_svd has no triton backend"):
         svd_backend("cpu", "triton")
     assert "torch.linalg.svd" in FAST_PATH_NOTE

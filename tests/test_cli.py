@@ -66,10 +66,10 @@ def test_prepare_argument_errors(tmp_path):
         build_parser().parse_args(["prepare", str(tmp_path / "x"), "--domain", "no-equals-sign"])
 
 
-def test_python_m_train_on_builtin_corpus(tmp_path):
+def test_python_m_fastmix_train_on_builtin_corpus(tmp_path):
     """What a new user runs: no data given, so the built-in corpus is built (cached) and used."""
     env = {**os.environ, "FASTMIX_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "fastmix.train", "--out", str(tmp_path / "run"), "--max-steps", "3", *TINY]
+    cmd = [sys.executable, "-m", "fastmix", "train", "--out", str(tmp_path / "run"), "--max-steps", "3", *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "arith" in proc.stdout and "weights.png" in proc.stdout

@@ -44,7 +44,7 @@ def test_ranks_draw_disjoint_rows_and_stay_identical(store_dir, tmp_path):
 
 def test_torchrun(store_dir, tmp_path):
     # --standalone: torchrun picks its own free port for the rendezvous
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmix.train", "--data", store_dir, "--out", str(tmp_path / "run"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "fastmix", "train", "--data", store_dir, "--out", str(tmp_path / "run"),
            "--batch-size", "4", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
            "--max-steps", "3", "--eval-batches", "1", "--device", "cpu", "--quiet", "--no-plot"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})

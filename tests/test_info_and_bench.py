@@ -1,6 +1,6 @@
 """`fastmix info` and `fastmix bench`: what a user runs first to see what the install gives."""
 from fastmix.cli import main
-from fastmix.ops import _backends
+from fastmix.ops import backends
 
 
 def test_info_lists_versions_and_backend_per_op(capsys):
@@ -9,7 +9,7 @@ def test_info_lists_versions_and_backend_per_op(capsys):
     assert "torch:" in out and "compiled extension:" in out
     for op in ("rowwise_bilinear", "ghost_dots", "weight_grad_dots", "batched_svd"):
         line = next(line for line in out.splitlines() if line.strip().startswith(op + ":"))
-        assert line.split()[1] == _backends.choose(op, "cpu")
+        assert line.split()[1] == backends.choose(op, "cpu")
 
 
 def test_bench_times_every_backend_against_torch(capsys):
@@ -19,7 +19,7 @@ def test_bench_times_every_backend_against_torch(capsys):
     assert lines[0].split() == ["op", "backend", "median", "ms", "speed-up"]
     baselines = [line for line in lines if "torch (baseline)" in line]
     assert len(baselines) == 2 and all(line.endswith("1.00x") for line in baselines)
-    if _backends.COMPILED:
+    if backends.COMPILED:
         assert sum(line.split()[0] == "cpu" for line in lines) == 2
 
 

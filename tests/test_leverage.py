@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import HAS_GPU, device_backend_params, random_matrix
-from fastmix.ops import _backends, reference, ridge_leverage_scores
+from fastmix.ops import backends, reference, ridge_leverage_scores
 
-COMPILED_CPU = _backends.has_kernel("batched_svd", "CPU")
+COMPILED_CPU = backends.has_kernel("batched_svd", "CPU")
 NO_CPU_KERNEL = pytest.mark.skipif(not COMPILED_CPU, reason="no C++ kernel")
 NO_GPU = pytest.mark.skipif(not HAS_GPU, reason="no GPU")
-NO_CUDA_KERNEL = pytest.mark.skipif(not (HAS_GPU and _backends.has_kernel("batched_svd", "CUDA")),
+NO_CUDA_KERNEL = pytest.mark.skipif(not (HAS_GPU and backends.has_kernel("batched_svd", "CUDA")),
                                     reason="no GPU or no CUDA kernel")
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import fastmix.ops as ops
 from conftest import device_backend_params
-from fastmix.ops import _backends
+from fastmix.ops import backends
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Inputs are rounded to the dtype first, so only accumulation error remains: float32 (or
@@ -21,7 +21,7 @@ PARAMS = device_backend_params("weight_grad_dots")
 
 
 def interpreted(backend):
-    return backend == "triton" and _backends.triton_interpreted()
+    return backend == "triton" and backends.triton_interpreted()
 
 
 def kernel_op(backend):
@@ -281,9 +281,9 @@ BAD_KERNEL_CALLS = [
 
 
 def require_kernel(backend):
-    if backend == "cpu" and not _backends.has_kernel("weight_grad_dots", "CPU"):
+    if backend == "cpu" and not backends.has_kernel("weight_grad_dots", "CPU"):
         pytest.skip("compiled extension not built")
-    if backend == "triton" and not _backends.TRITON_INSTALLED:
+    if backend == "triton" and not backends.TRITON_INSTALLED:
         pytest.skip("triton not installed")
 
 

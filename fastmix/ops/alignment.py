@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fastmix.ops import _backends, _fake, reference
+from fastmix.ops import _fake, backends, reference
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -98,7 +98,7 @@ def _flat_segment_ids(segment_ids, num_segments, leading_shape, device, validate
 # ---------------------------------------------------------------- backend calls
 def _run_rowwise_bilinear(a, m, b, ids, num_segments, backend):
     """a (N, p), m (p, q), b (N, q) checked and flat; ids (N,) int64 or None."""
-    name = _backends.choose("rowwise_bilinear", a.device, backend)
+    name = backends.choose("rowwise_bilinear", a.device, backend)
     if name == "reference":
         return reference.rowwise_bilinear(a, m, b, ids, num_segments)
     if name == "triton":
@@ -109,7 +109,7 @@ def _run_rowwise_bilinear(a, m, b, ids, num_segments, backend):
 
 
 def _run_ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments, backend):
-    name = _backends.choose("ghost_dots", x.device, backend)
+    name = backends.choose("ghost_dots", x.device, backend)
     if name == "reference":
         return reference.ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments)
     if name == "triton":
@@ -120,7 +120,7 @@ def _run_ghost_dots(x, grad_out, target_x, target_grad_out, ids, num_segments, b
 
 
 def _run_weight_grad_dots(x, grad_out, offsets, target, target_bias, with_bias, backend):
-    name = _backends.choose("weight_grad_dots", x.device, backend)
+    name = backends.choose("weight_grad_dots", x.device, backend)
     if name == "reference":
         return reference.weight_grad_dots(x, grad_out, offsets, target, target_bias, with_bias)
     if name == "triton":
@@ -293,7 +293,7 @@ def weight_grad_dots(x, grad_out, target, segment_ids=None, num_segments=None, *
 
 
 # ---------------------------------------------------------------- torch.compile support
-if _backends.COMPILED:
+if backends.COMPILED:
     torch.library.register_fake("fastmix::rowwise_bilinear")(_fake.rowwise_bilinear)
     torch.library.register_fake("fastmix::ghost_dots")(_fake.ghost_dots)
     torch.library.register_fake("fastmix::weight_grad_dots")(_fake.weight_grad_dots)

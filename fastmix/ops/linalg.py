@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from fastmix.ops import _backends, _fake, reference
+from fastmix.ops import _fake, backends, reference
 from fastmix.ops.alignment import FLOAT_DTYPES, rowwise_bilinear
 
 OPS = ("batched_svd",)
@@ -93,7 +93,7 @@ def _cuda_fits(m, n, dtype, device):
 
 def svd_backend(device, backend=None):
     """The backend batched_svd uses on `device`: "cpu", "cuda" or "reference"."""
-    return _backends.choose("batched_svd", device, backend)
+    return backends.choose("batched_svd", device, backend)
 
 
 def _cpu_jacobi_faster(p, batch):
@@ -292,5 +292,5 @@ def ridge_leverage_scores(a, lam, center=False, *, method="auto", backend=None, 
 
 
 # ---------------------------------------------------------------- torch.compile support
-if _backends.COMPILED:
+if backends.COMPILED:
     torch.library.register_fake("fastmix::batched_svd")(_fake.batched_svd)

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmix.ops._backends import triton_interpreted
+from fastmix.ops.backends import triton_interpreted
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fastmix.ops import _fake, reference
-from fastmix.ops._backends import triton_interpreted
+from fastmix.ops.backends import triton_interpreted
 from fastmix.ops.reference import accumulation_dtype
 from fastmix.ops.triton.common import dot_settings, gpu_configs
 
