@@ -393,34 +393,24 @@ def _check_resumed_domains(saved, domains):
                              "the store must hold the checkpoint's domains first, in the same order")
 
 
-def _check_resumed_mixer_options(saved, options, mixer, name):
-    """The options that the mixer's saved state depends on (its `state_options`, names or a
-    method: fastmix.mixing.base) must stay."""
-    defaults = mixer_options(name) or {}
-    before = {**defaults, **_with_dga_mode(saved.get("mixer_options"), saved.get("dga_mode"))}
-    now = {**defaults, **options}
-    state_options = getattr(mixer, "state_options", ())
-    if callable(state_options):
-        changed = state_options(before, now)
-    else:
-        changed = [key for key in state_options if before.get(key) != now.get(key)]
-    if changed:
-        key = changed[0]
-        raise UsageError(f"--resume: mixer option {key}={now.get(key)!r} differs from the checkpoint's "
-                         f"{before.get(key)!r}; the {name} mixer's saved state depends on it")
-
-
-def _check_resumed_target(ckpt, target, mixer):
-    """An inline DGA run saves its target task's gradient and reuses it for steps after a resume:
-    the task may change on resume only where neither run is inline."""
-    if not getattr(mixer, "needs_target", False):
-        return
+def _check_resumed_mixer(ckpt, options, target, mixer, name):
+    """The options (and the target task) that the mixer's saved state depends on must stay: the
+    mixer's `changed_options` (fastmix.mixing.base) names those it cannot follow."""
     saved = ckpt["config"]
+    defaults = mixer_options(name) or {}
     saved_target = saved.get("target") or next(iter(ckpt.get("targets", [])), None)
-    saved_mode = _with_dga_mode(saved.get("mixer_options"), saved.get("dga_mode")).get("mode", "stratified")
-    if saved_target != target and "inline" in (saved_mode, getattr(mixer, "mode", None)):
-        raise UsageError(f"--resume: --target {target} differs from the checkpoint's {saved_target!r}, and an inline "
-                         "run's saved state holds that target's gradient: keep the target, or start a new run")
+    before = {**defaults, **_with_dga_mode(saved.get("mixer_options"), saved.get("dga_mode")), "target": saved_target}
+    now = {**defaults, **options, "target": target}
+    changed = mixer.changed_options(before, now)
+    if not changed:
+        return
+    key = changed[0]
+    if key == "target":
+        raise UsageError(f"--resume: --target {target} differs from the checkpoint's {saved_target!r}, and the "
+                         f"{name} mixer's saved state holds that target's gradient: keep the target, or start a "
+                         "new run")
+    raise UsageError(f"--resume: mixer option {key}={now.get(key)!r} differs from the checkpoint's "
+                     f"{before.get(key)!r}; the {name} mixer's saved state depends on it")
 
 
 def _check_target_window(config, store, target):
@@ -513,14 +503,12 @@ def _train(config, rank, world, device, lock):
     optimizer = _optimizer(model, config, device)
     mixer, options = _build_mixer(config, store)
     if ckpt is not None:
-        _check_resumed_mixer_options(ckpt["config"], options, mixer, config.mixer)
-        _check_resumed_target(ckpt, target, mixer)
-    if hasattr(mixer, "check_model"):  # an option that does not fit the model (Chameleon's layer)
-        try:
-            mixer.check_model(model)
-        except ValueError as error:
-            raise UsageError(f"--mixer {config.mixer}: {error}") from None
-    _check_target_window(config, store, target if getattr(mixer, "needs_target", False) else None)
+        _check_resumed_mixer(ckpt, options, target, mixer, config.mixer)
+    try:  # an option that does not fit the model (Chameleon's layer)
+        mixer.check_model(model)
+    except ValueError as error:
+        raise UsageError(f"--mixer {config.mixer}: {error}") from None
+    _check_target_window(config, store, target if mixer.needs_target else None)
     try:
         sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
                                  allocation=config.allocation)
@@ -610,13 +598,9 @@ def _train(config, rank, world, device, lock):
             balanced_batch=lambda rows: to_device(*sampler.balanced_batch(rows)),
             device=device, autocast=autocast, num_domains=store.num_domains, grad_clip_coef=grad_clip_coef)
 
-    # optional methods of the Mixer protocol (fastmix.mixing.base)
-    mixer_record = getattr(mixer, "record", None)
-    mixer_close = getattr(mixer, "close", None)
     try:  # however the run ends, the mixer's hooks leave the model and the prefetch thread stops
-        if hasattr(mixer, "prepare"):
-            mixer.prepare(mixer_context(start_step, _lr_at(start_step, config), None))
-            sampler.set_weights(mixer.weights)
+        mixer.prepare(mixer_context(start_step, _lr_at(start_step, config), None))
+        sampler.set_weights(mixer.weights)
 
         if start_step == 0:
             log(0, _lr_at(0, config), None, mixer.weights, evaluate=True)
@@ -641,13 +625,13 @@ def _train(config, rank, world, device, lock):
             optimizer.zero_grad(set_to_none=True)
             micro_batches = []
             step_loss = torch.zeros((), device=device)
-            step_ctx = mixer_context(step + 1, lr, None) if mixer_record else None
+            step_ctx = mixer_context(step + 1, lr, None)
             for micro in range(config.grad_accum):
                 x, y, domain_ids = to_device(*sampler.next_batch())
                 micro_batches.append((x, y, domain_ids))
                 last = micro == config.grad_accum - 1
                 # the mixer's view of the training pass (DGA inline, online Chameleon), if it wants one
-                with mixer_record(step_ctx, domain_ids) if mixer_record else contextlib.nullcontext():
+                with mixer.record(step_ctx, domain_ids):
                     with (contextlib.nullcontext() if last or world == 1 else train_model.no_sync()), autocast():
                         loss = lm_loss(train_model, x, y) / config.grad_accum
                     loss.backward()
@@ -714,8 +698,7 @@ def _train(config, rank, world, device, lock):
         bar.close()
     finally:
         sampler.close()
-        if mixer_close is not None:
-            mixer_close()
+        mixer.close()
 
     if is_main and records:
         final = _weights_dict(mixer.weights, store.domains)  # after the last update: what ckpt.pt holds

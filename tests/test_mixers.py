@@ -15,7 +15,8 @@ from conftest import run_distributed
 from fastmix.leverage_weights import chameleon_weights
 from fastmix.cli import build_parser
 from fastmix.data import DomainStore, StoreWriter
-from fastmix.mixing import Chameleon
+from fastmix.mixing import MIXERS, Chameleon, Mixer, OnlineMixing, register_mixer
+from fastmix.mixing.base import mixer_options
 from fastmix.train import TrainConfig, UsageError, train
 
 TINY = dict(batch_size=4, block_size=16, n_layer=2, n_head=2, n_embd=16, warmup_steps=2, eval_batches=1,
@@ -294,27 +295,25 @@ def test_chameleon_checks_its_layer_on_the_model_before_the_run(store_dir, tmp_p
 
 def test_chameleon_resume_compares_the_proxy_file_not_how_it_is_named(tmp_path, monkeypatch):
     """checkpoint=DIR and checkpoint=DIR/ckpt.pt (or a relative path to it) are the same proxy."""
-    from fastmix.train import _check_resumed_mixer_options
-
     for name in ("proxy", "other"):
         os.makedirs(tmp_path / name)
         torch.save({}, tmp_path / name / "ckpt.pt")
     monkeypatch.chdir(tmp_path)
 
-    def check(saved, now, **options):
+    def changed(saved, now, **options):
+        defaults = mixer_options("chameleon")
         mixer = Chameleon(3, checkpoint=now, **options)
-        _check_resumed_mixer_options({"mixer_options": {"checkpoint": saved, **options}},
-                                     {"checkpoint": now, **options}, mixer, "chameleon")
+        return mixer.changed_options({**defaults, "checkpoint": saved, **options},
+                                     {**defaults, "checkpoint": now, **options})
 
     offline = dict(source="offline")
     for saved, now in ((tmp_path / "proxy", tmp_path / "proxy" / "ckpt.pt"), ("proxy/ckpt.pt", tmp_path / "proxy"),
                        ("proxy", "./proxy/../proxy")):
-        check(str(saved), str(now), **offline)
-    with pytest.raises(UsageError, match="--resume: mixer option checkpoint='other' differs from the checkpoint's"):
-        check("proxy", "other", **offline)
-    check("proxy", "other")  # online: the checkpoint is not used, its embeddings are the trained model's
-    with pytest.raises(UsageError, match="--resume: mixer option layer=0 differs from the checkpoint's 'middle'"):
-        _check_resumed_mixer_options({"mixer_options": {}}, {"layer": 0}, Chameleon(3, layer=0), "chameleon")
+        assert changed(str(saved), str(now), **offline) == []
+    assert changed("proxy", "other", **offline) == ["checkpoint"]
+    assert changed("proxy", "other") == []  # online: the checkpoint is not used, its embeddings are the trained model's
+    defaults = mixer_options("chameleon")
+    assert Chameleon(3, layer=0).changed_options(defaults, {**defaults, "layer": 0}) == ["layer"]
 
 
 def test_static_mixers_name_their_options():
@@ -454,3 +453,39 @@ def test_ddp_scores_equal_the_single_process_scores(tmp_path, seed):
         got = torch.load(tmp_path / f"scores{rank}.pt")
         torch.testing.assert_close(got["fast"], want, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got["slow"], want, rtol=1e-9, atol=1e-12)
+
+
+class _Halves(Mixer):
+    """The least a mixer gives: weights, update and its state; every other hook is the base class's."""
+
+    def __init__(self, num_domains):
+        self._weights = torch.full((num_domains,), 1.0 / num_domains, dtype=torch.float64)
+        self.updates = 0
+
+    @property
+    def weights(self):
+        return self._weights.clone()
+
+    def update(self, ctx):
+        self.updates += 1
+
+    def state_dict(self):
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.updates = state["updates"]
+
+
+def test_a_mixer_needs_only_its_four_methods_and_a_duck_typed_one_is_refused(store_dir, tmp_path):
+    register_mixer("test-halves", lambda store: _Halves(store.num_domains))
+    register_mixer("test-duck", lambda store: types.SimpleNamespace(weights=torch.ones(store.num_domains)))
+    try:
+        result = _run(store_dir, tmp_path / "run", max_steps=3, mixer="test-halves")
+        assert result.mixer.updates == 3
+        with pytest.raises(TypeError, match="what the factory of mixer 'test-duck' returned must be a "
+                                            "fastmix.mixing.Mixer .*got SimpleNamespace"):
+            _run(store_dir, tmp_path / "duck", max_steps=1, mixer="test-duck")
+        with pytest.raises(TypeError, match="mixer must be a fastmix.mixing.Mixer"):
+            OnlineMixing(object(), torch.nn.Linear(2, 2), None, None)
+    finally:
+        del MIXERS["test-halves"], MIXERS["test-duck"]

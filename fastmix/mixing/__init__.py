@@ -1,4 +1,4 @@
-"""Mixers: the Mixer protocol, its registry, and the mixers: uniform, temperature, DGA,
+"""Mixers: the Mixer base class, its registry, and the mixers: uniform, temperature, DGA,
 universal (DoGE-style), Chameleon and importance sampling over clusters (the baseline); OnlineMixing drives
 any of them from a user's own training loop."""
 from fastmix.mixing.base import MIXERS, Mixer, MixerContext, build_mixer, register_mixer

@@ -1,14 +1,16 @@
-"""The Mixer protocol, the context the training loop hands to mixers, and the mixer registry.
+"""The Mixer base class, the context the training loop hands to mixers, and the mixer registry.
 
 The loop calls `mixer.update(ctx)` once per optimizer step, after the step (gradients are
 cleared at the start of the next one, so a mixer may run its own backward passes), then
 feeds `mixer.weights` to the sampler for the next batch. A step whose loss or gradient is not
-finite, which the loop skips (`--skip-nonfinite-steps`), gets no update. The mixer decides by itself whether
-a step is an update step (e.g. every `interval` steps). Under torch.distributed every rank
-must end up with the same weights (the sampler checks nothing; the loop checks at evals).
+finite, which the loop skips (`--skip-nonfinite-steps`), gets no update. The mixer decides by
+itself whether a step is an update step (e.g. every `interval` steps). Under
+torch.distributed every rank must end up with the same weights (the sampler checks nothing;
+the loop checks at evals).
 
-Four optional methods, for mixers that need more than `update` (the loop calls them only if
-the mixer has them):
+A mixer subclasses `Mixer` and gives `weights`, `update`, `state_dict` and `load_state_dict`.
+The other hooks do nothing in the base class, and the loop (fastmix train, OnlineMixing, the
+Trainer integration) always calls them; a mixer overrides those it needs:
 
 - `check_model(model)`: once after the model is built, before the run directory is written:
   raises ValueError when an option does not fit the model (e.g. Chameleon's `layer=99` on a
@@ -24,23 +26,24 @@ the mixer has them):
   there (and must leave `.grad` zeroed).
 - `close()`: releases what the mixer attached to the model (hooks, probes); the loop calls it
   when the run ends, also when it ends with an error.
+- `changed_options(saved, options)`: the options whose change a resumed run's saved state
+  cannot follow, given the options of the run that saved it and those of the resumed run
+  (defaults filled in; both also hold `target`, the target task). The loop refuses such a
+  resume. By default: the names in `state_options` whose values differ (==). DGA overrides
+  it: `mode`, `precondition` and `target` must stay only where the saved or the new mode is
+  inline, the one mode that saves a target; Chameleon: the same proxy file named two ways is
+  no change.
 
-And two optional attributes. `needs_target`: True for a mixer that draws target batches
-(`ctx.target_batch`; DGA): the loop then refuses, before the run, a target whose training split
-is too short for one window. `state_options`: the names of the options that the mixer's saved
-state depends on (e.g. Chameleon's layer: its saved embeddings come from it). A resumed run must
-keep them; the loop refuses a change (values compared with ==). Where what the state depends on
-varies with the options, `state_options` is a method instead: `state_options(saved, options)`,
-given the options of the run that saved the state and those of the resumed run (both with the
-defaults filled in), returns the names of the options whose change the saved state cannot
-follow (DGA: `mode` and `precondition`, but only where the saved or the new mode is inline, the
-one mode that saves a target; Chameleon: the same proxy file named two ways is no change).
+And one attribute, `needs_target`: True for a mixer that draws target batches
+(`ctx.target_batch`; DGA): the loop then refuses, before the run, a missing target or one whose
+training split is too short for one window.
 """
+import contextlib
 import inspect
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional, Protocol, Union, runtime_checkable
+from typing import Callable, ContextManager, Optional, Union
 
 import torch
 
@@ -69,22 +72,51 @@ class MixerContext:
     loss_scale: float = 1.0
 
 
-@runtime_checkable
-class Mixer(Protocol):
+class Mixer:
+    """Base class of every mixer (see the module docstring): subclasses give `weights`,
+    `update`, `state_dict` and `load_state_dict`; the optional hooks here do nothing."""
+
+    needs_target = False
+    state_options = ()  # the options the saved state depends on (see changed_options)
+
     @property
     def weights(self) -> torch.Tensor:
         """Current domain weights: float64 CPU tensor of shape (k,), non-negative, summing to 1."""
+        raise NotImplementedError
 
-    def update(self, ctx: MixerContext) -> None: ...
+    def update(self, ctx: MixerContext) -> None:
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
         """Called on every rank at a checkpoint (so it may be collective); rank 0's is saved."""
+        raise NotImplementedError
 
     def load_state_dict(self, state: dict) -> None:
         """Called on every rank with the saved state (rank 0's)."""
+        raise NotImplementedError
 
-    # optional: check_model(model) -> None; prepare(ctx) -> None; record(ctx, domain_ids) -> ContextManager;
-    # close() -> None; needs_target; state_options (see above)
+    def check_model(self, model: torch.nn.Module) -> None:
+        pass
+
+    def prepare(self, ctx: MixerContext) -> None:
+        pass
+
+    def record(self, ctx: MixerContext, domain_ids: torch.Tensor) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+    def changed_options(self, saved: dict, options: dict) -> list:
+        return [key for key in self.state_options if saved.get(key) != options.get(key)]
+
+
+def check_mixer(mixer, what):
+    """TypeError unless `mixer` is a Mixer (its hooks are called without looking for them)."""
+    if not isinstance(mixer, Mixer):
+        raise TypeError(f"{what} must be a fastmix.mixing.Mixer (subclass it: its optional hooks do nothing "
+                        f"until overridden), got {type(mixer).__name__}")
+    return mixer
 
 
 # name -> factory(store, **options) -> Mixer. New mixers register with one entry.
@@ -146,4 +178,4 @@ def build_mixer(name, store, **options):
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r} for mixer {name!r}; its options: "
                          f"{', '.join(known) or 'none'}")
-    return MIXERS[name](store, **options)
+    return check_mixer(MIXERS[name](store, **options), f"what the factory of mixer {name!r} returned")

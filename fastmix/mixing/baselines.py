@@ -1,10 +1,10 @@
 """Static mixers: their weights never change during training."""
 import torch
 
-from fastmix.mixing.base import check_number, register_mixer
+from fastmix.mixing.base import Mixer, check_number, register_mixer
 
 
-class StaticMixer:
+class StaticMixer(Mixer):
     """Fixed weights; `update` does nothing. Base of Uniform and Temperature."""
 
     def __init__(self, weights):

@@ -26,14 +26,14 @@ import torch
 
 from fastmix.hidden_states import EmbeddingAccumulator, domain_embeddings, resolve_layer
 from fastmix.leverage_weights import chameleon_weights, check_weight_options
-from fastmix.mixing.base import check_counts, check_number, register_mixer
+from fastmix.mixing.base import Mixer, check_counts, check_number, register_mixer
 from fastmix.distributed import all_gather_stacked, all_reduce_sum, rank_and_world, world_size
 from fastmix.mixing.dga import shard_balanced
 
 SOURCES = ("online", "offline")
 
 
-class Chameleon:
+class Chameleon(Mixer):
     def __init__(self, domains, source="online", checkpoint=None, lam=10.0, mode="pretrain", temperature=None,
                  interval=10, rows_per_domain=4, floor=0.0, layer="middle"):
         # every option is checked here, not at the first update, which may come many steps later
@@ -76,7 +76,7 @@ class Chameleon:
     def weights(self):
         return self._weights.clone()
 
-    def state_options(self, saved, options):
+    def changed_options(self, saved, options):
         """The options a resumed run may not change (see fastmix.mixing.base): the saved embeddings
         (and the window's sums) come from this source, this layer and, offline, this proxy
         checkpoint (the same file however named: a run directory or its ckpt.pt)."""

@@ -16,7 +16,7 @@ Three estimators of `a` (`mode`):
   AlignmentProbe splitting the gradient by domain. Same estimator as
   "exact" (equal up to float rounding; tested), at the cost of one pass plus the target's.
 - "inline": no extra pass but the target's. At an update step the loop's own training
-  forward and backward run under the probe (the `record` hook of the Mixer protocol), so the
+  forward and backward run under the probe (the `record` hook of fastmix.mixing.Mixer), so the
   scores come from the training batch itself. The target gradient must be known before that
   backward (gradients accumulate in `.grad`), so at the first micro-batch of an update step,
   while `.grad` is still zero, the mixer runs the target batch's forward and backward,
@@ -48,7 +48,7 @@ import warnings
 import torch
 
 from fastmix.distributed import all_reduce_sum, rank_and_world, world_size
-from fastmix.mixing.base import check_counts, check_number, register_mixer
+from fastmix.mixing.base import Mixer, check_counts, check_number, register_mixer
 from fastmix.probe import AlignmentProbe
 
 MODES = ("exact", "stratified", "inline")
@@ -149,7 +149,7 @@ def exact_scores(model, loss_fn, x, y, ids, target, num_domains, autocast=contex
     return all_reduce_sum(scores.to(target.device)).cpu() / world if world > 1 else scores
 
 
-class DGA:
+class DGA(Mixer):
     """Dynamic Gradient Alignment (see the module docstring). `weights` is a float64 CPU
     tensor on the simplex, every entry >= floor / k."""
 
@@ -191,14 +191,14 @@ class DGA:
     def weights(self):
         return self._weights.clone()
 
-    def state_options(self, saved, options):
-        """The options (`mode`, `precondition`) a resumed run may not change (see
-        fastmix.mixing.base): only an inline run saves state that depends on them (its target,
-        taken in the inline way and preconditioned as `precondition` says), so they must stay
-        where the saved or the new mode is inline; the other modes save weights and scores only."""
+    def changed_options(self, saved, options):
+        """The options (`mode`, `precondition`, `target`) a resumed run may not change (see
+        fastmix.mixing.base): only an inline run saves state that depends on them (its target's
+        gradient, taken in the inline way and preconditioned as `precondition` says), so they must
+        stay where the saved or the new mode is inline; the other modes save weights and scores only."""
         if "inline" not in (saved.get("mode"), options.get("mode")):
             return []
-        return [key for key in ("mode", "precondition") if saved.get(key) != options.get(key)]
+        return [key for key in ("mode", "precondition", "target") if saved.get(key) != options.get(key)]
 
     def prepare(self, ctx):
         """Inline mode hooks the training model now, before its first forward: torch.compile

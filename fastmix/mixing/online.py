@@ -36,7 +36,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fastmix.mixing.base import MixerContext
+from fastmix.mixing.base import MixerContext, check_mixer
 
 STATE_FORMAT = 1
 
@@ -85,11 +85,12 @@ class OnlineMixing:
 
     def __init__(self, mixer, model, optimizer, data, *, target=None, loss_fn=causal_lm_loss,
                  autocast=contextlib.nullcontext, grad_scaler=None, device=None):
+        check_mixer(mixer, "mixer")
         for name in ("balanced_batch", "target_batch"):
             if not callable(getattr(data, name, None)):
                 raise TypeError(f"data must have a {name}() method (a fastmix.data.MixtureSampler or "
                                 f"DomainMixture), got {type(data).__name__}")
-        if getattr(mixer, "needs_target", False) and target is None:
+        if mixer.needs_target and target is None:
             raise ValueError(f"{type(mixer).__name__} needs a target task: pass target=NAME (a target of data)")
         self.mixer = mixer
         self.model = unwrap_model(model)
@@ -102,9 +103,7 @@ class OnlineMixing:
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
         self.step_count = 0  # optimizer steps taken
         self._prepared = False
-        check_model = getattr(mixer, "check_model", None)
-        if check_model is not None:
-            check_model(self.model)
+        mixer.check_model(self.model)
 
     @property
     def weights(self):
@@ -139,20 +138,15 @@ class OnlineMixing:
         if self._prepared:
             return
         self._prepared = True
-        prepare = getattr(self.mixer, "prepare", None)
-        if prepare is not None:
-            prepare(self.context(self._current_lr(), step=self.step_count))
-            self._publish()
+        self.mixer.prepare(self.context(self._current_lr(), step=self.step_count))
+        self._publish()
 
     def record(self, domain_ids, lr=None):
         """Context manager around one micro-batch's forward and backward of the coming optimizer
         step: `domain_ids` (B,) the domain of each row of the micro-batch. `lr`: that step's
         learning rate (default: the first param group's)."""
         self.prepare()
-        record = getattr(self.mixer, "record", None)
-        if record is None:
-            return contextlib.nullcontext()
-        return record(self.context(self._current_lr() if lr is None else lr), domain_ids)
+        return self.mixer.record(self.context(self._current_lr() if lr is None else lr), domain_ids)
 
     def step(self, lr=None, *, grad_norm=None, max_norm=None):
         """Call once per optimizer step, after it (see the module docstring). `lr`: the learning rate
@@ -193,9 +187,7 @@ class OnlineMixing:
 
     def close(self):
         """Detaches what the mixer attached to the model (hooks, probes)."""
-        close = getattr(self.mixer, "close", None)
-        if close is not None:
-            close()
+        self.mixer.close()
 
     def __enter__(self):
         return self
