@@ -3,8 +3,8 @@
 - `RunLock`: an OS file lock (flock) on OUT/run.lock, held for the whole run. The kernel drops
   it when the process ends, however it ends (a SIGKILL included), so a stale lock file is no
   obstacle; a live holder is named by its PID.
-- `save_checkpoint` / `load_checkpoint`: a checkpoint holds a SHA-256 digest of its own
-  contents. A new one is written beside the old, read back and verified before it replaces
+- `save_checkpoint` / `load_checkpoint`: a checkpoint holds its format version and a SHA-256
+  digest of its own contents. A new one is written beside the old, read back and verified before it replaces
   it; the one it replaces is kept as ckpt.prev.pt. A load that fails the check names the file
   and the last good checkpoint.
 - `read_metrics`: metrics.jsonl with a torn last line (a full disk, a power loss during the
@@ -31,6 +31,10 @@ LOCK_FILE = "run.lock"
 CHECKPOINT = "ckpt.pt"
 PREVIOUS_CHECKPOINT = "ckpt.prev.pt"
 CHECKSUM_KEY = "checksum"
+FORMAT_KEY = "format_version"
+# 2: written with its format version (and a checksum). 1: what fastmix wrote before it wrote a
+# version; the loop upgrades it when it loads one (fastmix.train).
+CHECKPOINT_FORMAT = 2
 
 
 class RunError(Exception):
@@ -240,7 +244,8 @@ def save_checkpoint(path, state, resume_hint="continue with --resume"):
     RunWriteError naming the file and the checkpoint that is intact."""
     directory = os.path.dirname(os.path.abspath(path))
     previous = os.path.join(directory, PREVIOUS_CHECKPOINT)
-    state = {**state, CHECKSUM_KEY: state_digest(state)}
+    state = {**state, FORMAT_KEY: CHECKPOINT_FORMAT}
+    state[CHECKSUM_KEY] = state_digest(state)
     tmp = path + ".tmp"
     intact = (f"The previous checkpoint {path} (step {_step_or_unknown(path)}) is intact"
               if os.path.exists(path) else "No checkpoint was written yet")
@@ -310,10 +315,15 @@ def checkpoint_step(path):
 
 def load_checkpoint(path, map_location="cpu"):
     """The verified state at `path`. CheckpointError (one line, naming the last good checkpoint
-    of the directory) when it is unreadable, truncated or fails its checksum. A checkpoint
-    without a checksum (from an older fastmix) loads with a warning."""
+    of the directory) when it is unreadable, truncated or fails its checksum, or one line saying
+    so when a newer fastmix wrote it. A checkpoint without a checksum (from an older fastmix)
+    loads with a warning."""
     state, problem = _load_verified(path, map_location)
     if problem is None:
+        version = state.get(FORMAT_KEY, 1)
+        if version > CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path}: written by a newer fastmix (checkpoint format {version}; this one reads "
+                                  f"formats up to {CHECKPOINT_FORMAT}): upgrade fastmix to use it")
         return state
     previous = os.path.join(os.path.dirname(os.path.abspath(path)), PREVIOUS_CHECKPOINT)
     if os.path.abspath(path) == previous or not os.path.exists(previous):

@@ -34,8 +34,8 @@ from fastmix.mixing import MIXERS, MixerContext, build_mixer
 from fastmix.mixing.base import check_number, mixer_options
 from fastmix.mixing.dga import MODES
 from fastmix.model import GPT, GPTConfig, checkpoint_config, lm_loss
-from fastmix.rundir import (CHECKPOINT, PREVIOUS_CHECKPOINT, RunError, RunLock, load_checkpoint, read_metrics,
-                            save_checkpoint, write_text_atomic, writing)
+from fastmix.rundir import (CHECKPOINT, FORMAT_KEY, PREVIOUS_CHECKPOINT, RunError, RunLock, load_checkpoint,
+                            read_metrics, save_checkpoint, write_text_atomic, writing)
 
 try:
     import tomllib
@@ -292,11 +292,6 @@ def _set_rng_states(states, device):
     random.setstate(states["python"])
     cuda = states.get("cuda")
     if cuda is not None and device.type == "cuda":  # onto this process's device only
-        if isinstance(cuda, (list, tuple)):  # older checkpoints: every GPU's state, by index
-            if not cuda:
-                return
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            cuda = cuda[index] if index < len(cuda) else cuda[0]
         torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
@@ -341,12 +336,28 @@ def _how_to_go_on(ckpt_path, step):
     return f"The checkpoint {ckpt_path} (step {step}) is intact", "continue with --resume"
 
 
+def _upgraded(ckpt, device):
+    """A checkpoint in the current format: one of format 1 (before fastmix wrote a format
+    version) lacks the domain and target names (unchecked, then) and may lack the loss window
+    (the first record after the resume averages fewer steps), holds one loss sum for every
+    rank, and every GPU's CUDA RNG state."""
+    if ckpt.get(FORMAT_KEY, 1) >= 2:
+        return ckpt
+    ckpt = {"domains": [], "targets": [], "loss_window": None, **ckpt}
+    window = ckpt["loss_window"]
+    if window is not None and window["sum"].dim() == 0:  # rank 0 holding it keeps the mean over ranks
+        ckpt["loss_window"] = {**window, "sum": window["sum"][None]}
+    cuda = ckpt["rng"].get("cuda")
+    if isinstance(cuda, (list, tuple)):
+        index = (device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 0
+        ckpt["rng"] = {**ckpt["rng"], "cuda": (cuda[index] if index < len(cuda) else cuda[0]) if cuda else None}
+    return ckpt
+
+
 def _own_window(saved, rank, world):
-    """This rank's share of a saved training-loss window: (world,) sums, one per rank, or one
-    sum for every rank (older checkpoints). Resumed on another number of ranks, rank 0 holds
-    what makes the records' mean over ranks come out the same."""
-    if saved.dim() == 0:
-        return saved.clone()
+    """This rank's share of a saved training-loss window: (world,) sums, one per rank. Resumed on
+    another number of ranks, rank 0 holds what makes the records' mean over ranks come out the same."""
     if saved.numel() == world and rank < world:
         return saved[rank].clone()
     return saved.sum() / saved.numel() * world if rank == 0 else torch.zeros_like(saved[0])
@@ -380,7 +391,7 @@ def _check_resumed_store(ckpt, store, data):
     if vocab != store.vocab_size:
         raise UsageError(f"--resume: --data {data} has a vocabulary of {store.vocab_size} tokens, the "
                          f"checkpoint's model {vocab}: resume on a store made with the same tokenizer")
-    _check_resumed_domains(ckpt.get("domains", []), store.domains)  # older checkpoints lack the names
+    _check_resumed_domains(ckpt["domains"], store.domains)
 
 
 def _check_resumed_domains(saved, domains):
@@ -482,7 +493,8 @@ def _train(config, rank, world, device, lock):
     if config.resume:
         if not os.path.exists(ckpt_path):
             raise UsageError(f"--resume: no checkpoint at {ckpt_path} (leave out --resume to start a run there)")
-        ckpt = load_checkpoint(ckpt_path, map_location=device)  # verified: a damaged one names the last good one
+        # verified (a damaged one names the last good one), in the current format
+        ckpt = _upgraded(load_checkpoint(ckpt_path, map_location=device), device)
         _check_resumed_config(ckpt["config"], ckpt["step"], config)
     try:
         store = _open_store(config.data, rank, world)
@@ -530,7 +542,7 @@ def _train(config, rank, world, device, lock):
         sampler.load_state_dict(sampler_state)
         _set_rng_states(ckpt["rng"], device)
         start_step = ckpt["step"]
-        loss_window = ckpt.get("loss_window")  # older checkpoints: the first record averages fewer steps
+        loss_window = ckpt["loss_window"]
     saved_step = start_step if ckpt is not None else None  # of the checkpoint in --out
 
     def run_file(path):  # a write error on a run file ends the run in one line: what is intact, what to do

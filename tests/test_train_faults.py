@@ -214,3 +214,31 @@ def test_a_learning_rate_whose_adamw_step_overflows_is_refused(tmp_path):
     assert message == ("fastmix train: error: --lr 1e+38 with --beta1 0.9 and --weight-decay 0.1 overflows float32 "
                        "in AdamW's step: lower --lr")
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- checkpoint formats
+
+def test_a_checkpoint_of_the_format_before_versions_resumes(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    for key in ("format_version", "checksum", "domains", "targets"):
+        del state[key]
+    state["loss_window"] = {"sum": state["loss_window"]["sum"].sum(), "steps": state["loss_window"]["steps"]}
+    torch.save(state, out / "ckpt.pt")
+    with pytest.warns(UserWarning, match="no checksum"):
+        main(["train", "--out", str(out), *TINY, "--max-steps", "6", "--resume"])
+    assert load_checkpoint(str(out / "ckpt.pt"))["format_version"] == 2
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    del state["checksum"]
+    torch.save({**state, "format_version": 99}, out / "ckpt.pt")
+    for argv in (["train", "--out", str(out), *TINY, "--max-steps", "6", "--resume"], ["weights", str(out)]):
+        with pytest.warns(UserWarning, match="no checksum"):
+            message = _error(argv)
+        assert message.endswith(f"{out / 'ckpt.pt'}: written by a newer fastmix (checkpoint format 99; this one "
+                                "reads formats up to 2): upgrade fastmix to use it"), message
