@@ -5,9 +5,10 @@
     pytest bench/bench_mixing.py -k k10
     python bench/bench_mixing.py                      # the same ratios from interleaved rounds
 
-One benchmark round = `interval` training steps of the loop's own step (sampler batch, forward,
-backward, clip, AdamW, mixer.update, set_weights, with the mixer's `record` hook around the
-forward and backward), so a round holds exactly one mixer update. Groups:
+One benchmark round = `interval` training steps of the loop's own step, fastmix.train.TrainStep
+(sampler batch, forward, backward, clip, the finite check, AdamW, mixer.update, set_weights,
+with the mixer's `record` hook around the forward and backward), so a round holds exactly one
+mixer update. Groups:
 
 - k10-interval1 / k10-interval10: the built-in corpus (10 domains), 2-layer 128-wide GPT, batch 16
   × 64 tokens; plain (baseline), DGA stratified, inline and exact.
@@ -22,11 +23,12 @@ import pytest
 import torch
 
 from fastmix.data import DomainStore, MixtureSampler, StoreWriter, builtin_store
-from fastmix.mixing import DGA, MixerContext, Uniform
-from fastmix.model import GPT, GPTConfig, lm_loss
+from fastmix.mixing import DGA, Uniform
+from fastmix.model import GPT, GPTConfig
+from fastmix.train import MixerContexts, TrainStep
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BATCH, BLOCK = 16, 64
+BATCH, BLOCK, LR = 16, 64, 3e-3
 
 
 def make_stores(directory):
@@ -50,49 +52,26 @@ def stores(tmp_path_factory):
 
 
 class Loop:
-    """The training loop's step (fastmix.train), without evaluation, logging or checkpoints."""
+    """The training loop's own step (fastmix.train.TrainStep), without evaluation, logging or
+    checkpoints, at a fixed learning rate."""
 
     def __init__(self, store, mixer, device):
         torch.manual_seed(0)
         self.device = torch.device(device)
         self.model = GPT(GPTConfig(block_size=BLOCK, vocab_size=store.vocab_size, n_layer=2, n_head=4,
                                    n_embd=128)).to(self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3, fused=device == "cuda")
-        self.mixer, self.store = mixer, store
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=device == "cuda")
         self.sampler = MixtureSampler(store, mixer.weights, BATCH, BLOCK, seed=0)
-        self.target = store.targets[0]
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
             else contextlib.nullcontext
+        contexts = MixerContexts(self.model, optimizer, self.sampler, store.targets[0], self.device, autocast, BATCH)
+        self.train_step = TrainStep(self.model, optimizer, self.sampler, mixer, contexts)
         self.step_count = 0
-
-    def to_device(self, *tensors):
-        return tuple(t.to(self.device, non_blocking=True) for t in tensors)
-
-    def context(self, step, batch):
-        return MixerContext(step=step, lr=3e-3, model=self.model, optimizer=self.optimizer, batch=batch,
-                            loss_fn=lm_loss,
-                            target_batch=lambda rows=None: self.to_device(*self.sampler.target_batch(self.target,
-                                                                                                   rows or BATCH)),
-                            balanced_batch=lambda rows: self.to_device(*self.sampler.balanced_batch(rows)),
-                            device=self.device, autocast=self.autocast, num_domains=self.store.num_domains)
-
-    def step(self):
-        self.step_count += 1
-        record = getattr(self.mixer, "record", None)
-        self.optimizer.zero_grad(set_to_none=True)
-        x, y, ids = self.to_device(*self.sampler.next_batch())
-        with record(self.context(self.step_count, None), ids) if record else contextlib.nullcontext():
-            with self.autocast():
-                loss = lm_loss(self.model, x, y)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.mixer.update(self.context(self.step_count, (x, y, ids)))
-        self.sampler.set_weights(self.mixer.weights)
 
     def steps(self, n):
         for _ in range(n):
-            self.step()
+            self.train_step(self.step_count, LR)
+            self.step_count += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -295,39 +295,6 @@ def _set_rng_states(states, device):
         torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
-def _save_checkpoint(path, step, model, optimizer, sampler, mixer_state, store, config, loss_window, device,
-                     resume_hint):
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "sampler": sampler.state_dict(), "mixer": mixer_state, "rng": _rng_states(device),
-             "config": dataclasses.asdict(config), "domains": list(store.domains), "targets": list(store.targets),
-             "loss_window": loss_window}
-    # verified and swapped in whole: a crash or a full disk mid-save keeps the previous checkpoint
-    save_checkpoint(path, state, resume_hint)
-
-
-class DivergedError(RunError):
-    """The loss, a gradient or the parameters stopped being finite: the run stops before any
-    checkpoint holds them."""
-
-
-def _all_finite(tensors, world):
-    """Whether every tensor is finite on every rank: one flag all-reduced, so the ranks stop
-    (or skip a step) together."""
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(torch.int32)
-    if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite)
-
-
-def _diverged_message(what, step, config, ckpt_path, saved_step):
-    if saved_step is None:
-        kept, again = "no checkpoint was written yet", "start again"
-    else:
-        kept, again = f"{ckpt_path} (step {saved_step}) holds the last good state", "continue with --resume"
-    return (f"the run diverged: {what} at step {step} (--lr {config.lr}); {kept}. Lower --lr or --grad-clip and "
-            f"{again}, or pass --skip-nonfinite-steps to skip such steps")
-
-
 def _how_to_go_on(ckpt_path, step):
     """(what is intact, how to go on) after a write error in a run whose checkpoint `ckpt_path`
     is at `step` (None: not written yet)."""
@@ -481,13 +448,237 @@ def train(config):
 
 
 def _train(config, rank, world, device, lock):
-    is_main = rank == 0
-    out = config.out
-    ckpt_path = os.path.join(out, CHECKPOINT)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    if lock is not None and os.path.isdir(out):  # a run there is locked before any of it is read
+    run = _open_run(config, rank, world, device, lock)  # every check, before the run directory is touched
+    files = RunFiles(config.out, run.saved_step)
+    records = files.start(config, run.start_step, lock) if rank == 0 else []
+    evaluation = _Evaluation(config, run, rank, world, device)
+    contexts = MixerContexts(run.model, run.optimizer, run.sampler, run.target, device, _autocast(device),
+                             config.batch_size)
+    train_step = TrainStep(run.model, run.optimizer, run.sampler, run.mixer, contexts,
+                           train_model=_wrapped(run.model, config, world, device), grad_accum=config.grad_accum,
+                           grad_clip=config.grad_clip, world=world)
+
+    def log(step, lr, train_loss, weights, evaluate, skipped=0):
+        record = {"step": step, "lr": lr, "train_loss": train_loss,
+                  "weights": _weights_dict(weights, run.store.domains), "eval": evaluation(evaluate),
+                  "epochs": _weights_dict(run.sampler.epochs, run.store.domains)}
+        if config.skip_nonfinite_steps:
+            record["skipped_steps"] = skipped
+        if world > 1:
+            _check_same_on_all_ranks(run.mixer.weights, device)
+        records.append(record)
+        if rank == 0:
+            files.append(record)
+
+    try:  # however the run ends, the mixer's hooks leave the model and the prefetch thread stops
+        run.mixer.prepare(contexts(run.start_step, _lr_at(run.start_step, config)))
+        run.sampler.set_weights(run.mixer.weights)
+        if run.start_step == 0:
+            log(0, _lr_at(0, config), None, run.mixer.weights, evaluate=True)
+        window = LossWindow(run.loss_window, rank, world, device)
+        progress = _Progress(config, run.start_step, world, quiet=config.quiet or rank != 0)
+        skipped_in_a_row = 0
+        run.model.train()
+        for step in range(run.start_step, config.max_steps):
+            lr, weights, done = _lr_at(step, config), run.mixer.weights, step + 1  # weights: this step's batches'
+            loss, taken = train_step(step, lr)
+            skipped_in_a_row = 0 if taken else skipped_in_a_row + 1
+            if not taken:
+                _check_skip(config, done, skipped_in_a_row, files)
+            window.add(loss, taken)
+            progress.update()
+            record_now = done % config.log_interval == 0 or done % config.eval_interval == 0
+            # not while steps are being skipped: a run whose skips end in a stop keeps the checkpoint from before
+            checkpoint_now = (done % config.checkpoint_interval == 0 and not skipped_in_a_row) or done == config.max_steps
+            carried = window.carried(record_now) if checkpoint_now else None  # before a record empties it
+            if record_now or done == config.max_steps:
+                train_loss, skipped = window.take()
+                progress.show(train_loss)
+                log(done, lr, train_loss, weights, done % config.eval_interval == 0 or done == config.max_steps,
+                    skipped)
+            if checkpoint_now:
+                _check_parameters(run.model, world, config, done, files)
+                mixer_state = run.mixer.state_dict()  # on every rank: a mixer may gather per-rank state
+                if rank == 0:
+                    files.save(done, _checkpoint_state(done, run, mixer_state, config, carried, device))
+        progress.close()
+    finally:
+        run.sampler.close()
+        run.mixer.close()
+    if rank == 0 and records:
+        _finish(config, run, records, files)
+    return TrainResult(out=config.out, metrics=records, model=run.model, mixer=run.mixer, store=run.store)
+
+
+# ---------------------------------------------------------------------------------------------
+# one training step: the loop's, and the benchmarks'
+
+class MixerContexts:
+    """The MixerContext of each step of a run: the model, optimizer and sampler, and the target
+    and balanced batches the mixer may draw, moved to `device`."""
+
+    def __init__(self, model, optimizer, sampler, target, device, autocast=contextlib.nullcontext, batch_size=16):
+        self.model, self.optimizer, self.sampler, self.target = model, optimizer, sampler, target
+        self.device, self.autocast, self.batch_size = device, autocast, batch_size
+
+    def to_device(self, *tensors):
+        return tuple(t.to(self.device, non_blocking=True) for t in tensors)
+
+    def __call__(self, step, lr, batch=None, grad_clip_coef=1.0):
+        def target_batch(rows=None):
+            return self.to_device(*self.sampler.target_batch(self.target, rows or self.batch_size))
+
+        return MixerContext(
+            step=step, lr=lr, model=self.model, optimizer=self.optimizer, batch=batch, loss_fn=lm_loss,
+            target_batch=target_batch if self.target else None,
+            balanced_batch=lambda rows: self.to_device(*self.sampler.balanced_batch(rows)),
+            device=self.device, autocast=self.autocast, num_domains=self.sampler.store.num_domains,
+            grad_clip_coef=grad_clip_coef)
+
+
+class TrainStep:
+    """One optimizer step as `fastmix train` takes it (the benchmarks time this very step):
+    `grad_accum` micro-batches from the sampler, each forward and backward inside the mixer's
+    `record`; gradient clipping; then, if the loss and every gradient are finite, the optimizer's
+    step, the mixer's update and the sampler's new weights. `step(index, lr)` returns the step's
+    loss (a 0-d tensor on the device, not synchronised) and whether the step was taken."""
+
+    def __init__(self, model, optimizer, sampler, mixer, contexts, *, train_model=None, grad_accum=1,
+                 grad_clip=1.0, world=1):
+        self.model, self.optimizer, self.sampler, self.mixer, self.contexts = model, optimizer, sampler, mixer, contexts
+        self.train_model = model if train_model is None else train_model  # compiled, or under DDP
+        self.grad_accum, self.grad_clip, self.world = grad_accum, grad_clip, world
+
+    def __call__(self, step, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = []
+        loss_sum = torch.zeros((), device=self.contexts.device)
+        record_ctx = self.contexts(step + 1, lr)
+        for micro in range(self.grad_accum):
+            x, y, domain_ids = self.contexts.to_device(*self.sampler.next_batch())
+            micro_batches.append((x, y, domain_ids))
+            syncs = micro == self.grad_accum - 1 or self.world == 1  # DDP all-reduces on the last one only
+            with self.mixer.record(record_ctx, domain_ids):  # the mixer's view of the training pass, if it wants one
+                with (contextlib.nullcontext() if syncs else self.train_model.no_sync()), self.contexts.autocast():
+                    loss = lm_loss(self.train_model, x, y) / self.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        clip_coef = 1.0
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            clip_coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)  # what clipping multiplied by
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        # the norm of every gradient is finite when they all are: one number tells, as GradScaler's check
+        if not _all_finite([loss_sum, norm], self.world):
+            return loss_sum, False  # neither the parameters nor the mixer see this step
+        self.optimizer.step()
+        batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
+        self.mixer.update(self.contexts(step + 1, lr, batch, clip_coef))
+        self.sampler.set_weights(self.mixer.weights)
+        return loss_sum, True
+
+
+class LossWindow:
+    """The training loss summed since the last record, over the steps taken (skipped steps
+    counted apart), carried over a resume: each rank keeps its own sum."""
+
+    def __init__(self, saved, rank, world, device):
+        self.world = world
+        self.sum = torch.zeros((), device=device)
+        self.steps = self.skipped = 0
+        if saved is not None:
+            self.sum = _own_window(saved["sum"], rank, world).to(device)
+            self.steps, self.skipped = saved["steps"], saved.get("skipped", 0)
+
+    def add(self, loss, taken):
+        if taken:
+            self.sum += loss
+            self.steps += 1
+        else:
+            self.skipped += 1
+
+    def carried(self, recorded_now):
+        """What a checkpoint saves: the window an uninterrupted run carries past this step (empty
+        after a record), every rank's own sum, so that a resumed record adds up as the uninterrupted one."""
+        carried = torch.zeros_like(self.sum) if recorded_now else self.sum.clone()
+        return {"sum": all_gather_stacked(carried).cpu(), "steps": 0 if recorded_now else self.steps,
+                "skipped": 0 if recorded_now else self.skipped}
+
+    def take(self):
+        """(mean loss over the ranks and the steps taken, or None if every step was skipped;
+        skipped steps), and the window starts afresh."""
+        if self.world > 1:
+            dist.all_reduce(self.sum)
+            self.sum /= self.world
+        mean = self.sum.item() / self.steps if self.steps else None
+        taken = self.skipped
+        self.sum.zero_()
+        self.steps = self.skipped = 0
+        return mean, taken
+
+
+def _all_finite(tensors, world):
+    """Whether every tensor is finite on every rank: one flag all-reduced, so the ranks stop
+    (or skip a step) together."""
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(torch.int32)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+class DivergedError(RunError):
+    """The loss, a gradient or the parameters stopped being finite: the run stops before any
+    checkpoint holds them."""
+
+
+def _check_skip(config, step, skipped_in_a_row, files):
+    what = "the loss or a gradient is not finite"
+    if not config.skip_nonfinite_steps:
+        raise DivergedError(_diverged_message(what, step, config, files))
+    if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
+        raise DivergedError(_diverged_message(f"{what} in {MAX_SKIPPED_IN_A_ROW} steps in a row", step, config, files))
+
+
+def _check_parameters(model, world, config, step, files):
+    """A good checkpoint is never replaced by a model that diverged."""
+    if not _all_finite([p.detach() for p in model.parameters()], world):
+        raise DivergedError(_diverged_message("the parameters are not finite", step, config, files))
+
+
+def _diverged_message(what, step, config, files):
+    if files.saved_step is None:
+        kept, again = "no checkpoint was written yet", "start again"
+    else:
+        kept, again = f"{files.ckpt_path} (step {files.saved_step}) holds the last good state", "continue with --resume"
+    return (f"the run diverged: {what} at step {step} (--lr {config.lr}); {kept}. Lower --lr or --grad-clip and "
+            f"{again}, or pass --skip-nonfinite-steps to skip such steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run: built and checked, restored on resume
+
+@dataclass
+class _Run:
+    store: DomainStore
+    target: Optional[str]
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    mixer: object
+    sampler: MixtureSampler
+    start_step: int = 0
+    loss_window: Optional[dict] = None
+    saved_step: Optional[int] = None  # the step of the checkpoint in --out (None: none yet)
+
+
+def _open_run(config, rank, world, device, lock):
+    """The run's parts, restored from its checkpoint on resume, once everything the user may have
+    got wrong has been checked: nothing of the run directory is written here."""
+    ckpt_path = os.path.join(config.out, CHECKPOINT)
+    if lock is not None and os.path.isdir(config.out):  # a run there is locked before any of it is read
         lock.acquire()
-    # Everything the user may have got wrong is checked before the run directory is touched.
     _check_out_is_free(config, ckpt_path)
     ckpt = None
     if config.resume:
@@ -506,7 +697,6 @@ def _train(config, rank, world, device, lock):
                          f"{', '.join(store.targets) or 'none'}")
     if ckpt is not None:
         _check_resumed_store(ckpt, store, config.data)
-    names = store.domains + store.targets
 
     torch.manual_seed(config.seed)
     model = GPT(GPTConfig(block_size=config.block_size, vocab_size=store.vocab_size, n_layer=config.n_layer,
@@ -526,207 +716,153 @@ def _train(config, rank, world, device, lock):
                                  allocation=config.allocation)
     except TooShortError as error:  # any other error of the sampler is a bug, with its traceback
         raise UsageError(f"--data {config.data}: {error} (a smaller --block-size fits them)") from None
-    start_step, loss_window = 0, None
+    run = _Run(store, target, model, optimizer, mixer, sampler)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, settings in zip(optimizer.param_groups, _group_settings(config)):  # --weight-decay, --beta1/2
-            group.update(settings)
-        try:
-            mixer.load_state_dict(ckpt["mixer"])
-        except ValueError as error:  # e.g. a static mixer's state on a store with domains added since
-            raise UsageError(f"--resume: {error}") from None
-        sampler_state = ckpt["sampler"]
-        if len(sampler_state["weights"]) != store.num_domains:  # domains added to the store since
-            sampler_state = {**sampler_state, "weights": mixer.weights.numpy()}
-        sampler.load_state_dict(sampler_state)
-        _set_rng_states(ckpt["rng"], device)
-        start_step = ckpt["step"]
-        loss_window = ckpt["loss_window"]
-    saved_step = start_step if ckpt is not None else None  # of the checkpoint in --out
+        _restore(run, ckpt, config, device)
+    return run
 
-    def run_file(path):  # a write error on a run file ends the run in one line: what is intact, what to do
-        return writing(path, *_how_to_go_on(ckpt_path, saved_step))
 
-    records = []
-    if is_main:  # only rank 0 reads the old records (and keeps the metrics): it rewrites the file below
-        # a torn last line (a full disk, a power loss) is dropped with a warning
-        records = read_metrics(metrics_path, start_step) if config.resume else []
-        if not lock.held:  # a new directory, made with its lock once every check has passed
-            lock.acquire()
-            _check_out_is_free(config, ckpt_path)  # another run may have started there meanwhile
-        if not config.resume:  # --overwrite: nothing of the old run may outlive it (a crash would mix them)
-            for stale in (ckpt_path, os.path.join(out, PREVIOUS_CHECKPOINT), os.path.join(out, "weights.png")):
-                if os.path.exists(stale):
-                    os.remove(stale)
-        # atomic: a Ctrl-C or a full disk mid-write must not lose the run's history (nor its config)
-        config_path = os.path.join(out, "config.json")
-        with run_file(config_path):
-            write_text_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=1))
-        with run_file(metrics_path):  # drops the records past the checkpoint
-            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+def _restore(run, ckpt, config, device):
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    for group, settings in zip(run.optimizer.param_groups, _group_settings(config)):  # --weight-decay, --beta1/2
+        group.update(settings)
+    try:
+        run.mixer.load_state_dict(ckpt["mixer"])
+    except ValueError as error:  # e.g. a static mixer's state on a store with domains added since
+        raise UsageError(f"--resume: {error}") from None
+    sampler_state = ckpt["sampler"]
+    if len(sampler_state["weights"]) != run.store.num_domains:  # domains added to the store since
+        sampler_state = {**sampler_state, "weights": run.mixer.weights.numpy()}
+    run.sampler.load_state_dict(sampler_state)
+    _set_rng_states(ckpt["rng"], device)
+    run.start_step = run.saved_step = ckpt["step"]
+    run.loss_window = ckpt["loss_window"]
 
-    autocast = _autocast(device)
+
+def _checkpoint_state(step, run, mixer_state, config, loss_window, device):
+    return {"step": step, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "sampler": run.sampler.state_dict(), "mixer": mixer_state, "rng": _rng_states(device),
+            "config": dataclasses.asdict(config), "domains": list(run.store.domains),
+            "targets": list(run.store.targets), "loss_window": loss_window}
+
+
+def _wrapped(model, config, world, device):
+    """What the training forward runs: the model, compiled with --compile, under DDP with several ranks."""
     train_model = torch.compile(model) if config.compile else model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    # held-out splits too short for one window are not evaluated (prepare with a larger --val-fraction)
-    too_short = [n for n in names if store.num_tokens(n, "val") < config.block_size + 1]
-    if too_short and config.eval_batches > 0 and is_main:
-        warnings.warn(f"not evaluated: the held-out split of {too_short} in {config.data} is shorter than "
-                      f"--block-size + 1 = {config.block_size + 1} tokens (`fastmix prepare --val-fraction` "
-                      "sets its size)", stacklevel=2)
-    eval_names = [n for n in names if n not in too_short]
-    eval_data = {i: sampler.eval_batches(name, config.eval_batches, config.seed)
-                 for i, name in enumerate(eval_names) if i % world == rank and config.eval_batches > 0}
+    return train_model
 
-    def to_device(*tensors):
-        return tuple(t.to(device, non_blocking=True) for t in tensors)
 
-    def log(step, lr, train_loss, weights, evaluate, skipped=0):
-        eval_losses = {}
-        if evaluate and config.eval_batches > 0:
-            eval_losses = _evaluate(model, eval_data, eval_names, device, autocast, world)
-        if world > 1:
-            _check_same_on_all_ranks(mixer.weights, device)
-        record = {"step": step, "lr": lr, "train_loss": train_loss,
-                  "weights": _weights_dict(weights, store.domains), "eval": eval_losses,
-                  "epochs": _weights_dict(sampler.epochs, store.domains)}
-        if config.skip_nonfinite_steps:
-            record["skipped_steps"] = skipped
-        records.append(record)
-        if is_main:
-            with run_file(metrics_path), open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+# ---------------------------------------------------------------------------------------------
+# the run directory, evaluation, progress
 
-    def mixer_context(step, lr, batch, grad_clip_coef=1.0):
-        def target_batch(rows=None):
-            return to_device(*sampler.target_batch(target, rows or config.batch_size))
+class RunFiles:
+    """What rank 0 writes into --out: config.json, metrics.jsonl, ckpt.pt (fastmix.rundir says how);
+    a write error ends the run in one line saying what is intact and how to go on."""
 
-        return MixerContext(
-            step=step, lr=lr, model=model, optimizer=optimizer, batch=batch, loss_fn=lm_loss,
-            target_batch=target_batch if target else None,
-            balanced_batch=lambda rows: to_device(*sampler.balanced_batch(rows)),
-            device=device, autocast=autocast, num_domains=store.num_domains, grad_clip_coef=grad_clip_coef)
+    def __init__(self, out, saved_step):
+        self.out = out
+        self.ckpt_path = os.path.join(out, CHECKPOINT)
+        self.metrics_path = os.path.join(out, "metrics.jsonl")
+        self.saved_step = saved_step  # the step of the checkpoint in --out (None: none yet)
 
-    try:  # however the run ends, the mixer's hooks leave the model and the prefetch thread stops
-        mixer.prepare(mixer_context(start_step, _lr_at(start_step, config), None))
-        sampler.set_weights(mixer.weights)
+    def writing(self, path):
+        return writing(path, *_how_to_go_on(self.ckpt_path, self.saved_step))
 
-        if start_step == 0:
-            log(0, _lr_at(0, config), None, mixer.weights, evaluate=True)
+    def start(self, config, start_step, lock):
+        """The records kept from before (a torn last line dropped with a warning), once the
+        directory is locked, with config.json written and metrics.jsonl cut at the checkpoint."""
+        records = read_metrics(self.metrics_path, start_step) if config.resume else []
+        if not lock.held:  # a new directory, made with its lock once every check has passed
+            lock.acquire()
+            _check_out_is_free(config, self.ckpt_path)  # another run may have started there meanwhile
+        if not config.resume:  # --overwrite: nothing of the old run may outlive it (a crash would mix them)
+            for stale in (self.ckpt_path, os.path.join(self.out, PREVIOUS_CHECKPOINT),
+                          os.path.join(self.out, "weights.png")):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        # atomic: a Ctrl-C or a full disk mid-write must not lose the run's history (nor its config)
+        config_path = os.path.join(self.out, "config.json")
+        with self.writing(config_path):
+            write_text_atomic(config_path, json.dumps(dataclasses.asdict(config), indent=1))
+        with self.writing(self.metrics_path):  # drops the records past the checkpoint
+            write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+        return records
 
-        tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
-        bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=True if (config.quiet or not is_main) else None)
-        # the training loss summed since the last record, over window_steps steps (carried over a resume)
-        window_loss = torch.zeros((), device=device)
-        window_steps = window_skipped = 0  # steps trained and steps skipped since the last record
-        if loss_window is not None:
-            window_loss, window_steps = _own_window(loss_window["sum"], rank, world).to(device), loss_window["steps"]
-            window_skipped = loss_window.get("skipped", 0)
-        skipped_in_a_row = 0
-        window_start, timed_steps = time.perf_counter(), 0
-        model.train()
-        for step in range(start_step, config.max_steps):
-            lr = _lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            weights = mixer.weights  # the weights this step's batches are drawn with
-            optimizer.zero_grad(set_to_none=True)
-            micro_batches = []
-            step_loss = torch.zeros((), device=device)
-            step_ctx = mixer_context(step + 1, lr, None)
-            for micro in range(config.grad_accum):
-                x, y, domain_ids = to_device(*sampler.next_batch())
-                micro_batches.append((x, y, domain_ids))
-                last = micro == config.grad_accum - 1
-                # the mixer's view of the training pass (DGA inline, online Chameleon), if it wants one
-                with mixer.record(step_ctx, domain_ids):
-                    with (contextlib.nullcontext() if last or world == 1 else train_model.no_sync()), autocast():
-                        loss = lm_loss(train_model, x, y) / config.grad_accum
-                    loss.backward()
-                step_loss += loss.detach()
-            clip_coef = 1.0
-            if config.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                clip_coef = torch.clamp(config.grad_clip / (norm + 1e-6), max=1.0)  # what clipping multiplied by
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            done = step + 1
-            # the norm of every gradient is finite when they all are: one number tells, as GradScaler's check
-            if _all_finite([step_loss, norm], world):
-                optimizer.step()
-                batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
-                mixer.update(mixer_context(done, lr, batch, clip_coef))
-                sampler.set_weights(mixer.weights)
-                window_loss += step_loss
-                window_steps += 1
-                skipped_in_a_row = 0
-            else:  # neither the parameters nor the mixer see this step
-                what = "the loss or a gradient is not finite"
-                if not config.skip_nonfinite_steps:
-                    raise DivergedError(_diverged_message(what, done, config, ckpt_path, saved_step))
-                window_skipped += 1
-                skipped_in_a_row += 1
-                if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
-                    raise DivergedError(_diverged_message(f"{what} in {MAX_SKIPPED_IN_A_ROW} steps in a row", done,
-                                                          config, ckpt_path, saved_step))
-            timed_steps += 1
-            bar.update(1)
+    def append(self, record):
+        with self.writing(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
-            evaluate = done % config.eval_interval == 0 or done == config.max_steps
-            regular_record = done % config.log_interval == 0 or done % config.eval_interval == 0
-            # not while steps are being skipped: a run whose skips end in a stop keeps the checkpoint from before
-            checkpoint = ((done % config.checkpoint_interval == 0 and not skipped_in_a_row)
-                          or done == config.max_steps)
-            if checkpoint:  # the window an uninterrupted run carries past this step: empty after a record
-                carried = window_loss.clone() if not regular_record else torch.zeros_like(window_loss)
-                # every rank's own sum: a resumed record then adds up as the uninterrupted one
-                loss_window = {"sum": all_gather_stacked(carried).cpu(), "steps": 0 if regular_record else window_steps,
-                               "skipped": 0 if regular_record else window_skipped}
-            if regular_record or done == config.max_steps:
-                if world > 1:
-                    dist.all_reduce(window_loss)
-                    window_loss /= world
-                train_loss = window_loss.item() / window_steps if window_steps else None  # None: all skipped
-                elapsed = time.perf_counter() - window_start
-                if train_loss is not None:
-                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step * timed_steps / elapsed:,.0f}")
-                log(done, lr, train_loss, weights, evaluate, window_skipped)
-                window_loss.zero_()
-                window_steps = window_skipped = 0
-                window_start, timed_steps = time.perf_counter(), 0
-            if checkpoint:
-                if not _all_finite([p.detach() for p in model.parameters()], world):  # a good checkpoint stays
-                    raise DivergedError(_diverged_message("the parameters are not finite", done, config,
-                                                          ckpt_path, saved_step))
-                mixer_state = mixer.state_dict()  # on every rank: a mixer may gather per-rank state
-                if is_main:
-                    _save_checkpoint(ckpt_path, done, model, optimizer, sampler, mixer_state, store, config,
-                                     loss_window, device, _how_to_go_on(ckpt_path, saved_step)[1])
-                    saved_step = done
-        bar.close()
-    finally:
-        sampler.close()
-        mixer.close()
+    def save(self, step, state):
+        # verified and swapped in whole: a crash or a full disk mid-save keeps the previous checkpoint
+        save_checkpoint(self.ckpt_path, state, _how_to_go_on(self.ckpt_path, self.saved_step)[1])
+        self.saved_step = step
 
-    if is_main and records:
-        final = _weights_dict(mixer.weights, store.domains)  # after the last update: what ckpt.pt holds
+
+class _Evaluation:
+    """The held-out loss of every domain and target (each rank evaluates its share of them);
+    splits too short for one window are left out with a warning."""
+
+    def __init__(self, config, run, rank, world, device):
+        names = run.store.domains + run.store.targets
+        too_short = [n for n in names if run.store.num_tokens(n, "val") < config.block_size + 1]
+        if too_short and config.eval_batches > 0 and rank == 0:
+            warnings.warn(f"not evaluated: the held-out split of {too_short} in {config.data} is shorter than "
+                          f"--block-size + 1 = {config.block_size + 1} tokens (`fastmix prepare --val-fraction` "
+                          "sets its size)", stacklevel=3)
+        self.names = [n for n in names if n not in too_short]
+        self.batches = {i: run.sampler.eval_batches(name, config.eval_batches, config.seed)
+                        for i, name in enumerate(self.names) if i % world == rank and config.eval_batches > 0}
+        self.model, self.device, self.world = run.model, device, world
+        self.autocast, self.enabled = _autocast(device), config.eval_batches > 0
+
+    def __call__(self, evaluate):
+        if not (evaluate and self.enabled):
+            return {}
+        return _evaluate(self.model, self.batches, self.names, self.device, self.autocast, self.world)
+
+
+class _Progress:
+    """The progress bar (rank 0, unless --quiet), with the loss and tokens per second of each window."""
+
+    def __init__(self, config, start_step, world, quiet):
+        self.tokens_per_step = config.batch_size * config.block_size * config.grad_accum * world
+        self.bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        disable=True if quiet else None)
+        self.start, self.steps = time.perf_counter(), 0
+
+    def update(self):
+        self.steps += 1
+        self.bar.update(1)
+
+    def show(self, train_loss):
+        elapsed = time.perf_counter() - self.start
+        if train_loss is not None:
+            self.bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{self.tokens_per_step * self.steps / elapsed:,.0f}")
+        self.start, self.steps = time.perf_counter(), 0
+
+    def close(self):
+        self.bar.close()
+
+
+def _finish(config, run, records, files):
+    """The plot and the summary of a finished run."""
+    final = _weights_dict(run.mixer.weights, run.store.domains)  # after the last update: what ckpt.pt holds
+    plot_path = os.path.join(config.out, "weights.png")
+    if config.plot:
+        from fastmix.plot import plot_run
+
+        with writing(plot_path, f"The run is complete: {files.ckpt_path} (step {files.saved_step}) and "
+                                f"{files.metrics_path} are intact, only the plot is missing",
+                     "draw it from metrics.jsonl with fastmix.plot.plot_run"):
+            plot_run(records, run.store.domains, run.store.targets, plot_path, final)
+    if not config.quiet:
+        print(summary_table(records, run.store, final))
         if config.plot:
-            from fastmix.plot import plot_run
-
-            plot_path = os.path.join(out, "weights.png")
-            with writing(plot_path, f"The run is complete: {ckpt_path} (step {saved_step}) and {metrics_path} are "
-                                    "intact, only the plot is missing", "draw it from metrics.jsonl with "
-                                    "fastmix.plot.plot_run"):
-                plot_run(records, store.domains, store.targets, plot_path, final)
-        if not config.quiet:
-            print(summary_table(records, store, final))
-            if config.plot:
-                print(f"plot: {os.path.join(out, 'weights.png')}")
-    return TrainResult(out=out, metrics=records, model=model, mixer=mixer, store=store)
+            print(f"plot: {plot_path}")
 
 
 def summary_table(records, store, weights=None):

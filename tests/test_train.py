@@ -106,11 +106,11 @@ def test_resume_needs_the_checkpoints_domains_first_in_the_same_order(store_dir,
     fewer = _store_with_domains(store_dir, tmp_path / "fewer", domains[:-1])
     with pytest.raises(ValueError, match=re.escape(f"domain {len(domains) - 1} of the store is missing")):
         _run(fewer, tmp_path / "run", max_steps=4, resume=True)
-    # a checkpoint from before the names (and the checksum) were saved resumes unchecked
+    # a checkpoint from before the names (and the checksum and format version) were saved resumes unchecked
     path = tmp_path / "run" / "ckpt.pt"
     ckpt = torch.load(path, weights_only=False)
     assert (ckpt["domains"], ckpt["targets"]) == (domains, DomainStore(store_dir).targets)
-    del ckpt["domains"], ckpt["targets"], ckpt["checksum"]
+    del ckpt["domains"], ckpt["targets"], ckpt["checksum"], ckpt["format_version"]
     torch.save(ckpt, path)
     with pytest.warns(UserWarning, match="has no checksum"):
         assert _run(store_dir, tmp_path / "run", max_steps=4, resume=True).metrics[-1]["step"] == 4
@@ -398,12 +398,12 @@ def test_cuda_rng_state_of_the_training_device_only(monkeypatch):
     assert torch.equal(states["cuda"], torch.tensor([2], dtype=torch.uint8))
     fastmix.train._set_rng_states(states, torch.device("cuda", 1))  # onto this process's device only
     assert fake.set == [(1, 2)]
-    # older checkpoints: a list of every GPU's state; this device's entry, or the first one when there
-    # are fewer GPUs now than then
-    old = {**states, "cuda": [torch.tensor([10 + i], dtype=torch.uint8) for i in range(2)]}
+    # checkpoints of format 1: a list of every GPU's state; upgraded to this device's entry, or the
+    # first one when there are fewer GPUs now than then
+    old = {"rng": {**states, "cuda": [torch.tensor([10 + i], dtype=torch.uint8) for i in range(2)]}}
     fake.set.clear()
-    fastmix.train._set_rng_states(old, torch.device("cuda", 1))
-    fastmix.train._set_rng_states(old, torch.device("cuda", 3))
+    for device in (torch.device("cuda", 1), torch.device("cuda", 3)):
+        fastmix.train._set_rng_states(fastmix.train._upgraded(old, device)["rng"], device)
     assert fake.set == [(1, 11), (3, 10)]
     # a CPU run saves and restores no CUDA state
     fake.set.clear()
@@ -418,7 +418,7 @@ def test_cuda_rng_state_round_trip_on_a_gpu():
     states = fastmix.train._rng_states(device)
     first = torch.rand(8, device=device)
     old = {**states, "cuda": [states["cuda"]] * torch.cuda.device_count()}  # the older format
-    for saved in (states, old):
+    for saved in (states, fastmix.train._upgraded({"rng": old}, device)["rng"]):
         torch.rand(8, device=device)
         fastmix.train._set_rng_states(saved, device)
         assert torch.equal(torch.rand(8, device=device), first)
@@ -453,14 +453,17 @@ def test_summary_shows_the_final_weights(store_dir, tmp_path, capsys):
 
 
 def test_a_saved_loss_window_is_shared_out_whatever_the_number_of_ranks():
-    from fastmix.train import _own_window
+    from fastmix.train import _own_window, _upgraded
 
     per_rank = torch.tensor([1.0, 3.0])  # two ranks' sums: their records show the mean, 2.0
     assert [float(_own_window(per_rank, r, 2)) for r in range(2)] == [1.0, 3.0]
     assert float(_own_window(per_rank, 0, 1)) == 2.0  # one process: the same mean
     shares = [float(_own_window(per_rank, r, 4)) for r in range(4)]
     assert sum(shares) / 4 == 2.0 and shares[1:] == [0.0, 0.0, 0.0]
-    assert float(_own_window(torch.tensor(2.5), 1, 2)) == 2.5  # an older checkpoint: one sum for all
+    # a checkpoint of format 1 held one sum for all ranks: upgraded, the records' mean stays
+    old = {"rng": {"cuda": None}, "loss_window": {"sum": torch.tensor(2.5), "steps": 3}}
+    upgraded = _upgraded(old, torch.device("cpu"))["loss_window"]["sum"]
+    assert sum(float(_own_window(upgraded, r, 2)) for r in range(2)) / 2 == 2.5
 
 
 def test_plot_gives_a_domain_one_colour_in_every_panel_and_shows_its_epochs(tmp_path, monkeypatch):
