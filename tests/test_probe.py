@@ -655,3 +655,21 @@ def test_a_registered_rule_scores_its_layer_type(seed, factor):
     assert_close_scores(probe.result().dots, want, 1e-9)
     with pytest.raises(TypeError, match="layer_type must be an nn.Module subclass"):
         register_probe_rule(int, scale_rule)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An nn.Embedding whose forward scales its output, as Gemma's does."""
+
+    def forward(self, idx):
+        return super().forward(idx) * 3.0
+
+
+class SameEmbedding(nn.Embedding):
+    """A subclass that keeps nn.Embedding's forward."""
+
+
+def test_a_subclass_that_overrides_forward_does_not_inherit_the_rule():
+    """nn.Embedding's rule would score the scaled embedding a third of its true value: it is
+    left out and reported instead, while a subclass keeping the forward keeps the rule."""
+    model = nn.ModuleDict(dict(scaled=ScaledEmbedding(5, 4), same=SameEmbedding(5, 4)))
+    assert AlignmentProbe(model, 2).coverage.uncovered == ["scaled.weight"]

@@ -148,6 +148,26 @@ def test_probe_covers_and_matches_naive_on_hf_models(seed, name, dtype):
     assert_close_scores(result.dots, naive_scores(model, x, ids, target, params), rtol)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_probe_on_hf_models_under_bf16_autocast_and_loss_scale(seed, name):
+    """Conv1D multiplies its inputs in bf16 under autocast, the RMSNorms run again under it:
+    scores match the naive method run the same way to bf16's precision (as in test_probe.py)."""
+    model, scale = tiny_model(name, torch.float32), 1024.0
+    probe = AlignmentProbe(model, K, strict=True)
+    x_t = torch.randint(0, VOCAB, (3, 8))
+    model(input_ids=x_t, labels=x_t).loss.backward()
+    probe.set_target()
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = flat_grads(params)
+    model.zero_grad()
+    x, ids = torch.randint(0, VOCAB, (6, 8)), torch.tensor([0, 2, 1, 0, 2, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with probe.record(ids, loss_scale=scale):
+            (model(input_ids=x, labels=x).loss * scale).backward()
+        want = naive_scores(model, x, ids, target, params)
+    assert_close_scores(probe.result().dots, want, 1e-2)
+
+
 def test_gpt2_position_embedding_is_split_by_row_without_changing_the_model(seed):
     """wpe runs on positions of shape (1, T): while recording it hands the model its output
     expanded to the batch, and the model computes exactly what it does without the probe."""
