@@ -525,12 +525,14 @@ class AlignmentProbe:
             inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
             x = inputs[0]
         inv_scale = self._inv_scale
+        shape = output.shape  # the anchor below may be a flattened base of the output
+        anchor = _gradient_anchor(output)
         if self._target_calls is not None:
             if isinstance(module, nn.Linear):
                 call = [x, None]
                 self._target_calls.setdefault(id(module), []).append(call)
                 # unscaled in fp32 or wider: fp16 gradients divided by a loss scale underflow
-                _gradient_anchor(output).register_hook(lambda grad: call.__setitem__(
+                anchor.register_hook(lambda grad: call.__setitem__(
                     1, grad.detach().to(torch.promote_types(grad.dtype, torch.float32)) * inv_scale))
             return
         if self._ids is None:
@@ -544,16 +546,16 @@ class AlignmentProbe:
             if not left_out:  # first ran after set_target, which covered the layers seen so far
                 self._untargeted.add(name)
             return
-        rows = tuple(output.shape[:-1])
+        rows = tuple(shape[:-1])
         batch_rows = self._broadcast_to_batch(rows, tensors)
         if batch_rows is not None:
             # The model gets the output already broadcast to the batch, as the op it meets would
             # broadcast it, so that its gradient keeps one row per batch row instead of their sum.
-            output = output.expand(batch_rows + output.shape[-1:])
+            # An expanded view takes no in-place op: it is its own anchor.
+            output = anchor = output.expand(batch_rows + shape[-1:])
+            shape = output.shape
             inputs = tuple(t.expand(batch_rows + t.shape[len(rows):]) if tuple(t.shape[:len(rows)]) == rows else t
                            for t in inputs)
-        shape = output.shape  # the anchor below may be a flattened base of the output
-        anchor = _gradient_anchor(output)
         if self._layout(tuple(shape[:-1]), name, x.device) is not None:
             anchor.register_hook(lambda grad: self._contribute(module, rule, inputs, grad.reshape(shape), name))
             # the edge, not the tensor: an in-place op after the layer (ReLU(inplace=True), h += r)
