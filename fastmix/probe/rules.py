@@ -114,16 +114,16 @@ def embedding_rule(layer, inputs, grad_output, target):
     return per_row
 
 
-def _feature_dots(g, v, feature_dims):
-    """⟨g, v⟩ over the last `feature_dims` dims: one score per row."""
-    return torch.linalg.vecdot(_rows(g, feature_dims), _rows(v, feature_dims)).reshape(g.shape[:g.dim() - feature_dims])
-
-
 def scaled_embedding_rule(layer, inputs, grad_output, target):
     """Gemma's embedding, nn.Embedding's output times embed_scale (a buffer, cast to the
     weight's dtype as its forward does)."""
     scale = layer.embed_scale.to(layer.weight.dtype).to(grad_output.dtype)
     return scale * embedding_rule(layer, inputs, grad_output, target)
+
+
+def _feature_dots(g, v, feature_dims):
+    """⟨g, v⟩ over the last `feature_dims` dims: one score per row."""
+    return torch.linalg.vecdot(_rows(g, feature_dims), _rows(v, feature_dims)).reshape(g.shape[:g.dim() - feature_dims])
 
 
 def layer_norm_rule(layer, inputs, grad_output, target):
@@ -146,13 +146,12 @@ def rms_norm_rule(layer, inputs, grad_output, target):
 
 
 def jvp_rule(layer, inputs, grad_output, target):
-    """⟨g, J V⟩ per row, with J V (the output's derivative in the layer's parameters along V)
-    from one forward-mode pass of the layer itself (torch.func.jvp). Exact for any layer called
-    with its tensors as positional arguments whose output rows (features: the last dim) depend
-    on their own input row only, whatever it computes on the way: Hugging Face's RMSNorm
-    classes normalise in float32 and cast back, Gemma's scales by (1 + w), and running the
-    layer does exactly what it does. The parameters run in the target's dtype, as precise as
-    the scores."""
+    """⟨g, J V⟩ per row, J V (the output's derivative in the layer's parameters along V) from
+    one forward-mode pass of the layer itself (torch.func.jvp). Exact for any layer called with
+    its tensors as positional arguments whose output rows (features: the last dim) depend on
+    their own input row only, whatever it computes on the way: Hugging Face's RMSNorms
+    normalise in float32 and cast back, Gemma's scales by (1 + w), and the pass does just that.
+    The parameters run in the target's dtype, as precise as the scores."""
     names = list(target)
     primals = tuple(getattr(layer, name).detach().to(target[name].dtype) for name in names)
 
