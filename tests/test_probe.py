@@ -289,33 +289,78 @@ def test_precondition_scales_the_target(seed):
 
 
 class BroadcastPositions(nn.Module):
-    """Position embedding called on arange(T) and broadcast over the batch, as nanoGPT does."""
+    """Position embedding called on arange(T) and broadcast over the batch: positions of shape
+    (T,) as nanoGPT has them, or (1, T) as Hugging Face's GPT-2."""
 
-    def __init__(self):
+    def __init__(self, leading_one):
         super().__init__()
         self.tok = nn.Embedding(11, 8)
         self.pos = nn.Embedding(5, 8)
         self.out = nn.Linear(8, 11)
+        self.leading_one = leading_one
 
     def forward(self, idx):
-        return self.out(self.tok(idx) + self.pos(torch.arange(idx.shape[1])))
+        positions = torch.arange(idx.shape[1])
+        return self.out(self.tok(idx) + self.pos(positions[None] if self.leading_one else positions))
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sequence", "per-token"])
+@pytest.mark.parametrize("leading_one", [False, True], ids=["(T,)", "(1,T)"])
+def test_a_position_embedding_broadcast_over_the_batch_is_split_by_row(seed, leading_one, per_token):
+    """While recording, the position embedding hands the model its output expanded to the
+    batch: its gradient then has one row per batch row, so it is covered and exact, and the
+    model computes exactly what it does without the probe."""
+    model, k = BroadcastPositions(leading_one).double(), 2
+    probe = AlignmentProbe(model, k, strict=True)
+    idx = torch.randint(0, 11, (3, 5))
+    model(idx[:1]).pow(2).sum().backward()
+    probe.set_target()
+    params = list(model.parameters())
+    target = flat_grads(model, params)
+    ids = torch.randint(0, k, (3, 5) if per_token else (3,))
+    model.zero_grad()
+    with probe.record(ids):
+        out = model(idx)
+        out.pow(2).sum().backward()
+    assert torch.equal(out, model(idx))
+    assert probe.coverage.uncovered == [] and probe.result().missing == []
+    want = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        keep = (ids == i).reshape(ids.shape + (1,) * (3 - ids.dim()))
+        (model(idx).pow(2) * keep).sum().backward()
+        want[i] = flat_grads(model, params) @ target
+    assert_close_scores(probe.result().dots, want, 1e-9)
+
+
+class BatchContext(nn.Module):
+    """A layer on the batch's mean over sequences: rows that are neither the batch's nor one
+    call broadcast over it (its input carries the batch's gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.ctx = nn.Linear(4, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return h + self.ctx(h.mean(0))
 
 
 def test_unsplittable_module_is_reported_not_guessed(seed):
-    model = BroadcastPositions().double()
+    model = BatchContext().double()
     probe = AlignmentProbe(model, 2)
-    idx = torch.randint(0, 11, (3, 5))
-    model(idx).sum().backward()
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    model(x).sum().backward()
     probe.set_target()
-    with pytest.warns(UserWarning, match="'pos' sees inputs of leading shape"):
+    with pytest.warns(UserWarning, match="'ctx' sees inputs of leading shape"):
         with probe.record(torch.tensor([0, 1, 1])):
-            model(idx).sum().backward()
-    assert probe.coverage.uncovered == ["pos.weight"]
+            model(x).sum().backward()
+    assert probe.coverage.uncovered == ["ctx.bias", "ctx.weight"]
     strict = AlignmentProbe(model, 2, strict=True)
     strict.set_target()
     with pytest.raises(RuntimeError, match="cannot be split by domain"):
         with strict.record(torch.tensor([0, 1, 1])):
-            model(idx)
+            model(x)
 
 
 def test_strict_reports_uncovered_parameters():
@@ -610,3 +655,21 @@ def test_a_registered_rule_scores_its_layer_type(seed, factor):
     assert_close_scores(probe.result().dots, want, 1e-9)
     with pytest.raises(TypeError, match="layer_type must be an nn.Module subclass"):
         register_probe_rule(int, scale_rule)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An nn.Embedding whose forward scales its output, as Gemma's does."""
+
+    def forward(self, idx):
+        return super().forward(idx) * 3.0
+
+
+class SameEmbedding(nn.Embedding):
+    """A subclass that keeps nn.Embedding's forward."""
+
+
+def test_a_subclass_that_overrides_forward_does_not_inherit_the_rule():
+    """nn.Embedding's rule would score the scaled embedding a third of its true value: it is
+    left out and reported instead, while a subclass keeping the forward keeps the rule."""
+    model = nn.ModuleDict(dict(scaled=ScaledEmbedding(5, 4), same=SameEmbedding(5, 4)))
+    assert AlignmentProbe(model, 2).coverage.uncovered == ["scaled.weight"]

@@ -2,12 +2,12 @@
 training step already does.
 
 Hooks on the layers see each layer's inputs and output gradients, and the layer type's rule
-(fastmix.probe.rules: nn.Linear, nn.Embedding, nn.LayerNorm, or one registered with
-fastmix.register_probe_rule) turns them into each row's ⟨g_row, V⟩: for a linear layer one
-extra GEMM-sized product (fastmix.ops.rowwise_bilinear: δ_nᵀ V x_n per row, the product never
-written), or the cheaper "ghost" form when the target came from few rows. The per-row terms
-of all layers are summed, then segment-summed by domain once per record. No per-domain
-gradient is ever formed.
+(fastmix.probe.rules: nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, transformers' Conv1D
+and RMSNorm classes, or one registered with fastmix.register_probe_rule) turns them into each
+row's ⟨g_row, V⟩: for a linear layer one extra GEMM-sized product (fastmix.ops.rowwise_bilinear:
+δ_nᵀ V x_n per row, the product never written), or the cheaper "ghost" form when the target
+came from few rows. The per-row terms of all layers are summed, then segment-summed by domain
+once per record. No per-domain gradient is ever formed.
 
     probe = AlignmentProbe(model, num_domains)
     model.zero_grad(); target_loss.backward(); probe.set_target()      # V = ∇L_target
@@ -17,9 +17,11 @@ gradient is ever formed.
     scores = probe.result().dots                                        # (k,)
 
 Rows are attributed to domains through `domain_ids`, of the shape of the leading dims of
-the layer inputs, or of their first dim (one id per sequence). Per-sequence ids are exact
-for any model whose sequences do not interact (no batch norm): the gradient of domain i
-is then exactly what the rows of its sequences contribute.
+the layer inputs, or of their first dim (one id per sequence). A layer called once for the
+whole batch and broadcast over it (a position embedding on arange(T)) hands the model its
+output expanded to the batch, so its gradient is split by row like the others'. Per-sequence
+ids are exact for any model whose sequences do not interact (no batch norm): the gradient of
+domain i is then exactly what the rows of its sequences contribute.
 
 Under FSDP2 (`torch.distributed.fsdp.fully_shard`; make the probe after sharding) the target
 is kept as sharded as the parameters' `.grad`, and gathered one layer at a time inside the
@@ -147,6 +149,12 @@ class _ParameterUses(TorchFunctionMode):
         return out
 
 
+def _broadcasts_to(shape, target):
+    """Whether a tensor of `shape` broadcasts to `target` (same or fewer dims, each 1 or equal
+    from the right)."""
+    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(target)))
+
+
 def _gradient_anchor(output):
     """The tensor whose gradient is a layer's output gradient, for hooks: the output, or the
     tensor it is a reshaped view of (F.linear and F.embedding on 3-D input return views).
@@ -214,6 +222,7 @@ class AlignmentProbe:
             raise ValueError(f"AlignmentProbe(strict=True): parameters not covered: {self.coverage.uncovered}")
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for _, m in self._sites]
         self._site_depth = 0  # hooked forwards in progress, counted while the first record is watched
+        self._in_rule = False  # a rule is running: calls of its layer are not the model's
         self._site_entries = 0  # ... and begun
         self._site_names = {id(m): name for name, m in self._sites}
         # A weight registered once in the whole model has its target from one layer alone;
@@ -492,16 +501,21 @@ class AlignmentProbe:
 
     # ------------------------------------------------------------------ hooks
     def _enter_site(self, module, args):
+        if self._in_rule:
+            return
         self._site_depth += 1
         self._site_entries += 1
         self._note_swapped(module)
 
     def _forward_hook(self, module, args, kwargs, output):
+        if self._in_rule:  # a rule running its layer again (jvp_rule): not a call of the model's
+            return
         self._site_depth = max(self._site_depth - 1, 0)
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         rule = self._rules[id(module)]
-        inputs = tuple(t.detach() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = tuple(t.detach() for t in tensors)
         x = inputs[0]
         if rule.autocast_inputs and torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)  # what the layer multiplied
@@ -509,13 +523,13 @@ class AlignmentProbe:
             x = inputs[0]
         inv_scale = self._inv_scale
         shape = output.shape  # the anchor below may be a flattened base of the output
-        output = _gradient_anchor(output)
+        anchor = _gradient_anchor(output)
         if self._target_calls is not None:
             if isinstance(module, nn.Linear):
                 call = [x, None]
                 self._target_calls.setdefault(id(module), []).append(call)
                 # unscaled in fp32 or wider: fp16 gradients divided by a loss scale underflow
-                output.register_hook(lambda grad: call.__setitem__(
+                anchor.register_hook(lambda grad: call.__setitem__(
                     1, grad.detach().to(torch.promote_types(grad.dtype, torch.float32)) * inv_scale))
             return
         if self._ids is None:
@@ -529,11 +543,36 @@ class AlignmentProbe:
             if not left_out:  # first ran after set_target, which covered the layers seen so far
                 self._untargeted.add(name)
             return
+        rows = tuple(shape[:-1])
+        batch_rows = self._broadcast_to_batch(rows, tensors)
+        if batch_rows is not None:
+            # The model gets the output already broadcast to the batch, as the op it meets would
+            # broadcast it, so that its gradient keeps one row per batch row instead of their sum.
+            # An expanded view takes no in-place op: it is its own anchor.
+            output = anchor = output.expand(batch_rows + shape[-1:])
+            shape = output.shape
+            inputs = tuple(t.expand(batch_rows + t.shape[len(rows):]) if tuple(t.shape[:len(rows)]) == rows else t
+                           for t in inputs)
         if self._layout(tuple(shape[:-1]), name, x.device) is not None:
-            output.register_hook(lambda grad: self._contribute(module, rule, inputs, grad.reshape(shape), name))
+            anchor.register_hook(lambda grad: self._contribute(module, rule, inputs, grad.reshape(shape), name))
             # the edge, not the tensor: an in-place op after the layer (ReLU(inplace=True), h += r)
             # moves the tensor to a later node, whose gradient is not the layer's output gradient
-            self._output_edges.append(torch.autograd.graph.get_gradient_edge(output))
+            self._output_edges.append(torch.autograd.graph.get_gradient_edge(anchor))
+        return output if batch_rows is not None else None
+
+    def _broadcast_to_batch(self, rows, tensors):
+        """The batch's row shape, for a layer called once for the whole batch and broadcast over
+        it (a position embedding on arange(T), of shape (T,) or (1, T)): none of its inputs
+        carries a gradient, its rows are not led by the domain ids, and they broadcast to the
+        ids' shape or to the rows of a layer seen earlier in this record (the token embedding's
+        (B, T)). None for any other layer."""
+        ids = tuple(self._ids.shape)
+        if rows[:len(ids)] == ids or any(t.requires_grad for t in tensors):
+            return None
+        for batch_rows in [ids + rows[len(ids):]] + [shape for shape, _ in self._layouts]:
+            if _broadcasts_to(rows, batch_rows):
+                return batch_rows
+        return None
 
     def _layout(self, shape, name, device):
         """This record's accumulator for rows of shape `shape` (a layer output's leading dims),
@@ -573,7 +612,11 @@ class AlignmentProbe:
                 validate_ids=False))
         if not target:  # nothing left to score (left out after the hook ran, or all in the ghost form)
             return
-        per_row = rule.score(module, inputs, g, target)
+        self._in_rule = True
+        try:
+            per_row = rule.score(module, inputs, g, target)
+        finally:
+            self._in_rule = False
         scores = self._layout(tuple(per_row.shape), name, g.device)
         if scores is None:
             raise RuntimeError(f"AlignmentProbe: the rule for {type(module).__name__} ({name!r}) returned scores of "
