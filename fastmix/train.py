@@ -32,6 +32,7 @@ from fastmix.distributed import all_gather_stacked, rank_and_world
 from fastmix.errors import UsageError
 from fastmix.mixing import MIXERS, MixerContext, build_mixer
 from fastmix.mixing.base import check_number, mixer_options
+from fastmix.mixing.bases import COARSE
 from fastmix.mixing.dga import MODES
 from fastmix.model import GPT, GPTConfig, checkpoint_config, lm_loss
 from fastmix.rundir import (CHECKPOINT, PREVIOUS_CHECKPOINT, RunError, RunLock, load_checkpoint, read_metrics,
@@ -59,7 +60,8 @@ class TrainConfig:
     mixer: str = _opt("uniform", "mixer that sets the domain weights (see `--mixer-option`)")
     mixer_options: dict = _opt(None, "mixer option KEY=VALUE (VALUE parsed as JSON if it can be); repeatable. "
                                      "dga/universal: step_size, ema, floor, interval, precondition=none|adam, "
-                                     "rows_per_domain, mode, and for dga target_rows, target_every; chameleon: "
+                                     "rows_per_domain, mode, and for dga target_rows, target_every, bases=PATH|coarse|[[...], ...] "
+                                     "(reweight basis distributions over the domains), rows_per_basis; chameleon: "
                                      "source=online|offline, checkpoint=PATH, lam, mode=pretrain|finetune, "
                                      "temperature, interval, rows_per_domain, floor, layer=middle|INDEX|MODULE; "
                                      "temperature: temperature; importance: target, smoothing, floor",
@@ -141,6 +143,9 @@ class TrainConfig:
             self.data = os.path.abspath(self.data)
         if isinstance(self.mixer_options.get("checkpoint"), str):
             self.mixer_options["checkpoint"] = os.path.abspath(self.mixer_options["checkpoint"])
+        bases = self.mixer_options.get("bases")
+        if isinstance(bases, str) and bases != COARSE:  # DGA's basis file ("coarse" names no file)
+            self.mixer_options["bases"] = os.path.abspath(bases)
         if self.allocation not in ("stratified", "multinomial"):
             raise ValueError(f"--allocation must be 'stratified' or 'multinomial', got {self.allocation!r}")
         if self.n_embd % self.n_head:
@@ -608,7 +613,8 @@ def _train(config, rank, world, device, lock):
             step=step, lr=lr, model=model, optimizer=optimizer, batch=batch, loss_fn=lm_loss,
             target_batch=target_batch if target else None,
             balanced_batch=lambda rows: to_device(*sampler.balanced_batch(rows)),
-            device=device, autocast=autocast, num_domains=store.num_domains, grad_clip_coef=grad_clip_coef)
+            device=device, autocast=autocast, num_domains=store.num_domains, grad_clip_coef=grad_clip_coef,
+            basis_batch=lambda bases, rows: to_device(*sampler.basis_batch(bases, rows)))
 
     # optional methods of the Mixer protocol (fastmix.mixing.base)
     mixer_record = getattr(mixer, "record", None)
