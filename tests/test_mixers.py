@@ -361,7 +361,7 @@ def test_a_static_mixer_resumed_on_more_domains_says_why_it_cannot(store_dir, tm
 
 DDP_RUNS = [("dga", {"mode": "stratified", "interval": 1}), ("dga", {"mode": "inline", "interval": 1}),
             ("dga", {"mode": "exact", "interval": 2}), ("universal", {"mode": "stratified", "interval": 1}),
-            ("chameleon", {"interval": 1})]
+            ("chameleon", {"interval": 1}), ("dga", {"bases": BASES, "rows_per_basis": 1, "interval": 1})]
 
 
 def _ddp_worker(rank, world, store_dir, out):

@@ -172,7 +172,7 @@ def exact_scores(model, loss_fn, x, y, ids, target, num_domains, autocast=contex
 
 class DGA:
     """Dynamic Gradient Alignment (see the module docstring). `weights` is a float64 CPU
-    tensor on the simplex, every entry >= floor / k."""
+    tensor on the simplex, every entry >= floor / k (with bases: >= floor / m · Σ_j P_j(i))."""
 
     needs_target = True  # every update draws a target batch (see fastmix.mixing.base)
 
