@@ -60,8 +60,9 @@ class TrainConfig:
     mixer: str = _opt("uniform", "mixer that sets the domain weights (see `--mixer-option`)")
     mixer_options: dict = _opt(None, "mixer option KEY=VALUE (VALUE parsed as JSON if it can be); repeatable. "
                                      "dga/universal: step_size, ema, floor, interval, precondition=none|adam, "
-                                     "rows_per_domain, mode, and for dga target_rows, target_every, bases=PATH|coarse|[[...], ...] "
-                                     "(reweight basis distributions over the domains), rows_per_basis; chameleon: "
+                                     "rows_per_domain, mode, and for dga target_rows, target_every, "
+                                     "bases=PATH|coarse|[[...], ...] (reweight basis distributions over the "
+                                     "domains), rows_per_basis; chameleon: "
                                      "source=online|offline, checkpoint=PATH, lam, mode=pretrain|finetune, "
                                      "temperature, interval, rows_per_domain, floor, layer=middle|INDEX|MODULE; "
                                      "temperature: temperature; importance: target, smoothing, floor",

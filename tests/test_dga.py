@@ -455,7 +455,8 @@ def test_bases_come_from_files_or_histograms(tmp_path):
     torch.save(torch.tensor(counts), tmp_path / "b.pt")
     (tmp_path / "rows.json").write_text(json.dumps(counts))
     (tmp_path / "named.json").write_text(json.dumps({f"coarse{j}": row for j, row in enumerate(counts)}))
-    for given in (counts, np.asarray(counts), *(str(tmp_path / n) for n in ("b.npy", "b.pt", "rows.json", "named.json"))):
+    files = [str(tmp_path / name) for name in ("b.npy", "b.pt", "rows.json", "named.json")]
+    for given in (counts, np.asarray(counts), *files):
         assert torch.equal(load_bases(given, K), BASES), given
         assert torch.equal(DGA(K, bases=given).bases, BASES)
 

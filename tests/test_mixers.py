@@ -68,7 +68,8 @@ def test_dga_bases_from_a_file_resume_exactly(store_dir, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "part" / "config.json").read_text())["mixer_options"]["bases"]
     assert saved == str(tmp_path / "bases.npy")
     mixer = full.mixer
-    assert mixer.updates == 4 and mixer.scores.shape == (3,) and full.metrics[-1]["weights"] != full.metrics[0]["weights"]
+    assert mixer.updates == 4 and mixer.scores.shape == (3,)
+    assert full.metrics[-1]["weights"] != full.metrics[0]["weights"]
     torch.testing.assert_close(mixer.weights, mixer.state_dict()["basis_weights"] @ mixer.bases, rtol=1e-12, atol=0)
     with pytest.raises(UsageError, match="--resume: DGA state was saved with 3 bases, but this run has none"):
         _run(store_dir, tmp_path / "part", max_steps=10, resume=True, mixer="dga", mixer_options={"interval": 2})

@@ -196,8 +196,8 @@ class MixtureSampler:
     # state -------------------------------------------------------------------------------
     def state_dict(self):
         return {"step": self.step, "balanced_draws": self._balanced_draws, "target_draws": self._target_draws,
-                "basis_draws": self._basis_draws, "weights": self._weights.copy(), "seed": self.seed, "allocation": self.allocation,
-                "tokens_drawn": self._tokens_drawn.copy()}
+                "basis_draws": self._basis_draws, "weights": self._weights.copy(), "seed": self.seed,
+                "allocation": self.allocation, "tokens_drawn": self._tokens_drawn.copy()}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
