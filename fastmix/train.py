@@ -32,6 +32,7 @@ from fastmix.distributed import all_gather_stacked, rank_and_world
 from fastmix.errors import UsageError
 from fastmix.mixing import MIXERS, MixerContext, build_mixer
 from fastmix.mixing.base import check_number, mixer_options
+from fastmix.mixing.bases import COARSE
 from fastmix.mixing.dga import MODES
 from fastmix.model import GPT, GPTConfig, checkpoint_config, lm_loss
 from fastmix.rundir import (CHECKPOINT, FORMAT_KEY, PREVIOUS_CHECKPOINT, RunError, RunLock, load_checkpoint,
@@ -59,7 +60,9 @@ class TrainConfig:
     mixer: str = _opt("uniform", "mixer that sets the domain weights (see `--mixer-option`)")
     mixer_options: dict = _opt(None, "mixer option KEY=VALUE (VALUE parsed as JSON if it can be); repeatable. "
                                      "dga/universal: step_size, ema, floor, interval, precondition=none|adam, "
-                                     "rows_per_domain, mode, and for dga target_rows, target_every; chameleon: "
+                                     "rows_per_domain, mode, and for dga target_rows, target_every, "
+                                     "bases=PATH|coarse|[[...], ...] (reweight basis distributions over the "
+                                     "domains), rows_per_basis; chameleon: "
                                      "source=online|offline, checkpoint=PATH, lam, mode=pretrain|finetune, "
                                      "temperature, interval, rows_per_domain, floor, layer=middle|INDEX|MODULE; "
                                      "temperature: temperature; importance: target, smoothing, floor",
@@ -141,6 +144,9 @@ class TrainConfig:
             self.data = os.path.abspath(self.data)
         if isinstance(self.mixer_options.get("checkpoint"), str):
             self.mixer_options["checkpoint"] = os.path.abspath(self.mixer_options["checkpoint"])
+        bases = self.mixer_options.get("bases")
+        if isinstance(bases, str) and bases != COARSE:  # DGA's basis file ("coarse" names no file)
+            self.mixer_options["bases"] = os.path.abspath(bases)
         if self.allocation not in ("stratified", "multinomial"):
             raise ValueError(f"--allocation must be 'stratified' or 'multinomial', got {self.allocation!r}")
         if self.n_embd % self.n_head:
@@ -533,7 +539,8 @@ class MixerContexts:
             target_batch=target_batch if self.target else None,
             balanced_batch=lambda rows: self.to_device(*self.sampler.balanced_batch(rows)),
             device=self.device, autocast=self.autocast, num_domains=self.sampler.store.num_domains,
-            grad_clip_coef=grad_clip_coef)
+            grad_clip_coef=grad_clip_coef,
+            basis_batch=lambda bases, rows: self.to_device(*self.sampler.basis_batch(bases, rows)))
 
 
 class TrainStep:

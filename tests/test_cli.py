@@ -130,7 +130,14 @@ def _truncated_copy(store_dir, dst):
     (["--mixer", "uniform", "--dga-mode", "inline"], "--dga-mode is for --mixer dga or universal, not 'uniform'"),
     (["--mixer", "dga", "--mixer-option", "stepsize=3"],
      "--mixer dga: unknown option 'stepsize' for mixer 'dga'; its options: step_size, ema, floor, interval, "
-     "precondition, mode, rows_per_domain, target_rows, target_every"),
+     "precondition, mode, rows_per_domain, target_rows, target_every, bases, rows_per_basis"),
+    # DGA's basis distributions: a matrix of the wrong shape, a store without a coarse level
+    (["--mixer", "dga", "--mixer-option", "bases=[[1, 2], [3, 4]]"],
+     r"--mixer dga: bases must be an \(m, 10\) matrix, one row per basis distribution over the 10 domains, got "
+     r"shape \(2, 2\)"),
+    (["--mixer", "dga", "--mixer-option", "bases=coarse"],
+     "--mixer dga: bases=coarse: the store .* records no coarse clustering"),
+    (["--mixer", "dga", "--mixer-option", "bases={tmp}/b.npy"], "--mixer dga: bases={tmp}/b.npy: no such file"),
     (["--mixer", "temperature", "--mixer-option", "temperature=-1"],
      "--mixer temperature: temperature must be a finite number > 0, got -1"),
     # options of the wrong type (JSON null, a string) or not finite: a message naming the option, not a TypeError

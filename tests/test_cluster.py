@@ -86,6 +86,35 @@ def test_coarse_level_groups_fine_clusters(corpus):
         assert len({g for g, vocab in GROUPS.items() if set(words) & set(vocab)}) == 1
 
 
+def test_dga_reweights_the_coarse_clusters(corpus, tmp_path):
+    """bases=coarse: one basis per coarse cluster, its fine clusters weighed by their training
+    tokens; a short run moves the weights of the coarse clusters. A store without a coarse level
+    says how to get one."""
+    from fastmix.mixing import build_mixer
+    from fastmix.train import TrainConfig, UsageError, train
+
+    root, _ = corpus
+    store = prepare_clusters(root / "store", [root / "generic.jsonl"], 6, targets=[("task", root / "target.jsonl")],
+                             coarse=3, quiet=True)
+    coarse = np.asarray(cluster_info(store)["coarse"])
+    mixer = build_mixer("dga", store, bases="coarse")
+    want = np.where(coarse[None, :] == np.arange(3)[:, None], store.train_tokens[None, :], 0)
+    np.testing.assert_allclose(mixer.bases.numpy(), want / want.sum(1, keepdims=True), rtol=1e-15)
+    run = train(TrainConfig(data=str(root / "store"), out=str(tmp_path / "run"), mixer="dga",
+                            mixer_options={"bases": "coarse", "interval": 2, "rows_per_basis": 2}, max_steps=4,
+                            batch_size=4, block_size=16, n_layer=1, n_head=2, n_embd=16, eval_batches=0,
+                            quiet=True, plot=False, device="cpu"))
+    assert run.mixer.updates == 2 and run.mixer.scores.shape == (3,)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mixer_options"]["bases"] == "coarse"
+    flat = prepare_clusters(root / "flat", [root / "generic.jsonl"], 3, targets=[("task", root / "target.jsonl")],
+                            quiet=True)
+    with pytest.raises(ValueError, match=r"^bases=coarse: the store .* records no coarse clustering .*--coarse K1"):
+        build_mixer("dga", flat, bases="coarse")
+    with pytest.raises(UsageError, match="--mixer dga: bases=coarse: the store"):
+        train(TrainConfig(data=str(root / "flat"), out=str(tmp_path / "flat"), mixer="dga",
+                          mixer_options={"bases": "coarse"}, quiet=True, device="cpu"))
+
+
 def test_streaming_fit_matches_groups(corpus, monkeypatch):
     """Past IN_MEMORY_DOCS the fit streams over the embedding file in chunks."""
     import fastmix.data.cluster as cluster

@@ -2,16 +2,19 @@
 robustness (simplex, floor, NaN), and state."""
 import contextlib
 import inspect
+import json
 import math
 import re
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from fastmix.mixing import DGA, MixerContext, Universal, build_mixer
 from fastmix.mixing.base import mixer_options
+from fastmix.mixing.bases import load_bases
 from fastmix.mixing.dga import exact_scores, flat_grad, probe_scores
 from fastmix.model import GPT, GPTConfig, lm_loss
 from fastmix.probe import AlignmentProbe
@@ -51,12 +54,23 @@ class Data:
         x = torch.randint(0, VOCAB, (rows * self.k, T + 1), generator=self._gen())
         return x[:, :-1].contiguous(), x[:, 1:].contiguous(), torch.arange(self.k).repeat_interleave(rows)
 
+    def basis_batch(self, bases, rows):
+        """rows · P_j(i) rows of domain i for basis j (whole numbers in these tests)."""
+        bases = torch.as_tensor(bases, dtype=torch.float64)
+        counts = (bases * rows).round().long()
+        assert bool((counts.sum(1) == rows).all()), "the fake basis batch needs rows · P_j(i) whole"
+        ids = torch.cat([torch.arange(self.k).repeat_interleave(c) for c in counts])
+        x = torch.randint(0, VOCAB, (ids.numel(), T + 1), generator=self._gen())
+        basis_ids = torch.arange(len(bases)).repeat_interleave(rows)
+        return x[:, :-1].contiguous(), x[:, 1:].contiguous(), ids, basis_ids
+
 
 def make_ctx(model, data, step=10, lr=1e-3, optimizer=None, batch=None, clip=1.0):
     return MixerContext(step=step, lr=lr, model=model, optimizer=optimizer or torch.optim.AdamW(model.parameters()),
                         batch=batch, loss_fn=lm_loss, target_batch=data.target_batch,
                         balanced_batch=data.balanced_batch, device=torch.device("cpu"),
-                        autocast=contextlib.nullcontext, num_domains=data.k, grad_clip_coef=clip)
+                        autocast=contextlib.nullcontext, num_domains=data.k, grad_clip_coef=clip,
+                        basis_batch=data.basis_batch)
 
 
 def target_flat(model, x, y):
@@ -366,3 +380,135 @@ def test_resume_refuses_mode_precondition_and_target_changes_only_around_inline(
         assert changed(name, {"mode": "inline", "target": "u"}, {"mode": "inline"}) == ["target"]
 
 
+# Three bases over the K = 4 domains; with 4 rows per basis every rows · P_j(i) is whole.
+BASES = torch.tensor([[2, 1, 1, 0], [0, 0, 2, 2], [1, 1, 1, 1]], dtype=torch.float64) / 4
+
+
+def by_domain_then_bases(model, x, y, ids, basis_ids, target, bases):
+    """Σ_i P_j(i) a_ij: the domain scores of basis j's rows (a backward per domain), mixed by P_j."""
+    mixed = torch.zeros(len(bases), dtype=torch.float64)
+    for j in range(len(bases)):
+        rows = basis_ids == j
+        a = exact_scores(model, lm_loss, x[rows], y[rows], ids[rows], target, K)
+        weighed = bases[j] > 0
+        mixed[j] = (bases[j][weighed] * a[weighed]).sum()
+    return mixed
+
+
+def test_basis_scores_are_the_bases_mixtures_of_domain_scores(seed):
+    """Linearity, exactly (float64): one probe pass with a row's segment its basis gives
+    ⟨∇L_{P_j}, V⟩ = Σ_i P_j(i) ⟨∇L_ij, V⟩ where basis j's batch holds rows · P_j(i) rows of domain i."""
+    model = tiny_gpt(torch.float64)
+    m = len(BASES)
+    probe = AlignmentProbe(model, m, strict=True)
+    model.zero_grad()
+    with probe.record_target():
+        lm_loss(model, *tokens(3)).backward()
+    target = flat_grad(model)
+    x, y, ids, basis_ids = Data(seed).basis_batch(BASES, 4)
+    model.zero_grad(set_to_none=True)
+    by_basis = probe_scores(probe, model, lm_loss, x, y, basis_ids)
+    want = by_domain_then_bases(model, x, y, ids, basis_ids, target, BASES)
+    assert rel_err(by_basis, want) < 1e-10, (by_basis, want)
+    assert rel_err(exact_scores(model, lm_loss, x, y, basis_ids, target, m), want) < 1e-10
+    assert bool((want != 0).all())
+
+
+@pytest.mark.parametrize("mode", ["stratified", "exact"])
+def test_dga_with_bases_moves_the_basis_weights(seed, mode):
+    """The mixer scores a batch drawn from every basis and moves β by the update rule; α = β @ P."""
+    model = tiny_gpt(torch.float64)
+    lr, step_size, ema, floor = 1e-3, 100.0, 0.2, 0.05
+    mixer = DGA(K, bases=BASES * 7, rows_per_basis=4, interval=5, mode=mode, ema=ema, floor=floor)  # rows normalised
+    m = len(BASES)
+    assert mixer.num_scored == m and torch.equal(mixer.bases, BASES)
+    torch.testing.assert_close(mixer.weights, BASES.mean(0), rtol=1e-15, atol=0)  # β uniform
+    mixer.update(make_ctx(model, Data(seed), step=10, lr=lr))
+    replay = Data(seed)  # the same draws: the target first, then the basis batch
+    target = target_flat(model, *replay.target_batch(mixer.target_rows))
+    x, y, ids, basis_ids = replay.basis_batch(BASES, 4)
+    want = by_domain_then_bases(model, x, y, ids, basis_ids, target, BASES)
+    assert rel_err(mixer.scores, want) < 1e-9
+    beta = torch.full((m,), 1 / m, dtype=torch.float64)
+    proposal = beta * torch.exp(lr * step_size * mixer.scores)
+    beta = (1 - floor) * (ema * beta + (1 - ema) * proposal / proposal.sum()) + floor / m
+    torch.testing.assert_close(mixer.weights, beta @ BASES / (beta @ BASES).sum(), rtol=1e-12, atol=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_basis_weights_keep_their_floor_whatever_the_scores(seed):
+    floor = 0.1
+    mixer = DGA(K, bases=BASES, floor=floor, ema=0.0)
+    for scale in (1.0, 1e3, 1e300):
+        mixer.apply(torch.randn(len(BASES), dtype=torch.float64) * scale, 3e-3)
+        w = mixer.weights
+        assert bool(torch.isfinite(w).all()) and abs(float(w.sum()) - 1) < 1e-12
+        assert bool((w >= floor / len(BASES) * BASES.sum(0) * (1 - 1e-9)).all())
+
+
+def test_bases_come_from_files_or_histograms(tmp_path):
+    counts = (BASES * 8).tolist()
+    np.save(tmp_path / "b.npy", np.asarray(counts))
+    torch.save(torch.tensor(counts), tmp_path / "b.pt")
+    (tmp_path / "rows.json").write_text(json.dumps(counts))
+    (tmp_path / "named.json").write_text(json.dumps({f"coarse{j}": row for j, row in enumerate(counts)}))
+    files = [str(tmp_path / name) for name in ("b.npy", "b.pt", "rows.json", "named.json")]
+    for given in (counts, np.asarray(counts), *files):
+        assert torch.equal(load_bases(given, K), BASES), given
+        assert torch.equal(DGA(K, bases=given).bases, BASES)
+
+
+@pytest.mark.parametrize("bases,message", [
+    ([[1, 2, 3]], r"^bases must be an \(m, 4\) matrix, one row per basis distribution .*got shape \(1, 3\)$"),
+    ([1, 2, 3, 4], r"got shape \(4,\)$"),
+    (np.zeros((0, K)), r"got shape \(0, 4\)$"),
+    ([[1, 2], [3]], r"^bases must be an \(m, 4\) matrix of numbers"),
+    ([["a", 1, 1, 1]], r"^bases must be an \(m, 4\) matrix of numbers"),
+    ([[1, 1, 1, 1], [1, math.nan, 0, 0]], r"^bases must be finite; row 1 is not$"),
+    ([[1, 1, -0.5, 1]], r"^bases must be non-negative; row 0 has -0.5 at domain 2$"),
+    ([[1, 1, 1, 1], [0, 0, 0, 0]], r"^bases: row 1 is all zero"),
+    ("coarse", r"^bases='coarse' is the store's coarse clustering: build the mixer from the store"),
+    ("missing.npy", r"^bases=missing.npy: no such file$"),
+    ("bases.csv", r"^bases=bases.csv: expected a .npy, .pt, .json file"),
+])
+def test_bad_bases_are_refused_in_one_line_naming_the_option(bases, message):
+    with pytest.raises(ValueError, match=message):
+        DGA(K, bases=bases)
+
+
+def test_bad_bases_files_and_options(tmp_path):
+    (tmp_path / "broken.json").write_text("[[1, 2")
+    with pytest.raises(ValueError, match=r"^bases=.*broken.json: cannot read it \(JSONDecodeError: "):
+        DGA(K, bases=str(tmp_path / "broken.json"))
+    np.save(tmp_path / "wide.npy", np.ones((2, K + 1)))
+    with pytest.raises(ValueError, match=r"^bases=.*wide.npy must be an \(m, 4\) matrix.*got shape \(2, 5\)$"):
+        DGA(K, bases=str(tmp_path / "wide.npy"))
+    with pytest.raises(ValueError, match="bases need mode 'stratified' or 'exact'"):
+        DGA(K, bases=BASES, mode="inline")
+    with pytest.raises(ValueError, match="rows_per_basis must be an integer >= 1, got 0"):
+        DGA(K, bases=BASES, rows_per_basis=0)
+    ctx = make_ctx(tiny_gpt(), Data(0), step=10)
+    ctx.basis_batch = None
+    with pytest.raises(ValueError, match="with bases needs basis batches"):
+        DGA(K, bases=BASES).update(ctx)
+
+
+def test_state_with_bases_round_trips_and_refuses_other_bases(seed):
+    mixer = DGA(K, bases=BASES)
+    for _ in range(3):
+        mixer.apply(torch.randn(len(BASES), dtype=torch.float64), 1e-2)
+    state = mixer.state_dict()
+    other = DGA(K, bases=BASES * 3)  # the same distributions
+    other.load_state_dict(state)
+    assert torch.equal(other.weights, mixer.weights) and torch.equal(other.scores, mixer.scores)
+    step = torch.randn(len(BASES), dtype=torch.float64)
+    mixer.apply(step, 1e-2)
+    other.apply(step, 1e-2)
+    assert torch.equal(other.weights, mixer.weights)
+    for bases, plain, message in ((BASES, DGA(K).state_dict(), "saved with no bases, but this run has 3 bases"),
+                                  (BASES.flip(0), state, "saved with other bases of the same shape"),
+                                  (BASES[:2], state, "saved with 3 bases, but this run has 2 bases")):
+        with pytest.raises(ValueError, match=message):
+            DGA(K, bases=bases).load_state_dict(plain)
+    with pytest.raises(ValueError, match="saved with 3 bases, but this run has none: resume with the bases option"):
+        DGA(K).load_state_dict(state)

@@ -33,10 +33,16 @@ def _check_simplex(weights, floor=0.0):
     assert min(values) >= floor / len(values) * (1 - 1e-9)
 
 
+# Histograms of 3 bases over the built-in corpus's 10 domains: each domain in two of them, so that
+# the floor on the basis weights keeps every domain weight >= floor / 10 (0.05 / 3 · (1/5 + 1/10)).
+BASES = [[1] * 5 + [0] * 5, [0] * 5 + [1] * 5, [1] * 10]
+
+
 @pytest.mark.parametrize("mixer,options", [
     ("dga", {"mode": "stratified"}), ("dga", {"mode": "inline", "precondition": "adam"}),
+    ("dga", {"bases": BASES, "rows_per_basis": 2}),
     ("universal", {"mode": "inline", "interval": 1}), ("chameleon", {"interval": 2}),
-], ids=["dga-stratified", "dga-inline-adam", "universal-inline", "chameleon-online"])
+], ids=["dga-stratified", "dga-inline-adam", "dga-bases", "universal-inline", "chameleon-online"])
 def test_resume_is_exact(store_dir, tmp_path, mixer, options):
     common = dict(mixer=mixer, mixer_options={"interval": 2, **options}, log_interval=1, eval_interval=4,
                   checkpoint_interval=3, lr_decay_steps=8)
@@ -48,6 +54,26 @@ def test_resume_is_exact(store_dir, tmp_path, mixer, options):
     assert full[-1]["weights"] != full[0]["weights"]  # it did move
     for r in full:
         _check_simplex(r["weights"], 0.05 if mixer != "chameleon" else 0.0)
+
+
+def test_dga_bases_from_a_file_resume_exactly(store_dir, tmp_path, monkeypatch):
+    """N steps equal N/2 then a resume to N, record for record; the basis file is kept as an absolute path."""
+    np.save(tmp_path / "bases.npy", np.asarray(BASES, dtype=np.float64))
+    monkeypatch.chdir(tmp_path)
+    common = dict(mixer="dga", mixer_options={"interval": 2, "bases": "bases.npy", "rows_per_basis": 3},
+                  log_interval=1, eval_interval=4, checkpoint_interval=4, lr_decay_steps=8)
+    full = _run(store_dir, tmp_path / "full", max_steps=8, **common)
+    _run(store_dir, tmp_path / "part", max_steps=4, **common)
+    resumed = _run(store_dir, tmp_path / "part", max_steps=8, resume=True, **common)
+    assert full.metrics == resumed.metrics
+    saved = json.loads((tmp_path / "part" / "config.json").read_text())["mixer_options"]["bases"]
+    assert saved == str(tmp_path / "bases.npy")
+    mixer = full.mixer
+    assert mixer.updates == 4 and mixer.scores.shape == (3,)
+    assert full.metrics[-1]["weights"] != full.metrics[0]["weights"]
+    torch.testing.assert_close(mixer.weights, mixer.state_dict()["basis_weights"] @ mixer.bases, rtol=1e-12, atol=0)
+    with pytest.raises(UsageError, match="--resume: DGA state was saved with 3 bases, but this run has none"):
+        _run(store_dir, tmp_path / "part", max_steps=10, resume=True, mixer="dga", mixer_options={"interval": 2})
 
 
 def test_chameleon_online_weights_come_from_the_training_forwards(seed):
@@ -335,7 +361,7 @@ def test_a_static_mixer_resumed_on_more_domains_says_why_it_cannot(store_dir, tm
 
 DDP_RUNS = [("dga", {"mode": "stratified", "interval": 1}), ("dga", {"mode": "inline", "interval": 1}),
             ("dga", {"mode": "exact", "interval": 2}), ("universal", {"mode": "stratified", "interval": 1}),
-            ("chameleon", {"interval": 1})]
+            ("chameleon", {"interval": 1}), ("dga", {"bases": BASES, "rows_per_basis": 1, "interval": 1})]
 
 
 def _ddp_worker(rank, world, store_dir, out):

@@ -196,3 +196,48 @@ def test_domains_appended_since_the_state_start_at_zero_epochs(store):
         b.load_state_dict({**state, "tokens_drawn": np.ones(K + 1, dtype=np.int64)})
     a.close()
     b.close()
+
+
+def test_basis_batches_follow_their_distributions_on_their_own_stream(store):
+    """Basis j's rows go to domains by P_j: floor or ceil of P_j(i) · rows, exactly that where it
+    is whole, none where P_j(i) = 0; drawing them leaves the training batches as they were."""
+    bases = np.array([[2, 1, 1, 0, 0], [0, 0, 0, 0, 3], [1, 1, 1, 1, 0]], dtype=np.float64)
+    plain = MixtureSampler(store, [1, 2, 3, 4, 5], 8, BLOCK, seed=4, prefetch=False)
+    sampler = MixtureSampler(store, [1, 2, 3, 4, 5], 8, BLOCK, seed=4, prefetch=False)
+    for _ in range(3):
+        x, y, ids, basis_ids = sampler.basis_batch(bases, 4)
+        assert basis_ids.tolist() == [j for j in range(3) for _ in range(4)]
+        assert torch.equal(x // 10, ids[:, None].expand_as(x)) and torch.equal(x[:, 1:], y[:, :-1])
+        counts = np.stack([np.bincount(ids[basis_ids == j].numpy(), minlength=K) for j in range(3)])
+        np.testing.assert_array_equal(counts, [[2, 1, 1, 0, 0], [0, 0, 0, 0, 4], [1, 1, 1, 1, 0]])
+        assert _same([sampler.next_batch()], [plain.next_batch()])
+    rng = np.random.default_rng(5)
+    uneven = rng.dirichlet(np.ones(K) * 0.5, size=4)
+    uneven[:, 2] = 0
+    uneven /= uneven.sum(axis=1, keepdims=True)
+    for _ in range(20):
+        _, _, ids, basis_ids = sampler.basis_batch(uneven, 7)
+        counts = np.stack([np.bincount(ids[basis_ids == j].numpy(), minlength=K) for j in range(4)])
+        assert np.all(np.abs(counts - uneven * 7) < 1 + 1e-9) and not counts[:, 2].any(), (counts, uneven * 7)
+    for bad in (np.ones((2, K - 1)), np.ones(K), -np.eye(K), np.zeros((1, K)), np.full((1, K), np.nan)):
+        with pytest.raises(ValueError, match="bases must"):
+            sampler.basis_batch(bad, 2)
+    sampler.close()
+    plain.close()
+
+
+def test_basis_batches_resume_exactly(store):
+    bases = np.random.default_rng(6).dirichlet(np.ones(K), size=3)
+    a = MixtureSampler(store, None, 8, BLOCK, seed=2)
+    a.basis_batch(bases, 3)
+    state = a.state_dict()
+    expected = [a.basis_batch(bases, 3), a.next_batch()]
+    b = MixtureSampler(store, None, 8, BLOCK, seed=2)
+    b.load_state_dict(state)
+    assert _same(expected, [b.basis_batch(bases, 3), b.next_batch()])
+    # a state saved before basis batches existed: they start from the first draw
+    b.load_state_dict({key: value for key, value in state.items() if key != "basis_draws"})
+    fresh = MixtureSampler(store, None, 8, BLOCK, seed=2)
+    assert _same([b.basis_batch(bases, 3)], [fresh.basis_batch(bases, 3)])
+    for s in (a, b, fresh):
+        s.close()

@@ -12,8 +12,9 @@ Each cluster is a domain `c0000`, `c0001`, ... The store's meta.json gets a "clu
 the embedder, the size (documents) of each cluster, a few sample documents of each, the target
 tasks' cluster histograms (`--target` documents assigned to the nearest centroid) and, with
 `coarse=K1`, the coarse cluster of each fine one (k-means of the fine centroids, weighted by
-their sizes): the coarse level of a K1 × K/K1 hierarchy. The centroids are in
-clusters/centroids.npy.
+their sizes): the coarse level of a K1 × K/K1 hierarchy, whose coarse clusters DGA can
+reweight instead of the fine ones (`coarse_bases`; `--mixer-option bases=coarse`). The centroids
+are in clusters/centroids.npy.
 """
 import json
 import os
@@ -298,6 +299,24 @@ def _encode(tok, doc):
 def cluster_info(store):
     """The "clusters" entry of a store made by prepare_clusters, or None."""
     return store.meta.get("clusters")
+
+
+def coarse_bases(store):
+    """The basis distributions of the store's coarse level, an (m, k) float64 array: row j is
+    coarse cluster j's own mixture of its fine clusters, by training tokens (so that weights over
+    the coarse clusters proportional to their tokens give the natural mixture). ValueError where
+    the store was not made with `--cluster K --coarse K1`."""
+    info = cluster_info(store)
+    if info is None or "coarse" not in info:
+        raise ValueError(f"bases=coarse: the store {store.path} records no coarse clustering (make it with "
+                         "`fastmix prepare --cluster K --coarse K1`), or give bases=PATH of an (m, k) matrix")
+    coarse = np.asarray(info["coarse"])
+    if len(coarse) != store.num_domains:
+        raise ValueError(f"bases=coarse: the store's coarse level covers its first {len(coarse)} domains, but it "
+                         f"holds {store.num_domains} (domains added since it was clustered)")
+    groups = np.unique(coarse)
+    tokens = np.asarray(store.train_tokens, dtype=np.float64)
+    return np.where(coarse[None, :] == groups[:, None], tokens[None, :], 0.0)
 
 
 def summary(store, top=10):

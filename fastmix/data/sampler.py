@@ -12,8 +12,8 @@ import torch
 
 from fastmix.distributed import rank_and_world
 
-# Stream ids keep the random numbers of training, balanced and target batches independent.
-_TRAIN, _BALANCED, _TARGET = 0, 1, 2
+# Stream ids keep the random numbers of training, balanced, target and basis batches independent.
+_TRAIN, _BALANCED, _TARGET, _BASIS = 0, 1, 2, 3
 
 
 class TooShortError(ValueError):
@@ -61,6 +61,7 @@ class MixtureSampler:
         self.step = 0
         self._balanced_draws = 0
         self._target_draws = 0
+        self._basis_draws = 0
         self._tokens_drawn = np.zeros(store.num_domains, dtype=np.int64)
         self._version = 0
         self.set_weights(np.full(store.num_domains, 1.0 / store.num_domains) if weights is None else weights)
@@ -153,6 +154,32 @@ class MixtureSampler:
         x, y = self._read(ids, starts)
         return x, y, torch.from_numpy(ids)
 
+    def basis_batch(self, bases, rows_per_basis):
+        """`rows_per_basis` rows drawn from each basis distribution, a row of `bases` ((m, k),
+        non-negative, each row normalised here): (x, y, domain_ids, basis_ids), grouped by basis
+        and within a basis by domain. The rows of basis j go to domains by systematic sampling:
+        domain i gets floor or ceil of P_j(i) · rows_per_basis rows (exactly that where it is a
+        whole number), P_j(i) · rows_per_basis in expectation, and none where P_j(i) = 0."""
+        bases = np.asarray(bases, dtype=np.float64)
+        k = self.store.num_domains
+        if bases.ndim != 2 or bases.shape[0] < 1 or bases.shape[1] != k:
+            raise ValueError(f"bases must have shape (m, {k}) with m >= 1, got {bases.shape}")
+        if not np.all(np.isfinite(bases)) or np.any(bases < 0) or np.any(bases.sum(axis=1) <= 0):
+            raise ValueError("bases must be finite and non-negative, with no row all zero")
+        rng = self._rng(_BASIS, self._basis_draws)
+        self._basis_draws += 1
+        cdf = np.cumsum(bases, axis=1)
+        cdf /= cdf[:, -1:]
+        positions = (rng.random((len(bases), 1)) + np.arange(rows_per_basis)) / rows_per_basis
+        ids = np.stack([np.searchsorted(c, p, side="right") for c, p in zip(cdf, positions)])
+        # a position rounded up to 1.0 stays with the last domain the basis weighs, not past it
+        last_weighed = k - 1 - np.argmax(bases[:, ::-1] > 0, axis=1)
+        ids = np.minimum(ids, last_weighed[:, None]).reshape(-1).astype(np.int64)
+        starts = (rng.random(ids.size) * self._starts[ids]).astype(np.int64)
+        x, y = self._read(ids, starts)
+        basis_ids = np.repeat(np.arange(len(bases), dtype=np.int64), rows_per_basis)
+        return x, y, torch.from_numpy(ids), torch.from_numpy(basis_ids)
+
     def target_batch(self, name, rows):
         """`rows` training windows of target task `name`: (x, y)."""
         rng = self._rng(_TARGET, self._target_draws)
@@ -169,13 +196,14 @@ class MixtureSampler:
     # state -------------------------------------------------------------------------------
     def state_dict(self):
         return {"step": self.step, "balanced_draws": self._balanced_draws, "target_draws": self._target_draws,
-                "weights": self._weights.copy(), "seed": self.seed, "allocation": self.allocation,
-                "tokens_drawn": self._tokens_drawn.copy()}
+                "basis_draws": self._basis_draws, "weights": self._weights.copy(), "seed": self.seed,
+                "allocation": self.allocation, "tokens_drawn": self._tokens_drawn.copy()}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
         self._balanced_draws = int(state["balanced_draws"])
         self._target_draws = int(state["target_draws"])
+        self._basis_draws = int(state.get("basis_draws", 0))  # states saved before basis batches had none
         # Counts start at zero for states saved before epochs were counted and for domains
         # appended to the store since the state was saved.
         drawn = np.asarray(state.get("tokens_drawn", ()), dtype=np.int64)

@@ -70,6 +70,10 @@ class MixerContext:
     # the factor the training loss is multiplied by before its backward (a GradScaler's scale):
     # a mixer observing the training backward (`record`) divides it out
     loss_scale: float = 1.0
+    # basis_batch(bases, rows_per_basis) -> (x, y, domain_ids, basis_ids): rows_per_basis rows drawn
+    # from each row of `bases` ((m, k) distributions over the domains), grouped by basis (DGA with
+    # bases); None where the data has no such batches
+    basis_batch: Optional[Callable] = None
 
 
 class Mixer:

@@ -34,6 +34,24 @@ averages gradients) and sums the counts, so R is the rows of all ranks together;
 hence the weights, are then the same on every rank; the balanced batch is split between the ranks (each takes `rows_per_domain`
 rows of every domain).
 
+Distribution reweighting (`bases`, the DGA paper's variant for thousands of domains): the
+weights are α = Σ_j β_j P_j over m basis distributions P_j (the rows of an (m, k) non-negative
+matrix, each normalised to sum to 1), and the update above moves β over the m bases instead of
+α (EMA and floor on β, floor ε / m; so α_i >= ε / m · Σ_j P_j(i), and a domain no basis weighs
+is never drawn). Basis j's score is ⟨∇L_{P_j}, ∇L_target⟩, L_{P_j} the mean loss of
+`rows_per_basis` rows (default 4) drawn from P_j (MixtureSampler.basis_batch: systematic
+sampling, its own random stream), all bases in one forward and backward under the probe with a
+row's segment its basis, not its domain: the cost grows with m, not with k. By linearity that is
+Σ_i (n_ij / rows_per_basis) a_i, n_ij the rows of domain i, an unbiased estimate of
+Σ_i P_j(i) a_i, and exact where rows_per_basis · P_j(i) are whole numbers (tested in float64).
+"exact" mode runs a backward per basis; "inline" is refused (its rows are drawn by domain).
+`bases` is a .npy / .pt / .json file of the matrix, the matrix itself (histograms: nested
+lists, an array, a tensor), or "coarse": the coarse level of a store made with
+`fastmix prepare --cluster K --coarse K1`, row j the training tokens of coarse cluster j's fine
+clusters (fastmix.data.cluster.coarse_bases). The state holds β and the bases, so a resume
+continues exactly and refuses other bases. `scores` then holds the m basis scores. Without
+`bases` (the default) nothing of this runs and DGA is as described above.
+
 `precondition="adam"` scores ⟨g_i, V / (sqrt(v̂) + eps)⟩ with AdamW's bias-corrected second
 moments v̂ (the direction Adam would actually move along V); "none" the plain dot product.
 
@@ -48,7 +66,9 @@ import warnings
 import torch
 
 from fastmix.distributed import all_reduce_sum, rank_and_world, world_size
+from fastmix.data.cluster import coarse_bases
 from fastmix.mixing.base import Mixer, check_counts, check_number, register_mixer
+from fastmix.mixing.bases import COARSE, load_bases
 from fastmix.probe import AlignmentProbe
 
 MODES = ("exact", "stratified", "inline")
@@ -80,14 +100,15 @@ def adam_preconditioner(model, optimizer):
     return out
 
 
-def shard_balanced(x, y, ids, num_domains):
-    """This rank's share of a balanced batch of rows_per_domain * world rows per domain,
-    grouped by domain: the same number of rows of every domain on every rank, disjoint."""
+def shard_balanced(x, y, ids, num_groups):
+    """This rank's share of a batch of `num_groups` equal groups of rows, grouped by `ids` (the
+    domains of a balanced batch, the bases of a basis batch), each of rows_per_group * world
+    rows: the same number of rows of every group on every rank, disjoint."""
     rank, world = rank_and_world()
     if world == 1:
         return x, y, ids
-    per = ids.numel() // num_domains
-    index = torch.arange(ids.numel(), device=ids.device).reshape(num_domains, per)[:, rank::world].reshape(-1)
+    per = ids.numel() // num_groups
+    index = torch.arange(ids.numel(), device=ids.device).reshape(num_groups, per)[:, rank::world].reshape(-1)
     return x[index], y[index], ids[index]
 
 
@@ -151,12 +172,13 @@ def exact_scores(model, loss_fn, x, y, ids, target, num_domains, autocast=contex
 
 class DGA(Mixer):
     """Dynamic Gradient Alignment (see the module docstring). `weights` is a float64 CPU
-    tensor on the simplex, every entry >= floor / k."""
+    tensor on the simplex, every entry >= floor / k (with bases: >= floor / m · Σ_j P_j(i))."""
 
     needs_target = True  # every update draws a target batch (see fastmix.mixing.base)
 
     def __init__(self, num_domains, step_size=100.0, ema=0.2, floor=0.05, interval=10,
-                 precondition="none", mode="stratified", rows_per_domain=1, target_rows=4, target_every=10):
+                 precondition="none", mode="stratified", rows_per_domain=1, target_rows=4, target_every=10,
+                 bases=None, rows_per_basis=4):
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
         if mode not in MODES:
@@ -167,15 +189,25 @@ class DGA(Mixer):
         ema = check_number("ema", ema, 0, 1, high_open=True)
         floor = check_number("floor", floor, 0, 1)
         check_counts(interval=interval, rows_per_domain=rows_per_domain, target_rows=target_rows,
-                     target_every=target_every)
+                     target_every=target_every, rows_per_basis=rows_per_basis)
+        if bases is not None and mode == "inline":
+            raise ValueError("bases need mode 'stratified' or 'exact', which draw a batch from every basis "
+                             "distribution; 'inline' scores the training batch, whose rows are drawn by domain")
         step_size = check_number("step_size", step_size, 0)
         self.num_domains = int(num_domains)
         self.step_size, self.ema, self.floor = step_size, ema, floor
         self.interval, self.mode, self.precondition = int(interval), mode, precondition
         self.rows_per_domain, self.target_rows = int(rows_per_domain), int(target_rows)
-        self.target_every = int(target_every)
-        self._weights = torch.full((num_domains,), 1.0 / num_domains, dtype=torch.float64)
-        self.scores = torch.zeros(num_domains, dtype=torch.float64)  # last score of every domain
+        self.target_every, self.rows_per_basis = int(target_every), int(rows_per_basis)
+        # (m, k) basis distributions, or None: the update then moves the domain weights themselves
+        self.bases = None if bases is None else load_bases(bases, num_domains)
+        self.num_scored = num_domains if self.bases is None else len(self.bases)  # domains, or bases
+        if self.bases is None:
+            self._weights = torch.full((num_domains,), 1.0 / num_domains, dtype=torch.float64)
+        else:
+            self._basis_weights = torch.full((self.num_scored,), 1.0 / self.num_scored, dtype=torch.float64)
+            self._weights = self._mixture_of_bases()
+        self.scores = torch.zeros(self.num_scored, dtype=torch.float64)  # last score of every domain (or basis)
         self.updates = 0   # updates applied
         self.skipped = 0   # updates skipped (non-finite scores)
         self._warned = False
@@ -248,6 +280,8 @@ class DGA(Mixer):
     def state_dict(self):
         state = {"weights": self._weights.clone(), "scores": self.scores.clone(), "updates": self.updates,
                  "skipped": self.skipped, "num_domains": self.num_domains}
+        if self.bases is not None:  # the bases too: a resume checks that it reweights the same ones
+            state.update(basis_weights=self._basis_weights.clone(), bases=self.bases.clone())
         if self.mode == "inline" and self._target_step is not None and self.target_every > self.interval:
             # the target is reused by later updates: keep it for an exact resume
             target = self._target_state if self._target_state is not None else self._probe.target_state_dict()
@@ -259,11 +293,30 @@ class DGA(Mixer):
         if k != self.num_domains:
             raise ValueError(f"{type(self).__name__} state is for {k} domains, but the store has {self.num_domains} "
                              "(only the chameleon mixer takes domains added since the checkpoint)")
+        self._check_same_bases(state.get("bases"))
+        if self.bases is not None:
+            self._basis_weights = state["basis_weights"].to(torch.float64).cpu().clone()
         self._weights = state["weights"].to(torch.float64).cpu().clone()
         self.scores = state["scores"].to(torch.float64).cpu().clone()
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self._target_step = state.get("target_step")
         self._target_state = state.get("target")
+
+    def _check_same_bases(self, saved):
+        """ValueError unless the state was saved with the bases (or without) that this mixer has:
+        its basis weights β mean nothing over other bases."""
+        if saved is None and self.bases is None:
+            return
+        saved = None if saved is None else saved.to(torch.float64).cpu()
+        if saved is not None and self.bases is not None and torch.equal(saved, self.bases):
+            return
+        if saved is not None and self.bases is not None and saved.shape == self.bases.shape:
+            what = "other bases of the same shape"
+        else:
+            what = "no bases" if saved is None else f"{len(saved)} bases"
+        now = "none" if self.bases is None else f"{len(self.bases)} bases"
+        raise ValueError(f"{type(self).__name__} state was saved with {what}, but this run has {now}: resume with "
+                         "the bases option the run started with")
 
     # ------------------------------------------------------------------ the update rule
     def apply(self, scores, lr):
@@ -280,19 +333,32 @@ class DGA(Mixer):
                 self._warned = True
             return False
         self.scores = scores.clone()
-        proposal = torch.softmax(torch.log(self._weights) + step, 0)
-        mixed = self.ema * self._weights + (1 - self.ema) * proposal
-        floored = (1 - self.floor) * mixed + self.floor / self.num_domains
-        self._weights = floored / floored.sum()
+        if self.bases is None:
+            self._weights = self._moved(self._weights, step)
+        else:
+            self._basis_weights = self._moved(self._basis_weights, step)
+            self._weights = self._mixture_of_bases()
         self.updates += 1
         return True
+
+    def _moved(self, weights, step):
+        """`weights` (domain or basis weights) after the exponentiated-gradient step, EMA and floor."""
+        proposal = torch.softmax(torch.log(weights) + step, 0)
+        mixed = self.ema * weights + (1 - self.ema) * proposal
+        floored = (1 - self.floor) * mixed + self.floor / len(weights)
+        return floored / floored.sum()
+
+    def _mixture_of_bases(self):
+        """α = Σ_j β_j P_j, renormalised against rounding."""
+        mixture = self._basis_weights @ self.bases
+        return mixture / mixture.sum()
 
     # ------------------------------------------------------------------ estimators
     def probe(self, model):
         if self._probe is None or self._probe_model is not model:
             if self._probe is not None:
                 self._probe.remove()
-            self._probe = AlignmentProbe(model, self.num_domains)
+            self._probe = AlignmentProbe(model, self.num_scored)  # a segment per domain, or per basis
             self._probe_model = model
         return self._probe
 
@@ -344,18 +410,30 @@ class DGA(Mixer):
         return True
 
     def _scores(self, ctx):
-        """Scores of the exact and stratified modes, on a balanced batch."""
-        model, k = ctx.model, self.num_domains
+        """Scores of the exact and stratified modes, on a balanced batch (or a basis batch)."""
+        model = ctx.model
         probe = self.probe(model)
         target = self._set_target(ctx, probe)
-        world = world_size()
-        x, y, ids = shard_balanced(*ctx.balanced_batch(self.rows_per_domain * world), k)
+        x, y, ids = self._scoring_batch(ctx)
         if self.mode == "exact":
-            scores = exact_scores(model, ctx.loss_fn, x, y, ids, target, k, ctx.autocast)
+            scores = exact_scores(model, ctx.loss_fn, x, y, ids, target, self.num_scored, ctx.autocast)
         else:
             scores = probe_scores(probe, model, ctx.loss_fn, x, y, ids, ctx.autocast)
         model.zero_grad(set_to_none=True)
         return scores
+
+    def _scoring_batch(self, ctx):
+        """This rank's (x, y, segment ids): a balanced batch by domain, or with bases a batch of
+        `rows_per_basis` rows drawn from every basis distribution, each row's segment its basis
+        (one score per basis: the cost grows with m, not with the number of domains)."""
+        world = world_size()
+        if self.bases is None:
+            return shard_balanced(*ctx.balanced_batch(self.rows_per_domain * world), self.num_domains)
+        if ctx.basis_batch is None:
+            raise ValueError(f"{type(self).__name__} with bases needs basis batches, and the data has no "
+                             "basis_batch(bases, rows_per_basis) (fastmix.data.MixtureSampler has one)")
+        x, y, _, basis_ids = ctx.basis_batch(self.bases, self.rows_per_basis * world)
+        return shard_balanced(x, y, basis_ids, self.num_scored)
 
     def _inline_scores(self, ctx):
         if self._inline_step != ctx.step:  # nothing was recorded at this step (no target yet)
@@ -375,6 +453,8 @@ def _build_dga(store, **options):
     if not store.targets:
         raise ValueError(f"DGA needs a target task, and the store {store.path} has none: add one "
                          "(`fastmix prepare ... --target NAME=PATH`), or use --mixer universal, which needs none")
+    if isinstance(options.get("bases"), str) and options["bases"] == COARSE:
+        options = {**options, "bases": coarse_bases(store)}
     return DGA(store.num_domains, **options)
 
 

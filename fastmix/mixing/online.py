@@ -11,7 +11,8 @@
 
 `data` is where the mixer draws its extra batches: any object with `balanced_batch(rows_per_domain)
 -> (x, y, domain_ids)` (rows of every domain, grouped by domain) and `target_batch(name, rows) ->
-(x, y)`, and optionally `set_weights(weights)`, which `step` calls with the new weights.
+(x, y)`, and optionally `set_weights(weights)`, which `step` calls with the new weights, and
+`basis_batch(bases, rows_per_basis) -> (x, y, domain_ids, basis_ids)`, which DGA with `bases` needs.
 fastmix.data.MixtureSampler (over a DomainStore) and fastmix.data.DomainMixture (over the user's
 own per-domain datasets) are such objects; the batches are moved to `device`.
 
@@ -118,6 +119,9 @@ class OnlineMixing:
         def target_batch(rows):
             return to_device(*self.data.target_batch(self.target, rows))
 
+        def basis_batch(bases, rows):
+            return to_device(*self.data.basis_batch(bases, rows))
+
         scale = self.grad_scaler.get_scale() if self.grad_scaler is not None and self.grad_scaler.is_enabled() \
             else 1.0
         return MixerContext(
@@ -126,7 +130,7 @@ class OnlineMixing:
             target_batch=target_batch if self.target is not None else None,
             balanced_batch=lambda rows: to_device(*self.data.balanced_batch(rows)), device=self.device,
             autocast=self.autocast, num_domains=len(self.mixer.weights), grad_clip_coef=grad_clip_coef,
-            loss_scale=scale)
+            loss_scale=scale, basis_batch=basis_batch if hasattr(self.data, "basis_batch") else None)
 
     def _current_lr(self):
         return self.optimizer.param_groups[0]["lr"]
