@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fastmix.data import DomainStore, MixtureSampler, builtin_store
-from fastmix.data.sampler import TooShortError
+from fastmix.data.sampler import EpochCapReached, TooShortError
 from fastmix.data.store import StoreError
 from fastmix.distributed import all_gather_stacked, rank_and_world
 from fastmix.errors import UsageError
@@ -93,6 +93,9 @@ class TrainConfig:
     eval_batches: int = _opt(2, "held-out batches per domain and target at each evaluation")
     log_interval: int = _opt(10, "write a metrics.jsonl record every N steps")
     checkpoint_interval: int = _opt(100, "write ckpt.pt every N steps (and always at the end)")
+    max_epochs_per_domain: Optional[float] = _opt(None, "draw no more from a domain once its training tokens have "
+                                                        "been drawn this many times over; its weight goes to the "
+                                                        "others (default: no cap)")
     allocation: str = _opt("stratified", "rows per domain: 'stratified' (systematic) or 'multinomial'",
                            choices=("stratified", "multinomial"))
     device: str = _opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -116,6 +119,8 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 0)
         if self.lr_decay_steps is not None:
             _check_int("lr_decay_steps", self.lr_decay_steps, 1)
+        if self.max_epochs_per_domain is not None:
+            check_number("--max-epochs-per-domain", self.max_epochs_per_domain, 0, low_open=True)
         # numbers checked here, not where they are used: a TOML file can give any type, and a bad
         # value must stop the run before its directory is written (AdamW checks only its defaults)
         for name, low, high in (("beta1", 0, 1), ("beta2", 0, 1), ("dropout", 0, 1)):
@@ -470,6 +475,8 @@ def _train(config, rank, world, device, lock):
                   "epochs": _weights_dict(run.sampler.epochs, run.store.domains)}
         if config.skip_nonfinite_steps:
             record["skipped_steps"] = skipped
+        if config.max_epochs_per_domain is not None:  # the domains no longer drawn from
+            record["capped"] = [d for d, capped in zip(run.store.domains, run.sampler.capped) if capped]
         if world > 1:
             _check_same_on_all_ranks(run.mixer.weights, device)
         records.append(record)
@@ -487,7 +494,13 @@ def _train(config, rank, world, device, lock):
         run.model.train()
         for step in range(run.start_step, config.max_steps):
             lr, weights, done = _lr_at(step, config), run.mixer.weights, step + 1  # weights: this step's batches'
-            loss, taken = train_step(step, lr)
+            try:
+                loss, taken = train_step(step, lr)
+            except EpochCapReached as error:
+                kept = "no checkpoint was written yet" if files.saved_step is None else \
+                    f"the checkpoint {files.ckpt_path} is at step {files.saved_step}"
+                raise UsageError(f"--max-epochs-per-domain {config.max_epochs_per_domain}: at step {step}, {error}; "
+                                 f"{kept} (train for fewer --max-steps, or allow more epochs)") from None
             skipped_in_a_row = 0 if taken else skipped_in_a_row + 1
             if not taken:
                 _check_skip(config, done, skipped_in_a_row, files)
@@ -720,7 +733,7 @@ def _open_run(config, rank, world, device, lock):
     _check_target_window(config, store, target if mixer.needs_target else None)
     try:
         sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed,
-                                 allocation=config.allocation)
+                                 allocation=config.allocation, max_epochs=config.max_epochs_per_domain)
     except TooShortError as error:  # any other error of the sampler is a bug, with its traceback
         raise UsageError(f"--data {config.data}: {error} (a smaller --block-size fits them)") from None
     run = _Run(store, target, model, optimizer, mixer, sampler)
@@ -919,7 +932,8 @@ def add_train_arguments(parser):
         elif f.type is dict:
             parser.add_argument(flag, action="append", metavar="KEY=VALUE", type=_key_value, **kwargs)
         else:
-            kind = {int: int, float: float, str: str, Optional[int]: int, Optional[str]: str}[f.type]
+            kind = {int: int, float: float, str: str, Optional[int]: int, Optional[float]: float,
+                    Optional[str]: str}[f.type]
             parser.add_argument(flag, type=kind, metavar=f.name.upper(), **kwargs)
     return parser
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastmix.data import DomainStore, MixtureSampler, StoreWriter
+from fastmix.data.sampler import EpochCapReached
 
 K = 5
 BLOCK = 8
@@ -241,3 +242,54 @@ def test_basis_batches_resume_exactly(store):
     assert _same([b.basis_batch(bases, 3)], [fresh.basis_batch(bases, 3)])
     for s in (a, b, fresh):
         s.close()
+
+
+# ---------------------------------------------------------------- the limited-data regime
+
+def _tiny_store(path, sizes):
+    with StoreWriter(path, {"type": "byte", "vocab_size": 257}) as w:
+        rng = np.random.default_rng(0)
+        for i, n in enumerate(sizes):
+            w.add(f"d{i}", rng.integers(0, 256, n, dtype=np.uint16), rng.integers(0, 256, 100, dtype=np.uint16))
+    return DomainStore(path)
+
+
+def test_a_capped_domain_is_drawn_no_more_and_its_weight_goes_to_the_others(tmp_path):
+    store = _tiny_store(tmp_path / "s", [400, 4000, 4000])
+    sampler = MixtureSampler(store, [0.6, 0.3, 0.1], batch_size=10, block_size=8, seed=0, max_epochs=1.0)
+    seen_after_cap, steps = [], 0
+    while not sampler.capped[0]:
+        sampler.next_batch()
+        steps += 1
+    # capped as soon as its count reaches one epoch, not a batch later
+    assert 1.0 <= sampler.epochs[0] < 1.0 + 6 * 8 / 400 and steps == 9  # 6 of its rows a batch
+    np.testing.assert_allclose(sampler.sampling_weights, [0, 0.75, 0.25])
+    for _ in range(40):
+        seen_after_cap.append(sampler.next_batch()[2])
+    ids = torch.cat(seen_after_cap)
+    assert not bool((ids == 0).any())
+    assert abs(float((ids == 1).float().mean()) - 0.75) < 0.02  # stratified: the weights up to one row a batch
+    np.testing.assert_allclose(sampler.weights, [0.6, 0.3, 0.1])  # the mixer's weights stay what they were
+    sampler.close()
+
+
+def test_the_cap_resumes_exactly_and_a_store_drawn_dry_says_so(tmp_path):
+    store = _tiny_store(tmp_path / "s", [400, 600])
+    first = MixtureSampler(store, [0.5, 0.5], batch_size=10, block_size=8, seed=3, max_epochs=1.0)
+    for _ in range(6):
+        first.next_batch()
+    resumed = MixtureSampler(store, [0.5, 0.5], batch_size=10, block_size=8, seed=3, max_epochs=1.0)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(4):
+        a, b = first.next_batch(), resumed.next_batch()
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+        assert np.array_equal(first.capped, resumed.capped)
+    with pytest.raises(EpochCapReached, match=r"every domain has been drawn for max_epochs = 1.0 epochs"):
+        for _ in range(20):
+            first.next_batch()
+    assert first.capped.all()
+    for bad in (0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="max_epochs must be a finite number > 0 or None"):
+            MixtureSampler(store, max_epochs=bad)
+    first.close()
+    resumed.close()

@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,28 +70,65 @@ def test_a_store_with_token_ids_past_the_vocabulary_stops_before_the_run_directo
 
 # ---------------------------------------------------------------- one writer
 
-def test_a_second_train_on_a_running_run_is_refused_naming_its_pid(tmp_path):
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every step recorded and evaluated, on a schedule that does not depend on --max-steps: a run
+# cut anywhere and resumed can be compared record for record with one that was not
+EVERY_STEP = ["--log-interval", "1", "--eval-interval", "1", "--checkpoint-interval", "1", "--lr-decay-steps", "40",
+              "--mixer", "dga"]
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_second_train_is_refused_naming_the_pid_and_a_sigkilled_run_resumes_as_if_never_stopped(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "fastmix", "train", "--out", str(out), *TINY,
-                              "--max-steps", "100000", "--checkpoint-interval", "1", "--log-interval", "1"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    first = subprocess.Popen([sys.executable, "-m", "fastmix", "train", "--out", str(out), *TINY, *EVERY_STEP,
+                              "--max-steps", "40"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": REPO})
     try:
         deadline = time.monotonic() + 120
-        while not (out / "ckpt.pt").exists():
+        while (checkpoint_step(str(out / "ckpt.pt")) if (out / "ckpt.pt").exists() else 0) < 3:
             assert first.poll() is None, first.stderr.read().decode()
             assert time.monotonic() < deadline, "the first run wrote no checkpoint"
-            time.sleep(0.2)
+            time.sleep(0.1)
         for extra in ([], ["--resume"], ["--overwrite"]):
-            message = _error(["train", "--out", str(out), *TINY, "--max-steps", "100001", *extra])
+            message = _error(["train", "--out", str(out), *TINY, "--max-steps", "40", *extra])
             assert message.startswith(f"fastmix train: error: {out} is in use by another fastmix train "
                                       f"(PID {first.pid}, lock {out / 'run.lock'})"), message
     finally:
-        first.kill()
+        first.kill()  # SIGKILL, wherever it is: maybe inside a checkpoint's write
         first.wait()
     # the killed holder's lock is no obstacle: the run goes on from its last whole checkpoint
     step = checkpoint_step(str(out / "ckpt.pt"))
-    main(["train", "--out", str(out), *TINY, "--max-steps", str(step + 1), "--resume"])
-    assert checkpoint_step(str(out / "ckpt.pt")) == step + 1
+    assert step < 40, "the first run ended before it was killed"
+    main(["train", "--out", str(out), *TINY, *EVERY_STEP, "--max-steps", str(step + 2), "--resume"])
+    main(["train", "--out", str(tmp_path / "whole"), *TINY, *EVERY_STEP, "--max-steps", str(step + 2)])
+    assert _records(out) == _records(tmp_path / "whole")
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0,
+                    reason="cannot mount a tmpfs in a user namespace here")
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_there_is_room(tmp_path):
+    """A real ENOSPC: `fastmix train` on a tmpfs that holds one checkpoint but not a second beside it."""
+    main(["train", "--out", str(tmp_path / "probe"), *TINY, "--max-steps", "1", "--no-plot"])
+    size = os.path.getsize(tmp_path / "probe" / "ckpt.pt")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = (f"mount -t tmpfs -o size={int(size * 1.6)} tmpfs {disk} && {sys.executable} -m fastmix train "
+               f"--out {disk / 'run'} {' '.join(TINY)} --max-steps 4 --checkpoint-interval 2 --no-plot; "
+               f"echo EXIT $?; cp -r {disk / 'run'} {tmp_path / 'saved'}")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+    assert "EXIT 1" in result.stdout, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"fastmix train: error: could not write {disk / 'run' / 'ckpt.pt'}: No space left on device. "
+                    f"The previous checkpoint {disk / 'run' / 'ckpt.pt'} (step 2) is intact. Free some space, then "
+                    "continue with --resume"), last
+    saved = tmp_path / "saved"
+    assert sorted(os.listdir(saved)) == ["ckpt.pt", "config.json", "metrics.jsonl", "run.lock"]
+    main(["train", "--out", str(saved), *TINY, "--max-steps", "4", "--checkpoint-interval", "2", "--resume"])
+    assert checkpoint_step(str(saved / "ckpt.pt")) == 4
 
 
 # ---------------------------------------------------------------- a torn metrics line
@@ -242,3 +280,24 @@ def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line(finished_run, tmp
             message = _error(argv)
         assert message.endswith(f"{out / 'ckpt.pt'}: written by a newer fastmix (checkpoint format 99; this one "
                                 "reads formats up to 2): upgrade fastmix to use it"), message
+
+
+# ---------------------------------------------------------------- limited data
+
+def test_a_domain_at_its_epoch_cap_is_drawn_no_more_and_a_store_drawn_dry_stops_in_one_line(tmp_path):
+    rng = np.random.default_rng(2)
+    _store(tmp_path / "store", rng.integers(0, 257, 600))  # a: 3000 training tokens, b: 600
+    out = tmp_path / "run"
+    _train(tmp_path / "store", out, "--max-steps", "30", "--log-interval", "1", "--max-epochs-per-domain", "1")
+    records = _records(out)[1:]
+    capped_at = next(r["step"] for r in records if r["capped"])
+    assert all(r["capped"] == ["b"] for r in records if r["step"] >= capped_at)
+    # b stops within the batch that took it past one epoch (2 of 4 rows, 16 tokens each)
+    assert 1.0 <= records[-1]["epochs"]["b"] < 1.0 + 2 * 16 / 600
+    assert records[-1]["epochs"]["b"] == records[capped_at - 1]["epochs"]["b"]
+    assert records[-1]["epochs"]["a"] > records[capped_at - 1]["epochs"]["a"]
+    message = _error(["train", "--data", str(tmp_path / "store"), "--out", str(tmp_path / "dry"), *TINY,
+                      "--max-steps", "500", "--checkpoint-interval", "10", "--max-epochs-per-domain", "1"])
+    assert re.fullmatch(r"fastmix train: error: --max-epochs-per-domain 1.0: at step \d+, every domain has been "
+                        r"drawn for max_epochs = 1.0 epochs: nothing is left to draw from; the checkpoint .*ckpt.pt "
+                        r"is at step \d+0 \(train for fewer --max-steps, or allow more epochs\)", message), message

@@ -20,6 +20,10 @@ class TooShortError(ValueError):
     """Data too short for one window of block_size + 1 tokens (a smaller block size fits it)."""
 
 
+class EpochCapReached(RuntimeError):
+    """Every domain has reached the sampler's max_epochs: no batch is left to draw."""
+
+
 class MixtureSampler:
     """Batches `(x, y, domain_ids)` of shape (batch_size, block_size), int64, on the CPU.
 
@@ -35,14 +39,23 @@ class MixtureSampler:
     batch_size rows from the mixture (a fixed o would favour the first domains on rank 0 and
     the last ones on the last rank). All ranks must hold the same weights.
 
+    max_epochs (the limited-data regime): a domain whose training tokens drawn reach
+    max_epochs × the tokens it holds (`epochs`, counted over the global batch) is drawn no more,
+    and its weight goes to the others (`sampling_weights`); once every domain is capped,
+    next_batch raises EpochCapReached. The counts are in the state, so a resume caps alike.
+
     Cost per batch is O(batch_size · log k): the weights' cumulative sum is computed once
     when they change, not per batch.
     """
 
     def __init__(self, store, weights=None, batch_size=16, block_size=64, seed=0,
-                 allocation="stratified", prefetch=True, rank=None, world_size=None):
+                 allocation="stratified", prefetch=True, rank=None, world_size=None, max_epochs=None):
         if allocation not in ("stratified", "multinomial"):
             raise ValueError(f"allocation must be 'stratified' or 'multinomial', got {allocation!r}")
+        if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, float))
+                                       or not 0 < max_epochs < float("inf")):
+            raise ValueError(f"max_epochs must be a finite number > 0 or None, got {max_epochs!r}")
+        self.max_epochs = max_epochs
         self.store = store
         self.batch_size = int(batch_size)
         self.block_size = int(block_size)
@@ -63,6 +76,7 @@ class MixtureSampler:
         self._target_draws = 0
         self._basis_draws = 0
         self._tokens_drawn = np.zeros(store.num_domains, dtype=np.int64)
+        self._capped = np.zeros(store.num_domains, dtype=bool)
         self._version = 0
         self.set_weights(np.full(store.num_domains, 1.0 / store.num_domains) if weights is None else weights)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastmix-prefetch") if prefetch else None
@@ -85,9 +99,36 @@ class MixtureSampler:
         if hasattr(self, "_weights") and np.array_equal(w, self._weights):
             return
         self._weights = w
-        cdf = np.cumsum(w)
+        self._set_cdf()
+
+    @property
+    def capped(self):
+        """Which domains have reached `max_epochs` (bool, k): no more rows are drawn from them."""
+        return self._capped.copy()
+
+    @property
+    def sampling_weights(self):
+        """The weights the batches are drawn with: `weights`, with the weight of capped domains
+        given to the others in proportion to theirs (evenly where theirs is all zero)."""
+        w = np.where(self._capped, 0.0, self._weights)
+        if w.sum() == 0:
+            w = (~self._capped).astype(np.float64)
+        return w / w.sum()
+
+    def _set_cdf(self):
+        if self._capped.all():
+            return  # nothing left to draw from: next_batch says so
+        cdf = np.cumsum(self.sampling_weights)
         self._cdf = cdf / cdf[-1]
-        self._version += 1
+        self._version += 1  # a batch prefetched with the old weights is drawn again
+
+    def _update_capped(self):
+        if self.max_epochs is None:
+            return
+        capped = self.epochs >= self.max_epochs
+        if not np.array_equal(capped, self._capped):
+            self._capped = capped
+            self._set_cdf()
 
     # training batches ------------------------------------------------------------------
     def _rng(self, stream, counter):
@@ -121,6 +162,9 @@ class MixtureSampler:
         return (x, y, torch.from_numpy(ids[mine].astype(np.int64))), rows_per_domain
 
     def next_batch(self):
+        if self._capped.all():
+            raise EpochCapReached(f"every domain has been drawn for max_epochs = {self.max_epochs} epochs: "
+                                  "nothing is left to draw from")
         pending, self._pending = self._pending, None
         if pending is not None and pending[:2] == (self.step, self._version):
             batch, rows_per_domain = pending[2].result()
@@ -128,6 +172,7 @@ class MixtureSampler:
             batch, rows_per_domain = self._draw(self.step, self._cdf)
         # Counted over the global batch, so every rank holds the same counts.
         self._tokens_drawn += rows_per_domain * self.block_size
+        self._update_capped()
         self.step += 1
         if self._executor is not None:
             self._pending = (self.step, self._version, self._executor.submit(self._draw, self.step, self._cdf))
@@ -212,6 +257,7 @@ class MixtureSampler:
         self._tokens_drawn = np.zeros(self.store.num_domains, dtype=np.int64)
         self._tokens_drawn[:len(drawn)] = drawn
         self.set_weights(state["weights"])
+        self._update_capped()  # the cap of this run, on the counts of the saved one
         self._pending = None
 
     def close(self):
