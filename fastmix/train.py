@@ -100,6 +100,8 @@ class TrainConfig:
                            choices=("stratified", "multinomial"))
     device: str = _opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     compile: bool = _opt(False, "torch.compile the model")
+    fsdp: bool = _opt(False, "shard the model with FSDP2 (fully_shard each block, then the model) instead of "
+                             "replicating it with DDP; under torchrun")
     seed: int = _opt(0, "seed of the model init and of the data order")
     resume: bool = _opt(False, "continue the run in --out from its checkpoint (its config.json, then --config, "
                                "then these flags; the mixer and the model's shape stay the checkpoint's)")
@@ -266,7 +268,8 @@ def _autocast(device):
 
 @torch.no_grad()
 def _evaluate(model, eval_data, names, device, autocast, world):
-    """Mean held-out loss per name; each rank evaluates its share of the names."""
+    """Mean held-out loss per name; each rank evaluates its share of the names (world: the
+    number of ranks sharing them, 1 where every rank evaluates all)."""
     model.eval()
     losses = torch.zeros(len(names), dtype=torch.float64, device=device)
     for i, batches in eval_data.items():
@@ -349,7 +352,7 @@ def _check_out_is_free(config, ckpt_path):
 
 # What a resumed run cannot change: the mixer (the checkpoint holds its state) and the model's
 # shape (the checkpoint's weights would not fit).
-_KEPT_ON_RESUME = ("mixer", "n_layer", "n_head", "n_embd", "block_size", "bias")
+_KEPT_ON_RESUME = ("mixer", "n_layer", "n_head", "n_embd", "block_size", "bias", "fsdp")
 
 
 def _check_resumed_config(saved, step, config):
@@ -467,7 +470,7 @@ def _train(config, rank, world, device, lock):
                              config.batch_size)
     train_step = TrainStep(run.model, run.optimizer, run.sampler, run.mixer, contexts,
                            train_model=_wrapped(run.model, config, world, device), grad_accum=config.grad_accum,
-                           grad_clip=config.grad_clip, world=world)
+                           grad_clip=config.grad_clip, world=world, sharded=config.fsdp)
 
     def log(step, lr, train_loss, weights, evaluate, skipped=0):
         record = {"step": step, "lr": lr, "train_loss": train_loss,
@@ -517,15 +520,19 @@ def _train(config, rank, world, device, lock):
                     skipped)
             if checkpoint_now:
                 _check_parameters(run.model, world, config, done, files)
-                mixer_state = run.mixer.state_dict()  # on every rank: a mixer may gather per-rank state
+                # on every rank: FSDP2 gathers the shards, and a mixer may gather per-rank state
+                states, mixer_state = _model_and_optimizer_states(run, config), run.mixer.state_dict()
                 if rank == 0:
-                    files.save(done, _checkpoint_state(done, run, mixer_state, config, carried, device))
+                    files.save(done, _checkpoint_state(done, run, states, mixer_state, config, carried, device))
         progress.close()
+        mixer_summary = run.mixer.summary()  # before close() takes the mixer's hooks off
     finally:
         run.sampler.close()
         run.mixer.close()
     if rank == 0 and records:
-        _finish(config, run, records, files)
+        _finish(config, run, records, files, mixer_summary)
+    if world > 1:  # every rank returns with the run written (a next run in this process may resume it)
+        dist.barrier()
     return TrainResult(out=config.out, metrics=records, model=run.model, mixer=run.mixer, store=run.store)
 
 
@@ -564,10 +571,11 @@ class TrainStep:
     loss (a 0-d tensor on the device, not synchronised) and whether the step was taken."""
 
     def __init__(self, model, optimizer, sampler, mixer, contexts, *, train_model=None, grad_accum=1,
-                 grad_clip=1.0, world=1):
+                 grad_clip=1.0, world=1, sharded=False):
         self.model, self.optimizer, self.sampler, self.mixer, self.contexts = model, optimizer, sampler, mixer, contexts
         self.train_model = model if train_model is None else train_model  # compiled, or under DDP
         self.grad_accum, self.grad_clip, self.world = grad_accum, grad_clip, world
+        self.sharded = sharded  # FSDP2: parameters and gradients are DTensors
 
     def __call__(self, step, lr):
         for group in self.optimizer.param_groups:
@@ -581,16 +589,19 @@ class TrainStep:
             micro_batches.append((x, y, domain_ids))
             syncs = micro == self.grad_accum - 1 or self.world == 1  # DDP all-reduces on the last one only
             with self.mixer.record(record_ctx, domain_ids):  # the mixer's view of the training pass, if it wants one
-                with (contextlib.nullcontext() if syncs else self.train_model.no_sync()), self.contexts.autocast():
+                with (contextlib.nullcontext() if syncs else _without_gradient_sync(self.train_model)), \
+                        self.contexts.autocast():
                     loss = lm_loss(self.train_model, x, y) / self.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
         clip_coef = 1.0
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            norm = _whole(norm) if self.sharded else norm
             clip_coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)  # what clipping multiplied by
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            norm = _whole(norm) if self.sharded else norm
         # the norm of every gradient is finite when they all are: one number tells, as GradScaler's check
         if not _all_finite([loss_sum, norm], self.world):
             return loss_sum, False  # neither the parameters nor the mixer see this step
@@ -599,6 +610,35 @@ class TrainStep:
         self.mixer.update(self.contexts(step + 1, lr, batch, clip_coef))
         self.sampler.set_weights(self.mixer.weights)
         return loss_sum, True
+
+
+@contextlib.contextmanager
+def _without_gradient_sync(train_model):
+    """A micro-batch whose gradients stay on this rank (all but the last of a step's): DDP's
+    no_sync, or FSDP2's gradient sync turned off."""
+    if isinstance(train_model, torch.nn.parallel.DistributedDataParallel):
+        with train_model.no_sync():
+            yield
+        return
+    train_model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        train_model.set_requires_gradient_sync(True)
+
+
+def _whole(tensor):
+    """A DTensor (an FSDP2 gradient norm) as the plain tensor it stands for."""
+    from torch.distributed.tensor import DTensor  # here: torch.distributed's tensor modules take a second to import
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local(tensor):
+    """This rank's shard of a DTensor (an FSDP2 parameter; one FSDP2 keeps unsharded is whole)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class LossWindow:
@@ -664,7 +704,8 @@ def _check_skip(config, step, skipped_in_a_row, files):
 
 def _check_parameters(model, world, config, step, files):
     """A good checkpoint is never replaced by a model that diverged."""
-    if not _all_finite([p.detach() for p in model.parameters()], world):
+    local = [_local(p.detach()) if config.fsdp else p.detach() for p in model.parameters()]
+    if not _all_finite(local, world):  # each rank checks its shards
         raise DivergedError(_diverged_message("the parameters are not finite", step, config, files))
 
 
@@ -722,6 +763,8 @@ def _open_run(config, rank, world, device, lock):
     model = GPT(GPTConfig(block_size=config.block_size, vocab_size=store.vocab_size, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
                           bias=config.bias)).to(device)
+    if config.fsdp:
+        _shard(model, world)
     optimizer = _optimizer(model, config, device)
     mixer, options = _build_mixer(config, store)
     if ckpt is not None:
@@ -743,8 +786,16 @@ def _open_run(config, rank, world, device, lock):
 
 
 def _restore(run, ckpt, config, device):
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if config.fsdp:  # the checkpoint holds whole tensors: each rank takes its shards
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(run.model, ckpt["model"], options=options)
+        set_optimizer_state_dict(run.model, run.optimizer, ckpt["optimizer"], options=options)
+    else:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
     for group, settings in zip(run.optimizer.param_groups, _group_settings(config)):  # --weight-decay, --beta1/2
         group.update(settings)
     try:
@@ -760,17 +811,41 @@ def _restore(run, ckpt, config, device):
     run.loss_window = ckpt["loss_window"]
 
 
-def _checkpoint_state(step, run, mixer_state, config, loss_window, device):
-    return {"step": step, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+def _model_and_optimizer_states(run, config):
+    """The model's and the optimizer's state dicts; under FSDP2 whole tensors on the CPU,
+    gathered from every rank (a collective: every rank calls it)."""
+    if not config.fsdp:
+        return run.model.state_dict(), run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(run.model, options=options),
+            get_optimizer_state_dict(run.model, run.optimizer, options=options))
+
+
+def _checkpoint_state(step, run, states, mixer_state, config, loss_window, device):
+    return {"step": step, "model": states[0], "optimizer": states[1],
             "sampler": run.sampler.state_dict(), "mixer": mixer_state, "rng": _rng_states(device),
             "config": dataclasses.asdict(config), "domains": list(run.store.domains),
             "targets": list(run.store.targets), "loss_window": loss_window}
 
 
+def _shard(model, world):
+    if world == 1:
+        raise UsageError("--fsdp shards the model over the processes of a torchrun: run it with torchrun "
+                         "--nproc_per_node N -m fastmix train ... (N >= 2)")
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+
+
 def _wrapped(model, config, world, device):
-    """What the training forward runs: the model, compiled with --compile, under DDP with several ranks."""
+    """What the training forward runs: the model (sharded already with --fsdp), compiled with
+    --compile, under DDP with several ranks."""
     train_model = torch.compile(model) if config.compile else model
-    if world > 1:
+    if world > 1 and not config.fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     return train_model
@@ -834,9 +909,11 @@ class _Evaluation:
                           f"--block-size + 1 = {config.block_size + 1} tokens (`fastmix prepare --val-fraction` "
                           "sets its size)", stacklevel=3)
         self.names = [n for n in names if n not in too_short]
+        # under FSDP2 a forward is collective, so every rank evaluates every name
+        self.world, rank = (1, 0) if config.fsdp else (world, rank)
         self.batches = {i: run.sampler.eval_batches(name, config.eval_batches, config.seed)
-                        for i, name in enumerate(self.names) if i % world == rank and config.eval_batches > 0}
-        self.model, self.device, self.world = run.model, device, world
+                        for i, name in enumerate(self.names) if i % self.world == rank and config.eval_batches > 0}
+        self.model, self.device = run.model, device
         self.autocast, self.enabled = _autocast(device), config.eval_batches > 0
 
     def __call__(self, evaluate):
@@ -868,7 +945,7 @@ class _Progress:
         self.bar.close()
 
 
-def _finish(config, run, records, files):
+def _finish(config, run, records, files, mixer_summary):
     """The plot and the summary of a finished run."""
     final = _weights_dict(run.mixer.weights, run.store.domains)  # after the last update: what ckpt.pt holds
     plot_path = os.path.join(config.out, "weights.png")
@@ -881,6 +958,8 @@ def _finish(config, run, records, files):
             plot_run(records, run.store.domains, run.store.targets, plot_path, final)
     if not config.quiet:
         print(summary_table(records, run.store, final))
+        for line in mixer_summary:
+            print(line)
         if config.plot:
             print(f"plot: {plot_path}")
 

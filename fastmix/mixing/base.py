@@ -26,6 +26,8 @@ Trainer integration) always calls them; a mixer overrides those it needs:
   there (and must leave `.grad` zeroed).
 - `close()`: releases what the mixer attached to the model (hooks, probes); the loop calls it
   when the run ends, also when it ends with an error.
+- `summary()`: lines the loop prints under its table at the end of a run (DGA: the memory its
+  target takes per rank, beside the model's size).
 - `changed_options(saved, options)`: the options whose change a resumed run's saved state
   cannot follow, given the options of the run that saved it and those of the resumed run
   (defaults filled in; both also hold `target`, the target task). The loop refuses such a
@@ -113,6 +115,9 @@ class Mixer:
 
     def changed_options(self, saved: dict, options: dict) -> list:
         return [key for key in self.state_options if saved.get(key) != options.get(key)]
+
+    def summary(self) -> list:
+        return []
 
 
 def check_mixer(mixer, what):

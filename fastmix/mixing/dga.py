@@ -232,6 +232,17 @@ class DGA(Mixer):
             return []
         return [key for key in ("mode", "precondition", "target") if saved.get(key) != options.get(key)]
 
+    def summary(self):
+        """The memory the target gradient takes on this rank, beside the model's (under FSDP2
+        the target is sharded like the parameters and gathered one layer at a time)."""
+        if self._probe is None:
+            return []
+        memory = self._probe.target_memory
+        mib = 2.0 ** 20
+        return [f"dga target per rank: {memory.held_bytes / mib:.2f} MiB held + at most "
+                f"{memory.peak_gathered_bytes / mib:.2f} MiB gathered, for a model of {memory.model_bytes / mib:.2f} "
+                f"MiB ({memory.model_bytes_held / mib:.2f} MiB on this rank)"]
+
     def prepare(self, ctx):
         """Inline mode hooks the training model now, before its first forward: torch.compile
         ignores hooks added to a model it has already traced."""
