@@ -610,3 +610,44 @@ def test_a_registered_rule_scores_its_layer_type(seed, factor):
     assert_close_scores(probe.result().dots, want, 1e-9)
     with pytest.raises(TypeError, match="layer_type must be an nn.Module subclass"):
         register_probe_rule(int, scale_rule)
+
+
+def test_hf_gpt2_conv1d_layers_are_scored(seed):
+    """transformers' GPT-2 is built from Conv1D (y = x W + b, W stored (in, out)), 90% of its
+    parameters: the probe covers them. Its position embedding sees (1, T) positions, no batch
+    dimension, so it is left out (reported); the rest matches one backward per domain."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=23, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model, k = transformers.GPT2LMHeadModel(config).double(), 3
+
+    def loss(x, y, keep):
+        per_token = F.cross_entropy(model(x).logits.reshape(-1, 23), y.reshape(-1), reduction="none")
+        return (per_token.reshape(y.shape) * keep[:, None]).sum() / y.numel()
+
+    probe = AlignmentProbe(model, k)
+    assert probe.coverage.uncovered == []
+    x_t, y_t = batch(model, batch_size=3)
+    loss(x_t, y_t, torch.ones(3, dtype=torch.float64)).backward()
+    probe.set_target()
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = flat_grads(model, params)
+    x, y = batch(model)
+    ids = torch.tensor([0, 1, 1, 2, 0, 2])
+    model.zero_grad()
+    with pytest.warns(UserWarning, match="'transformer.wpe' sees inputs of leading shape"):
+        with probe.record(ids):
+            loss(x, y, torch.ones(6, dtype=torch.float64)).backward()
+    assert probe.coverage.uncovered == ["transformer.wpe.weight"]
+    offset = 0
+    for name, p in model.named_parameters():  # the target without the left-out position embedding
+        if name == "transformer.wpe.weight":
+            target[offset:offset + p.numel()] = 0
+        offset += p.numel()
+    scores = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        loss(x, y, (ids == i).to(torch.float64)).backward()
+        scores[i] = flat_grads(model, params) @ target
+    assert_close_scores(probe.result().dots, scores, 1e-9)
+    probe.remove()

@@ -2,8 +2,8 @@
 training step already does.
 
 Hooks on the layers see each layer's inputs and output gradients, and the layer type's rule
-(fastmix.probe.rules: nn.Linear, nn.Embedding, nn.LayerNorm, or one registered with
-fastmix.register_probe_rule) turns them into each row's ⟨g_row, V⟩: for a linear layer one
+(fastmix.probe.rules: nn.Linear, nn.Embedding, nn.LayerNorm, transformers' Conv1D (GPT-2), or
+one registered with fastmix.register_probe_rule) turns them into each row's ⟨g_row, V⟩: for a linear layer one
 extra GEMM-sized product (fastmix.ops.rowwise_bilinear: δ_nᵀ V x_n per row, the product never
 written), or the cheaper "ghost" form when the target came from few rows. The per-row terms
 of all layers are summed, then segment-summed by domain once per record. No per-domain

@@ -56,11 +56,19 @@ def register_probe_rule(layer_type, rule=None, *, autocast_inputs=False):
     return register if rule is None else register(rule)
 
 
+# Rules for layer types of optional libraries, keyed by "module.QualName", so that finding them
+# imports nothing (transformers' GPT-2 is built from its Conv1D, not nn.Linear).
+RULES_BY_NAME = {}  # "module.QualName" -> ProbeRule
+
+
 def rule_for(module):
     """The rule registered for the module's type or its nearest base class, or None."""
     for cls in type(module).__mro__:
         if cls in RULES:
             return RULES[cls]
+        named = RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            return named
     return None
 
 
@@ -76,6 +84,19 @@ def linear_rule(layer, inputs, grad_output, target):
     per_row = g2.new_zeros(g2.shape[0])
     if "weight" in target:
         per_row = per_row + ops.rowwise_bilinear(g2, target["weight"], x2)
+    if "bias" in target:
+        per_row = per_row + g2 @ target["bias"]
+    return per_row.reshape(g.shape[:-1])
+
+
+def conv1d_rule(layer, inputs, grad_output, target):
+    """transformers' Conv1D, y = x W + b with W (in, out): xᵀ V_W g + g·V_b per row (the
+    linear rule with the weight's roles swapped, so V_W is used as it is stored)."""
+    x, g = inputs[0], grad_output
+    x2, g2 = _rows(x, 1).to(g.dtype), _rows(g, 1)
+    per_row = g2.new_zeros(g2.shape[0])
+    if "weight" in target:
+        per_row = per_row + ops.rowwise_bilinear(x2, target["weight"], g2)
     if "bias" in target:
         per_row = per_row + g2 @ target["bias"]
     return per_row.reshape(g.shape[:-1])
@@ -105,3 +126,4 @@ def layer_norm_rule(layer, inputs, grad_output, target):
 register_probe_rule(nn.Linear, linear_rule, autocast_inputs=True)
 register_probe_rule(nn.Embedding, embedding_rule)
 register_probe_rule(nn.LayerNorm, layer_norm_rule)
+RULES_BY_NAME["transformers.pytorch_utils.Conv1D"] = ProbeRule(conv1d_rule, autocast_inputs=True)
