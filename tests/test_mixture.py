@@ -65,6 +65,17 @@ def test_resume_is_exact_with_workers():
     assert torch.equal(resumed.balanced_batch(2)[0], again.balanced_batch(2)[0])
 
 
+def test_starting_a_loader_leaves_the_global_rng_alone():
+    """A DataLoader draws its workers' base seed from torch's global generator when iterated; a
+    MixtureLoader seeds them from the mixture, so a loader started on resume shifts no dropout."""
+    mixture = _mixture()
+    for workers in (0, 2):
+        torch.manual_seed(5)
+        before = torch.get_rng_state()
+        next(iter(mixture.loader(num_workers=workers)))
+        assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_ranks_take_disjoint_shares_of_one_global_allocation():
     weights = [0.1, 0.2, 0.3, 0.4]
     for step in range(5):

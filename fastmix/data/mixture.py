@@ -19,7 +19,10 @@ sampling (each domain gets floor or ceil of weight · rows), like fastmix's Mixt
   the main process when the loader hands it out. The batch after a weight change always follows
   the new weights, with any num_workers.
 - resume: state_dict() holds the step and the draw counters; a loader made after
-  load_state_dict() continues exactly where the saved one stopped.
+  load_state_dict() continues exactly where the saved one stopped. Starting to iterate a loader
+  draws nothing from torch's global random generator (a plain DataLoader draws its workers' base
+  seed from it), so a loader started on resume leaves dropout and the rest of the run's random
+  numbers where a checkpoint's saved RNG state put them.
 - torch.distributed: one global batch of batch_size · world_size rows is drawn and rank r takes
   every world_size-th row from a shift drawn per step (the same on all ranks), so the ranks see
   disjoint rows that together are the global batch. All ranks must set the same weights.
@@ -29,8 +32,9 @@ import torch
 
 from fastmix.distributed import rank_and_world
 
-# Stream ids keep the random numbers of training, balanced and target batches independent.
-TRAIN_STREAM, BALANCED_STREAM, TARGET_STREAM = 0, 1, 2
+# Stream ids keep the random numbers of training, balanced and target batches (and the loader's
+# worker seeds) independent.
+TRAIN_STREAM, BALANCED_STREAM, TARGET_STREAM, LOADER_STREAM = 0, 1, 2, 3
 
 
 def stratified_domains(rng, rows, weights):
@@ -238,16 +242,22 @@ def _no_collate(item):
 
 class MixtureLoader(torch.utils.data.DataLoader):
     """A DataLoader of a DomainMixture: workers draw batches ahead with the shared weights; a batch
-    drawn before the last weight change is drawn again here, with the weights now in force."""
+    drawn before the last weight change is drawn again here, with the weights now in force. The
+    workers' base seed comes from (the mixture's seed, its step), not from torch's global generator
+    (unless `generator` is given)."""
 
     def __init__(self, mixture, **options):
         for key in ("batch_size", "sampler", "batch_sampler", "shuffle", "collate_fn", "drop_last"):
             if key in options:
                 raise ValueError(f"MixtureLoader: {key} is the mixture's (DomainMixture batch_size=...); leave it out")
+        self.seeds_from_mixture = options.get("generator") is None
         super().__init__(mixture, batch_size=None, sampler=_Steps(mixture), collate_fn=_no_collate, **options)
         self.mixture = mixture
 
     def __iter__(self):
+        if self.seeds_from_mixture:
+            seed = np.random.default_rng([self.mixture.seed, LOADER_STREAM, self.mixture.step]).integers(2**63)
+            self.generator = torch.Generator().manual_seed(int(seed))
         for step, version, batch in super().__iter__():
             if version != self.mixture.version:  # drawn before the last set_weights
                 batch = self.mixture.draw(step, self.mixture.weights.numpy())

@@ -20,9 +20,11 @@ Universal, Chameleon, ...) runs through fastmix.mixing.OnlineMixing:
   into the Trainer's logs, so its loggers (TensorBoard, W&B, ...) show them;
 - the mixer's and the mixture's states are saved in each checkpoint folder (fastmix_mixing.pt),
   and `train(resume_from_checkpoint=...)` restores them. The mixture resumes itself, so the
-  Trainer skips no batches on resume (ignore_data_skip is set). Tested on a tiny GPT-2: the
-  resumed run's weights agree with an uninterrupted run's to 1e-3, not bit for bit (the
-  difference is not explained yet; fastmix's own loop and OnlineMixing resume exactly).
+  Trainer skips no batches on resume (ignore_data_skip is set). The resumed run is the
+  uninterrupted one bit for bit (weights, losses and parameters; tested on a tiny GPT-2 with
+  dropout): the Trainer restores the checkpoint's RNG state before the first batch, and the
+  mixture's loader draws nothing from torch's global generator when it starts (a plain
+  DataLoader would, and shift every dropout mask after it).
 The loss is causal_lm_loss (next-token cross-entropy of the rows' x against y), or `loss_fn`.
 Under torchrun every rank draws its share of the global batch (the mixture's rank/world_size).
 """
