@@ -1,0 +1,84 @@
+"""Each probe rule's cost: a forward and backward through a stack of one layer type under
+`AlignmentProbe.record`, against the same forward and backward without the probe (the named
+baseline). The fast rules should sit in the Linear rule's cost class; `jvp_rule` (one more
+forward-mode pass of the layer) is stated as it is.
+
+    pytest bench/bench_probe_rules.py
+
+CPU, fp32: 4096 rows of width 512 (8 sequences of 512), k = 8 domains, 4 layers of each type
+between fixed (untracked) linear mixes so that every layer sees a fresh gradient.
+"""
+import pytest
+import torch
+from torch import nn
+
+from fastmix import AlignmentProbe
+from fastmix.probe.rules import jvp_rule, register_probe_rule
+
+ROWS, WIDTH, K, DEPTH = (8, 512), 512, 8, 4
+
+
+class ScaledTanh(nn.Module):
+    """A row-wise layer without a fast rule of its own, scored by jvp_rule here."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.weight
+
+
+register_probe_rule(ScaledTanh, jvp_rule)
+
+
+def _conv1d(width):
+    transformers = pytest.importorskip("transformers")
+    return transformers.pytorch_utils.Conv1D(width, width)
+
+
+LAYERS = {
+    "linear": lambda: nn.Linear(WIDTH, WIDTH),
+    "conv1d (transformers)": lambda: _conv1d(WIDTH),
+    "layer_norm": lambda: nn.LayerNorm(WIDTH),
+    "rms_norm": lambda: nn.RMSNorm(WIDTH),
+    "jvp_rule (a row-wise layer)": lambda: ScaledTanh(WIDTH),
+}
+
+
+class Stack(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.layers = nn.ModuleList(make() for _ in range(DEPTH))
+        self.mix = torch.randn(WIDTH, WIDTH) / WIDTH ** 0.5  # a buffer-like fixed map, not a parameter
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x) @ self.mix
+        return x
+
+
+@pytest.mark.parametrize("method", ["plain", "probe"])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_rule_cost(benchmark, layer, method):
+    torch.manual_seed(0)
+    model = Stack(LAYERS[layer])
+    x = torch.randn(*ROWS, WIDTH)
+    ids = torch.arange(ROWS[0]) % K
+    probe = AlignmentProbe(model, K, strict=True)
+    model(x).square().mean().backward()
+    probe.set_target()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        if method == "plain":
+            model(x).square().mean().backward()
+        else:
+            with probe.record(ids):
+                model(x).square().mean().backward()
+
+    step()
+    benchmark.group = f"probe rule: {layer}, {DEPTH} layers, {ROWS[0]}x{ROWS[1]} rows of {WIDTH}, k={K}"
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["baseline"] = method == "plain"
+    probe.remove()
