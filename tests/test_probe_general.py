@@ -31,6 +31,7 @@ def probe_and_naive(model, x, y, ids, k, forward=None):
     forward = forward or model
     probe = AlignmentProbe(model, k, strict=True)
     assert probe.coverage.fraction == 1.0
+    model.zero_grad()
     row_loss(forward(x[:2]), y[:2], torch.ones(ids[:2].shape)).backward()
     probe.set_target()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -45,6 +46,7 @@ def probe_and_naive(model, x, y, ids, k, forward=None):
         model.zero_grad()
         row_loss(forward(x), y, ids == i).backward()
         want[i] = flat_grads(params) @ target
+    probe.remove()
     return result.dots, want
 
 
@@ -282,3 +284,43 @@ def test_a_module_whose_output_is_not_one_row_per_batch_row_is_left_out(seed):
     with pytest.raises(RuntimeError, match="cannot be split by domain"):
         with strict.record(torch.tensor([0, 1, 1, 0, 1])):
             model(x).sum().backward()
+
+
+class CheckpointedNet(nn.Module):
+    """A block run under torch.utils.checkpoint: a Linear, a LayerNorm and a layer of one's own
+    (the general rule), recomputed in the backward."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.inp, self.fc, self.norm, self.own, self.out = (nn.Linear(5, 6), nn.Linear(6, 6), nn.LayerNorm(6),
+                                                            Weird(6), nn.Linear(6, 3))
+        self.use_reentrant = use_reentrant
+        self.checkpointed = True
+
+    def block(self, h):
+        return self.own(self.norm(torch.tanh(self.fc(h)))) + h
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.use_reentrant)
+        else:
+            h = self.block(h)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_a_checkpointed_block_counts_once(seed, use_reentrant):
+    """The block's layers run twice (the forward, the recomputation in the backward): the scores
+    are those without checkpointing, and the naive ones."""
+    model = CheckpointedNet(use_reentrant).double()
+    calls = []
+    model.fc.register_forward_hook(lambda *_: calls.append(1))
+    x, y = torch.randn(6, 4, 5, dtype=torch.float64), torch.randn(6, 4, 3, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 2, 0, 1, 1])
+    got, want = probe_and_naive(model, x, y, ids, 3)
+    assert len(calls) == 2 * 5  # target, record and 3 naive passes, each forward and recomputation
+    assert_close_scores(got, want, 1e-8)
+    model.checkpointed = False
+    plain, _ = probe_and_naive(model, x, y, ids, 3)
+    assert_close_scores(got, plain, 1e-8)

@@ -168,6 +168,44 @@ def test_probe_on_hf_models_under_bf16_autocast_and_loss_scale(seed, name):
     assert_close_scores(probe.result().dots, want, 1e-2)
 
 
+def enable_checkpointing(model, use_reentrant):
+    """transformers 5 renamed gradient_checkpointing_enable (kept, deprecated) activation_checkpointing_enable."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_probe_under_hf_gradient_checkpointing_counts_each_layer_once(seed, name, use_reentrant):
+    """gradient_checkpointing_enable(): each block runs again in the backward (checked by
+    counting an MLP's calls), and the scores are those without checkpointing."""
+    model = tiny_model(name, torch.float64).train()  # HF checkpoints only in training mode
+    mlp = next(m for n, m in model.named_modules() if n.endswith(".mlp"))
+    calls = []
+    # a pre-hook: a non-reentrant recomputation stops once it has what the backward needs, inside the MLP
+    mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    probe = AlignmentProbe(model, K, strict=True)
+    x_t = torch.randint(0, VOCAB, (3, 8))
+    model(input_ids=x_t, labels=x_t).loss.backward()
+    probe.set_target()
+    x, ids = torch.randint(0, VOCAB, (6, 8)), torch.tensor([0, 2, 1, 0, 2, 0])
+    scores = []
+    for checkpointed in (False, True):
+        if checkpointed:
+            enable_checkpointing(model, use_reentrant)
+        calls.clear()
+        probe.reset()
+        with probe.record(ids):
+            model(input_ids=x, labels=x).loss.backward()
+        assert len(calls) == (2 if checkpointed else 1)
+        scores.append(probe.result().dots)
+    assert probe.result().missing == []
+    assert_close_scores(scores[1], scores[0], 1e-8)
+
+
 def test_gpt2_position_embedding_is_split_by_row_without_changing_the_model(seed):
     """wpe runs on positions of shape (1, T): while recording it hands the model its output
     expanded to the batch, and the model computes exactly what it does without the probe."""

@@ -467,6 +467,7 @@ class AlignmentProbe:
         finally:
             self._ids = None
             self._output_edges = []  # backward() runs inside: keeping them would hold the activations
+            self._open_calls = []  # left open by a recomputation stopped early (non-reentrant checkpointing)
             for handle in pre_hooks:
                 handle.remove()
         if watch is not None and watch.found:
@@ -680,7 +681,7 @@ class AlignmentProbe:
         """A call of a module the general rule scores (fastmix.probe.rules.vjp_domain_scores):
         keeps what is needed to run it again, and hooks the gradient of each of its outputs."""
         call = self._close_call(module)
-        if call is None:  # not recording
+        if call is None or self._ids is None:  # not recording
             return None
         inner = [(prefix, m) for prefix, m in self._inner_sites[id(module)] if id(m) not in call.ran]
         self._mark_ran(id(module), *(id(m) for _, m in inner))  # an enclosing module must not score them again
