@@ -102,10 +102,11 @@ def register_probe_rule(layer_type, rule=None, *, autocast_inputs=False):
 
 
 def rule_for(module):
-    """The rule registered for the module's type or its nearest base class, or None. A class
-    without a registered rule may have one by name (NAMED_RULES). A base class's rule is not
-    for a subclass that overrides forward: it computes something else (Gemma's embedding
-    scales nn.Embedding's output), which the rule knows nothing of."""
+    """The rule registered for the module's type or its nearest base class, or None (the probe
+    then uses the general rule, vjp_domain_scores). A class without a registered rule may have
+    one by name (NAMED_RULES). A base class's rule is not for a subclass that overrides forward:
+    it computes something else (Gemma's embedding scales nn.Embedding's output), which the rule
+    knows nothing of."""
     for cls in type(module).__mro__:
         rule = RULES.get(cls) or NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
