@@ -324,3 +324,25 @@ def test_a_checkpointed_block_counts_once(seed, use_reentrant):
     model.checkpointed = False
     plain, _ = probe_and_naive(model, x, y, ids, 3)
     assert_close_scores(got, plain, 1e-8)
+
+
+def test_general_rule_with_probe_backward_and_over_micro_batches(seed):
+    """probe.backward(loss) reaches the general-rule modules' outputs too, and their sums add up
+    over records as the rules' rows do."""
+    model, k = Attention().double(), 3
+    probe = AlignmentProbe(model, k, strict=True)
+    x, y = torch.randn(6, 4, 6, dtype=torch.float64), torch.randn(6, 4, 3, dtype=torch.float64)
+    row_loss(model(x[:2]), y[:2], torch.ones(2)).backward()
+    probe.set_target()
+    params = list(model.parameters())
+    target = flat_grads(params)
+    ids = torch.tensor([0, 1, 2, 0, 1, 1])
+    for _ in range(2):
+        with probe.record(ids):
+            probe.backward(row_loss(model(x), y, ids >= 0))
+    want = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        row_loss(model(x), y, ids == i).backward()
+        want[i] = flat_grads(params) @ target
+    assert_close_scores(probe.result().dots, 2 * want, 1e-8)

@@ -685,16 +685,21 @@ class AlignmentProbe:
             return None
         inner = [(prefix, m) for prefix, m in self._inner_sites[id(module)] if id(m) not in call.ran]
         self._mark_ran(id(module), *(id(m) for _, m in inner))  # an enclosing module must not score them again
+        if not torch.is_grad_enabled():
+            return None
         name = self._site_names[id(module)]
         names = [name] + [self._site_names[id(m)] for _, m in inner]
         self._fired.update(names)
-        if not torch.is_grad_enabled() or name in self._unsplittable:
+        if name in self._unsplittable:
             return None
         for m in [module] + [m for _, m in inner]:
             self._note_swapped(m)
-        params = dict(self._params_of[id(module)])
-        params.update({f"{prefix}.{attr}": p for prefix, m in inner for attr, p in self._params_of[id(m)].items()})
-        scored = {path: p for path, p in params.items() if id(p) in self._target}
+        params = {f"{prefix}.{attr}": p for prefix, m in inner for attr, p in self._params_of[id(m)].items()}
+        params = {**self._params_of[id(module)], **params}
+        scored = {}
+        for path, p in params.items():  # a parameter registered twice once: functional_call ties the other
+            if id(p) in self._target and all(q is not p for q in scored.values()):
+                scored[path] = p
         if not scored:
             if not any(id(p) in self._used_outside for p in params.values()):
                 self._untargeted.add(name)
