@@ -437,7 +437,9 @@ def test_ghost_rows_keep_their_precision_under_a_loss_scale(seed):
 
 
 def test_layers_whose_hooks_never_run_are_reported():
-    """nn.MultiheadAttention uses out_proj.weight without calling out_proj."""
+    """nn.MultiheadAttention uses out_proj.weight without calling out_proj. (Excluded here, so
+    that out_proj is a layer whose hook never runs; not excluded, the general rule scores the
+    attention with out_proj's weight: tests/test_probe_general.py.)"""
     model = nn.ModuleDict(dict(attn=nn.MultiheadAttention(8, 2, batch_first=True), head=nn.Linear(8, 1)))
     def loss(x):
         return model["head"](model["attn"](x, x, x)[0]).sum()
