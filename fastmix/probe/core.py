@@ -242,14 +242,15 @@ class AlignmentProbe:
         site_ids = {id(m) for _, m in self._sites}
         # for each module of the general rule, the hooked modules inside it, which it scores in a call where
         # their own hooks do not run (nn.MultiheadAttention applies out_proj's weight with a functional op)
-        self._inner_sites = {id(m): [(prefix, sub) for prefix, sub in m.named_modules() if prefix and id(sub) in site_ids]
+        self._inner_sites = {id(m): [(prefix, sub) for prefix, sub in m.named_modules()
+                                     if prefix and id(sub) in site_ids]
                              for _, m in self._sites if self._rules[id(m)] is None}
         self._open_calls = []  # _Call of each module of the general rule whose forward is running
         row_mixing = [name for name, m in model.named_modules() if mixes_rows(m) and id(m) not in excluded
                       and any(p.requires_grad for p in m.parameters(recurse=False))]
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._trainable = [p for p in model.parameters() if p.requires_grad]
-        self._unsplittable = set()  # site names whose inputs carry no batch dimension
+        self._unsplittable = set()  # site names whose inputs (or, general rule, outputs) carry no batch dimension
         self._fired = set()  # site names whose hooks ran while recording
         self._used_outside = set()  # ids of parameters also used outside their hooked layers
         if strict and self.coverage.uncovered:
