@@ -363,10 +363,13 @@ def test_unsplittable_module_is_reported_not_guessed(seed):
             model(x)
 
 
-def test_strict_reports_uncovered_parameters():
-    model = nn.Sequential(nn.Linear(3, 4), nn.Conv1d(4, 4, 1))
-    assert AlignmentProbe(model, 2).coverage.uncovered == ["1.bias", "1.weight"]
-    with pytest.raises(ValueError, match=r"not covered: \['1.bias', '1.weight'\]"):
+def test_a_batch_norm_is_left_out_with_a_warning_and_strict_raises():
+    """BatchNorm's statistics mix the rows of the batch, so its gradient cannot be split by
+    domain: the one kind of layer left out, named in a warning with the fraction covered."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.warns(UserWarning, match=r"\['1'\] mix the rows of a batch.*cover 66.7% of the trainable"):
+        assert AlignmentProbe(model, 2).coverage.uncovered == ["1.bias", "1.weight"]
+    with pytest.raises(ValueError, match=r"not covered: \['1.bias', '1.weight'\] \(\['1'\] mix the rows"):
         AlignmentProbe(model, 2, strict=True)
 
 
@@ -434,7 +437,9 @@ def test_ghost_rows_keep_their_precision_under_a_loss_scale(seed):
 
 
 def test_layers_whose_hooks_never_run_are_reported():
-    """nn.MultiheadAttention uses out_proj.weight without calling out_proj."""
+    """nn.MultiheadAttention uses out_proj.weight without calling out_proj. (Excluded here, so
+    that out_proj is a layer whose hook never runs; not excluded, the general rule scores the
+    attention with out_proj's weight: tests/test_probe_general.py.)"""
     model = nn.ModuleDict(dict(attn=nn.MultiheadAttention(8, 2, batch_first=True), head=nn.Linear(8, 1)))
     def loss(x):
         return model["head"](model["attn"](x, x, x)[0]).sum()
@@ -569,7 +574,8 @@ def test_a_weight_penalty_in_the_loss_is_not_a_use_outside_the_layers(seed):
 
 def test_keyword_input_and_unsupported_embeddings():
     model = nn.ModuleDict(dict(emb=nn.Embedding(5, 4, scale_grad_by_freq=True), lin=nn.Linear(4, 2)))
-    probe = AlignmentProbe(model, 2)
+    with pytest.warns(UserWarning, match=r"\['emb'\] mix the rows of a batch"):
+        probe = AlignmentProbe(model, 2)
     assert probe.coverage.uncovered == ["emb.weight"]  # frequency-scaled gradients can't be split by row
     x = torch.randn(3, 4)
     model["lin"](input=x).sum().backward()
@@ -668,8 +674,36 @@ class SameEmbedding(nn.Embedding):
     """A subclass that keeps nn.Embedding's forward."""
 
 
-def test_a_subclass_that_overrides_forward_does_not_inherit_the_rule():
-    """nn.Embedding's rule would score the scaled embedding a third of its true value: it is
-    left out and reported instead, while a subclass keeping the forward keeps the rule."""
-    model = nn.ModuleDict(dict(scaled=ScaledEmbedding(5, 4), same=SameEmbedding(5, 4)))
-    assert AlignmentProbe(model, 2).coverage.uncovered == ["scaled.weight"]
+def test_a_subclass_that_overrides_forward_takes_the_general_rule_not_its_bases(seed):
+    """nn.Embedding's rule would score the scaled embedding a third of its true value: the general
+    rule scores it instead, exactly, while a subclass keeping the forward keeps the fast rule."""
+    from fastmix.probe.rules import rule_for
+
+    assert rule_for(ScaledEmbedding(5, 4)) is None
+    assert rule_for(SameEmbedding(5, 4)) is rule_for(nn.Embedding(5, 4))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scaled, self.same, self.head = ScaledEmbedding(5, 4), SameEmbedding(5, 4), nn.Linear(4, 5)
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.scaled(idx) + self.same(idx)))
+
+    model, k = Net().double(), 2
+    probe = AlignmentProbe(model, k, strict=True)
+    idx, ids = torch.randint(0, 5, (6, 3)), torch.tensor([0, 1, 1, 0, 1, 0])
+    model(idx[:2]).pow(2).sum().backward()
+    probe.set_target()
+    params = list(model.parameters())
+    target = flat_grads(model, params)
+    model.zero_grad()
+    with probe.record(ids):
+        model(idx).pow(2).sum().backward()
+    assert probe.coverage.fraction == 1.0 and probe.result().missing == []
+    want = torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        model.zero_grad()
+        model(idx[ids == i]).pow(2).sum().backward()
+        want[i] = flat_grads(model, params) @ target
+    assert_close_scores(probe.result().dots, want, 1e-8)

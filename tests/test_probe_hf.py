@@ -168,6 +168,112 @@ def test_probe_on_hf_models_under_bf16_autocast_and_loss_scale(seed, name):
     assert_close_scores(probe.result().dots, want, 1e-2)
 
 
+def enable_checkpointing(model, use_reentrant):
+    """transformers 5 renamed gradient_checkpointing_enable (kept, deprecated) activation_checkpointing_enable."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_probe_under_hf_gradient_checkpointing_counts_each_layer_once(seed, name, use_reentrant):
+    """gradient_checkpointing_enable(): each block runs again in the backward (checked by
+    counting an MLP's calls), and the scores are those without checkpointing."""
+    model = tiny_model(name, torch.float64).train()  # HF checkpoints only in training mode
+    mlp = next(m for n, m in model.named_modules() if n.endswith(".mlp"))
+    calls = []
+    # a pre-hook: a non-reentrant recomputation stops once it has what the backward needs, inside the MLP
+    mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    probe = AlignmentProbe(model, K, strict=True)
+    x_t = torch.randint(0, VOCAB, (3, 8))
+    model(input_ids=x_t, labels=x_t).loss.backward()
+    probe.set_target()
+    x, ids = torch.randint(0, VOCAB, (6, 8)), torch.tensor([0, 2, 1, 0, 2, 0])
+    scores = []
+    for checkpointed in (False, True):
+        if checkpointed:
+            enable_checkpointing(model, use_reentrant)
+        calls.clear()
+        probe.reset()
+        with probe.record(ids):
+            model(input_ids=x, labels=x).loss.backward()
+        assert len(calls) == (2 if checkpointed else 1)
+        scores.append(probe.result().dots)
+    assert probe.result().missing == []
+    assert_close_scores(scores[1], scores[0], 1e-8)
+
+
+def scores_against_naive(model, ids, labels, domain_labels, **inputs):
+    """The probe's scores for the model's loss on `labels` and the naive ones, from the loss on
+    `domain_labels(i)` (the labels of domain i's tokens, the others -100) for each domain, all with
+    the batch's count of labels as the normaliser, so that the domain losses add up to the loss."""
+    probe = AlignmentProbe(model, K, strict=True)
+    x_t = torch.randint(0, VOCAB, (3, 8))
+    model(input_ids=x_t, labels=x_t).loss.backward()
+    probe.set_target()
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = flat_grads(params)
+    count = (labels[:, 1:] != -100).sum()  # each label is predicted from the token before it
+    model.zero_grad()
+    with probe.record(ids):
+        model(labels=labels, num_items_in_batch=count, **inputs).loss.backward()
+    assert probe.result().missing == []
+    want = torch.zeros(K, dtype=torch.float64)
+    for i in range(K):
+        model.zero_grad()
+        model(labels=domain_labels(i), num_items_in_batch=count, **inputs).loss.backward()
+        want[i] = flat_grads(params) @ target
+    return probe.result().dots, want
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sequence-ids", "per-token-ids"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_probe_on_llama_with_padding_and_ignored_labels(seed, padding_side, per_token):
+    """Sequences of different lengths padded left or right, with an attention mask, labels -100 on
+    the pads and on some real tokens too; per-token ids mark the pads -1. A label is predicted from
+    the row before it, so a left-padded sequence's first token, which only a pad precedes, has none."""
+    model = tiny_model("llama", torch.float64)
+    batch, tokens = 6, 8
+    lengths = torch.randint(3, tokens + 1, (batch,))
+    positions = torch.arange(tokens)
+    real = positions < lengths[:, None] if padding_side == "right" else positions >= tokens - lengths[:, None]
+    x = torch.where(real, torch.randint(1, VOCAB, (batch, tokens)), 0)
+    first = real & ~torch.roll(real, 1, 1)
+    labels = torch.where(real & ~first & (torch.rand(batch, tokens) > 0.2), x, -100)
+    sequence_ids = torch.tensor([0, 2, 1, 0, 2, 0])
+    ids = torch.where(real, sequence_ids[:, None], -1) if per_token else sequence_ids
+    got, want = scores_against_naive(
+        model, ids, labels, lambda i: torch.where((sequence_ids == i)[:, None], labels, -100),
+        input_ids=x, attention_mask=real.long())
+    assert_close_scores(got, want, 1e-8)
+
+
+def test_probe_on_llama_with_packed_sequences_and_per_token_domains(seed):
+    """Documents of different domains packed in each row, told apart by their position ids (which
+    restart at 0), so that none attends to another; ids per token give each token its document's
+    domain, and a document's first token is not predicted from the one before."""
+    model = tiny_model("llama", torch.float64)
+    batch, tokens = 3, 12
+    starts = [sorted({0, *torch.randperm(tokens - 2)[:2].add(2).tolist()}) for _ in range(batch)]
+    document = torch.stack([torch.bucketize(torch.arange(tokens), torch.tensor(row[1:]), right=True)
+                            for row in starts])  # which document of its row each token is in
+    first = torch.stack([torch.tensor([t in row for t in range(tokens)]) for row in starts])
+    position_ids = torch.stack([torch.arange(tokens) - torch.tensor(row)[d] for row, d in zip(starts, document)])
+    ids = torch.randint(0, K, (batch, 3)).gather(1, document)
+    x = torch.randint(0, VOCAB, (batch, tokens))
+    labels = torch.where(first, -100, x)
+    inputs = dict(input_ids=x, position_ids=position_ids, use_cache=False)
+    # the documents do not see each other: a row's last document alone gives the same logits
+    last = starts[0][-1]
+    alone = model(input_ids=x[:1, last:], use_cache=False).logits
+    torch.testing.assert_close(model(**inputs).logits[:1, last:], alone, rtol=1e-10, atol=1e-10)
+    got, want = scores_against_naive(model, ids, labels, lambda i: torch.where(ids == i, labels, -100), **inputs)
+    assert_close_scores(got, want, 1e-8)
+
+
 def test_gpt2_position_embedding_is_split_by_row_without_changing_the_model(seed):
     """wpe runs on positions of shape (1, T): while recording it hands the model its output
     expanded to the batch, and the model computes exactly what it does without the probe."""

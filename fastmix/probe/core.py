@@ -7,7 +7,11 @@ and RMSNorm classes, or one registered with fastmix.register_probe_rule) turns t
 row's ⟨g_row, V⟩: for a linear layer one extra GEMM-sized product (fastmix.ops.rowwise_bilinear:
 δ_nᵀ V x_n per row, the product never written), or the cheaper "ghost" form when the target
 came from few rows. The per-row terms of all layers are summed, then segment-summed by domain
-once per record. No per-domain gradient is ever formed.
+once per record. No per-domain gradient is ever formed. Any other module holding parameters
+(a convolution, nn.MultiheadAttention, an RNN, a layer of your own) is scored by the general
+rule, which runs the module again and takes one VJP per domain present: per-domain sums, kept
+per module for the record. Only modules that mix the rows of a batch (batch norms) are left
+out, with a warning.
 
     probe = AlignmentProbe(model, num_domains)
     model.zero_grad(); target_loss.backward(); probe.set_target()      # V = ∇L_target
@@ -31,7 +35,7 @@ backward, where that layer scores this rank's rows; result() all-reduces the k s
 import contextlib
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,15 +48,7 @@ from fastmix import ops
 from fastmix.distributed import world_size
 from fastmix.ops.alignment import ghost_is_cheaper
 from fastmix.ops.reference import accumulation_dtype, segment_sum
-from fastmix.probe.rules import rule_for
-
-
-def _hookable(module):
-    """Modules with a rule, whose parameter gradients the probe can split by row. An Embedding
-    that scales gradients by frequency or makes them sparse is not one of them."""
-    if isinstance(module, nn.Embedding) and (module.scale_grad_by_freq or module.sparse):
-        return False
-    return rule_for(module) is not None
+from fastmix.probe.rules import mixes_rows, output_batch_dims, rule_for, vjp_domain_scores
 
 
 def _is_sharded(tensor):
@@ -132,7 +128,7 @@ class _ParameterUses(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         probe = self.probe
-        if probe._site_depth or probe._target is None or not torch.is_grad_enabled():
+        if probe._site_depth or probe._in_rule or probe._target is None or not torch.is_grad_enabled():
             return out
         tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         weights = set().union(*(self._weights_in(t) for t in tensors)) if tensors else set()
@@ -165,6 +161,35 @@ def _gradient_anchor(output):
             and base.is_contiguous() and output.is_contiguous()):
         return base
     return output
+
+
+@dataclass
+class _Call:
+    """A call in progress of a module the general rule scores: the RNG state it started from
+    (to run it again with the same dropout), and the hooked modules that ran inside it."""
+
+    module: int  # id of the module
+    rng: tuple  # (CPU generator state, (device, its generator state) or None)
+    ran: set = field(default_factory=set)
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), ((device, torch.cuda.get_rng_state(device)) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _rng_restored(rng):
+    """The RNG as it was in `rng` (from _rng_state), and as it is now again after."""
+    cpu, accelerator = rng
+    with torch.random.fork_rng(devices=[accelerator[0]] if accelerator else []):
+        torch.set_rng_state(cpu)
+        if accelerator:
+            torch.cuda.set_rng_state(accelerator[1], accelerator[0])
+        yield
+
+
+def _whole(tensor):
+    return tensor.full_tensor() if _is_sharded(tensor) else tensor
 
 
 class _RowScores:
@@ -207,20 +232,38 @@ class AlignmentProbe:
         # (unsharded) parameter objects into a layer for its forward and backward, so the
         # hooks look a layer's parameters up here, never through the module's attributes.
         self._params_of = {id(m): {attr: p for attr, p in self._registered(m).items() if p.requires_grad}
-                           for _, m in model.named_modules() if _hookable(m)}
+                           for _, m in model.named_modules() if not mixes_rows(m)}
         self._alias = {}  # id(a parameter object swapped into a layer): id of the one registered in _params_of
         # a layer without trainable parameters (LayerNorm without affine, a frozen one) has nothing to score
         self._sites = [(name, m) for name, m in model.named_modules()
-                       if _hookable(m) and id(m) not in excluded and self._site_params(m)]
-        self._rules = {id(m): rule_for(m) for _, m in self._sites}  # fixed now: a later registration is for later probes
+                       if id(m) in self._params_of and id(m) not in excluded and self._site_params(m)]
+        # fixed now: a later registration is for later probes; None: the general rule
+        self._rules = {id(m): rule_for(m) for _, m in self._sites}
+        site_ids = {id(m) for _, m in self._sites}
+        # for each module of the general rule, the hooked modules inside it, which it scores in a call where
+        # their own hooks do not run (nn.MultiheadAttention applies out_proj's weight with a functional op)
+        self._inner_sites = {id(m): [(prefix, sub) for prefix, sub in m.named_modules()
+                                     if prefix and id(sub) in site_ids]
+                             for _, m in self._sites if self._rules[id(m)] is None}
+        self._open_calls = []  # _Call of each module of the general rule whose forward is running
+        row_mixing = [name for name, m in model.named_modules() if mixes_rows(m) and id(m) not in excluded
+                      and any(p.requires_grad for p in m.parameters(recurse=False))]
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._trainable = [p for p in model.parameters() if p.requires_grad]
-        self._unsplittable = set()  # site names whose inputs carry no batch dimension
+        self._unsplittable = set()  # site names whose inputs (or, general rule, outputs) carry no batch dimension
         self._fired = set()  # site names whose hooks ran while recording
         self._used_outside = set()  # ids of parameters also used outside their hooked layers
         if strict and self.coverage.uncovered:
-            raise ValueError(f"AlignmentProbe(strict=True): parameters not covered: {self.coverage.uncovered}")
+            why = f" ({row_mixing} mix the rows of a batch)" if row_mixing else ""
+            raise ValueError(f"AlignmentProbe(strict=True): parameters not covered: {self.coverage.uncovered}{why}")
+        if row_mixing:
+            warnings.warn(f"AlignmentProbe: {row_mixing} mix the rows of a batch (batch statistics, or gradients "
+                          "scaled by the batch's token counts), so their gradients cannot be split by domain: they "
+                          f"are left out, and the scores cover {self.coverage.fraction:.1%} of the trainable "
+                          "parameters (see probe.coverage)", stacklevel=2)
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for _, m in self._sites]
+        self._handles += [m.register_forward_pre_hook(self._open_call) for _, m in self._sites
+                          if self._rules[id(m)] is None]
         self._site_depth = 0  # hooked forwards in progress, counted while the first record is watched
         self._in_rule = False  # a rule is running: calls of its layer are not the model's
         self._site_entries = 0  # ... and begun
@@ -314,6 +357,8 @@ class AlignmentProbe:
                 raise ValueError(f"set_target: parameter {name!r} {where}")
             if grad.shape != p.shape:
                 raise ValueError(f"set_target: {name!r} has shape {tuple(grad.shape)}, expected {tuple(p.shape)}")
+            if grad.is_sparse:  # an nn.Embedding(sparse=True)'s
+                grad = grad.to_dense()
             if _is_sharded(p) and not _is_sharded(grad):
                 raise ValueError(f"set_target: {name!r} is sharded (FSDP2), so its target must be a DTensor "
                                  "sharded like it (e.g. its .grad), not a whole tensor")
@@ -404,6 +449,8 @@ class AlignmentProbe:
         self._inv_scale = 1.0 / loss_scale
         self._folded = self._domain_sums()  # earlier records are complete: keep their (k,) sums only
         self._layouts = {}  # (leading shape, device) -> _RowScores of this record
+        self._vjp_sums = {}
+        self._open_calls = []  # left open by a forward that raised
         counts = segment_sum(torch.ones_like(ids.reshape(-1)), ids.reshape(-1), self.num_domains)
         self._counts = counts if self._counts is None else self._counts + counts
         watch = None if self._recorded else _ParameterUses(self)
@@ -421,6 +468,7 @@ class AlignmentProbe:
         finally:
             self._ids = None
             self._output_edges = []  # backward() runs inside: keeping them would hold the activations
+            self._open_calls = []  # left open by a recomputation stopped early (non-reentrant checkpointing)
             for handle in pre_hooks:
                 handle.remove()
         if watch is not None and watch.found:
@@ -458,6 +506,7 @@ class AlignmentProbe:
     def reset(self):
         """Clears the accumulated scores (the target is kept)."""
         self._layouts = {}  # the last record's scores: {(leading shape, device): _RowScores}
+        self._vjp_sums = {}  # ... and of the modules of the general rule: {site name: (k,) float64}
         self._folded = None  # (k,) float64 sums of the records before it
         self._counts = None
 
@@ -468,6 +517,9 @@ class AlignmentProbe:
             dots = dots + self._folded
         for scores in self._layouts.values():
             dots = dots + scores.domain_sums(self.num_domains).to(device)
+        for name, sums in self._vjp_sums.items():
+            if name not in self._unsplittable:  # found unsplittable later in the record: none of its sums count
+                dots = dots + sums.to(device)
         return dots
 
     def result(self, *, all_reduce=None):
@@ -507,13 +559,35 @@ class AlignmentProbe:
         self._site_entries += 1
         self._note_swapped(module)
 
+    def _open_call(self, module, args):
+        if self._in_rule or self._ids is None:
+            return
+        device = next(iter(self._params_of[id(module)].values())).device
+        self._open_calls.append(_Call(id(module), _rng_state(device)))
+
+    def _close_call(self, module):
+        """The _Call of the module's call ending now, or None (not recording)."""
+        for i in range(len(self._open_calls) - 1, -1, -1):
+            if self._open_calls[i].module == id(module):
+                call = self._open_calls[i]
+                del self._open_calls[i:]  # with any a forward that raised left open inside it
+                return call
+        return None
+
+    def _mark_ran(self, *module_ids):
+        for call in self._open_calls:
+            call.ran.update(module_ids)
+
     def _forward_hook(self, module, args, kwargs, output):
         if self._in_rule:  # a rule running its layer again (jvp_rule): not a call of the model's
             return
         self._site_depth = max(self._site_depth - 1, 0)
+        rule = self._rules[id(module)]
+        if rule is None:
+            return self._general_call(module, args, kwargs, output)
+        self._mark_ran(id(module))
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        rule = self._rules[id(module)]
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         inputs = tuple(t.detach() for t in tensors)
         x = inputs[0]
@@ -574,27 +648,117 @@ class AlignmentProbe:
                 return batch_rows
         return None
 
+    def _ids_for(self, device):
+        if device not in self._ids_on:
+            self._ids_on[device] = self._ids.to(device, non_blocking=True)
+        return self._ids_on[device]
+
     def _layout(self, shape, name, device):
         """This record's accumulator for rows of shape `shape` (a layer output's leading dims),
         on `device` (it holds the domain id of each row), or None if those rows carry no domain."""
         if (shape, device) in self._layouts:
             return self._layouts[shape, device]
-        if device not in self._ids_on:
-            self._ids_on[device] = self._ids.to(device, non_blocking=True)
-        ids = self._ids_on[device]
+        ids = self._ids_for(device)
         if shape[: ids.dim()] == tuple(ids.shape):
             row_ids = ids.reshape(ids.shape + (1,) * (len(shape) - ids.dim())).expand(shape).reshape(-1)
             self._layouts[shape, device] = _RowScores(row_ids, self._inv_scale)
             return self._layouts[shape, device]
-        if name not in self._unsplittable:
-            self._unsplittable.add(name)
-            message = (f"AlignmentProbe: {name!r} sees inputs of leading shape {shape}, not led by the "
-                       f"domain ids' shape {tuple(ids.shape)} (no batch dimension?), so its gradient cannot be "
-                       "split by domain; its parameters are left out of the scores (see probe.coverage)")
-            if self.strict:
-                raise RuntimeError(message)
-            warnings.warn(message, stacklevel=2)
+        self._leave_out_unsplittable([name], f"sees inputs of leading shape {shape}, not led by the domain ids' "
+                                             f"shape {tuple(ids.shape)} (no batch dimension?)")
         return None
+
+    def _leave_out_unsplittable(self, names, why):
+        """Leaves sites out whose gradient cannot be split by domain (names[0] `why`)."""
+        if set(names) <= self._unsplittable:
+            return
+        self._unsplittable.update(names)
+        message = (f"AlignmentProbe: {names[0]!r} {why}, so its gradient cannot be split by domain; its parameters "
+                   "are left out of the scores (see probe.coverage)")
+        if self.strict:
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=3)
+
+    def _general_call(self, module, args, kwargs, output):
+        """A call of a module the general rule scores (fastmix.probe.rules.vjp_domain_scores):
+        keeps what is needed to run it again, and hooks the gradient of each of its outputs."""
+        call = self._close_call(module)
+        if call is None or self._ids is None:  # not recording
+            return None
+        inner = [(prefix, m) for prefix, m in self._inner_sites[id(module)] if id(m) not in call.ran]
+        self._mark_ran(id(module), *(id(m) for _, m in inner))  # an enclosing module must not score them again
+        if not torch.is_grad_enabled():
+            return None
+        name = self._site_names[id(module)]
+        names = [name] + [self._site_names[id(m)] for _, m in inner]
+        self._fired.update(names)
+        if name in self._unsplittable:
+            return None
+        for m in [module] + [m for _, m in inner]:
+            self._note_swapped(m)
+        params = {f"{prefix}.{attr}": p for prefix, m in inner for attr, p in self._params_of[id(m)].items()}
+        params = {**self._params_of[id(module)], **params}
+        scored = {}
+        for path, p in params.items():  # a parameter registered twice once: functional_call ties the other
+            if id(p) in self._target and all(q is not p for q in scored.values()):
+                scored[path] = p
+        if not scored:
+            if not any(id(p) in self._used_outside for p in params.values()):
+                self._untargeted.add(name)
+            return None
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        device_type = (tensors[0] if tensors else next(iter(scored.values()))).device.type
+        autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
+                        enabled=torch.is_autocast_enabled(device_type))
+        saved = pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+        leaves = pytree.tree_leaves(output)
+        outputs = [(j, t) for j, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        expanded = None
+        for (j, out), dim in zip(outputs, output_batch_dims(module, [t for _, t in outputs])):
+            if not out.requires_grad:
+                continue
+            ids = self._ids_for(out.device)
+            batch_rows = (self._broadcast_to_batch(tuple(out.shape[:-1]), tensors)
+                          if isinstance(output, torch.Tensor) else None)
+            if batch_rows is not None:  # called once for the whole batch: handed to the model broadcast, as rule sites
+                out = expanded = out.expand(batch_rows + out.shape[-1:])
+            if tuple(out.shape[dim:dim + ids.dim()]) != tuple(ids.shape):
+                why = (f"returns an output of shape {tuple(out.shape)}, not one row per batch row (the domain ids' "
+                       f"shape {tuple(ids.shape)} in dim {dim})")
+                # left out only if that output's gradient is needed (an RNN's unused h_n is not)
+                _gradient_anchor(out).register_hook(lambda grad, why=why: self._leave_out_unsplittable(names, why))
+                continue
+            row_domains = ids.reshape((1,) * dim + ids.shape + (1,) * (out.dim() - dim - ids.dim()))
+            rerun = dict(module=module, saved=saved, rng=call.rng, autocast=autocast, index=j, shape=out.shape)
+            anchor = out if out is expanded else _gradient_anchor(out)
+            anchor.register_hook(lambda grad, rerun=rerun, row_domains=row_domains, inv_scale=self._inv_scale:
+                                 self._contribute_general(name, rerun, scored, grad, row_domains, inv_scale))
+            self._output_edges.append(torch.autograd.graph.get_gradient_edge(anchor))
+        return expanded
+
+    def _contribute_general(self, name, rerun, scored, grad, row_domains, inv_scale):
+        """Adds one call's per-domain sums ⟨g_i, V⟩ over `scored` ({dotted name: parameter})
+        from the gradient `grad` of one of its outputs."""
+        if name in self._unsplittable:  # an output that cannot be split got its gradient first
+            return
+        module, (args, kwargs) = rerun["module"], rerun["saved"]
+        dtypes = {t.dtype for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        dtypes |= {grad.dtype} | {p.dtype for p in scored.values()}
+        work = torch.float64 if torch.float64 in dtypes else torch.float32
+        target = self._gathered_target(scored, work)
+
+        def output_of(params):
+            with _rng_restored(rerun["rng"]), torch.autocast(**rerun["autocast"]):
+                out = torch.func.functional_call(module, params, args, kwargs)
+            return pytree.tree_leaves(out)[rerun["index"]].expand(rerun["shape"])
+
+        self._in_rule = True
+        try:
+            sums = vjp_domain_scores(output_of, {path: _whole(p) for path, p in scored.items()},
+                                     grad.reshape(rerun["shape"]), row_domains, self.num_domains, target)
+        finally:
+            self._in_rule = False
+        sums = sums.to(torch.float64) * inv_scale
+        self._vjp_sums[name] = sums + self._vjp_sums[name] if name in self._vjp_sums else sums
 
     def _contribute(self, module, rule, inputs, grad, name):
         """Adds one layer's ⟨g_n, V⟩ terms for the rows of this call to the record's scores."""
@@ -626,15 +790,20 @@ class AlignmentProbe:
     def _layer_target(self, module, work):
         """{attr: V} for the layer's parameters in the target, whole and in `work` dtype: a
         sharded one is gathered here, one layer at a time (the ghost form needs no weight)."""
+        return self._gathered_target({attr: p for attr, p in self._params_of[id(module)].items()
+                                      if not (attr == "weight" and id(module) in self._target_rows)}, work)
+
+    def _gathered_target(self, params, work):
+        """{key: V} for the parameters ({key: parameter}) in the target, whole and in `work` dtype."""
         out, gathered = {}, 0
-        for attr, p in self._params_of[id(module)].items():
+        for key, p in params.items():
             v = self._target.get(id(p))
-            if v is None or (attr == "weight" and id(module) in self._target_rows):
+            if v is None:
                 continue
             if _is_sharded(v):
                 v = v.full_tensor()
                 gathered += v.nbytes
-            out[attr] = v.to(work)
+            out[key] = v.to(work)
         self._peak_gathered = max(self._peak_gathered, gathered)
         return out
 

@@ -1,25 +1,63 @@
-"""The probe's per-layer rules, a registry keyed by layer type (like Opacus's grad samplers).
+"""The probe's per-layer rules: a registry keyed by layer type (like Opacus's grad samplers),
+and the general rule that scores any other module holding parameters.
 
-A rule gives, for one call of a layer, each row's ⟨∂L_row/∂θ, V⟩ over the layer's own
-parameters θ (those registered directly on it):
+Every module that holds trainable parameters directly (registered on it, not on a child) is
+scored, in one of two ways:
 
-    rule(layer, inputs, grad_output, target) -> per-row scores
+1. **A rule for its type** (RULES, NAMED_RULES), which gives, for one call of the layer, each
+   row's ⟨∂L_row/∂θ, V⟩ over the layer's own parameters θ:
 
-- `inputs`: the tuple of tensors the layer was called with (detached);
-- `grad_output`: the gradient of the loss with respect to the layer's output;
-- `target`: {parameter name: V} for the layer's parameters in the target (a parameter left
-  out is absent), in the dtype the scores are computed in (float32 or float64);
-- the result has the shape of the rows: the output's dims that are not features, e.g.
-  (batch, tokens) for a linear layer on (batch, tokens, features).
+       rule(layer, inputs, grad_output, target) -> per-row scores
 
-Sums over the rows are never needed from a rule: the probe adds the rows of all layers and
-splits them by domain once per record.
+   - `inputs`: the tuple of tensors the layer was called with (detached);
+   - `grad_output`: the gradient of the loss with respect to the layer's output;
+   - `target`: {parameter name: V} for the layer's parameters in the target (a parameter left
+     out is absent), in the dtype the scores are computed in (float32 or float64);
+   - the result has the shape of the rows: the output's dims that are not features, e.g.
+     (batch, tokens) for a linear layer on (batch, tokens, features).
+
+   Sums over the rows are never needed from a rule: the probe adds the rows of all layers and
+   splits them by domain once per record. This is the fast path: one extra GEMM-sized product
+   for a linear layer, an element-wise product for a norm.
+
+2. **The general rule** (vjp_domain_scores) for a module no rule matches, including a subclass
+   that overrides its base's forward: the probe runs the module again on the inputs it saved
+   and takes, for each domain i present in the batch, the vector-Jacobian product of the output
+   gradient restricted to domain i's rows with respect to the module's parameters, and its dot
+   with V. It gives per-domain sums directly, not per-row scores (a row's score would need one
+   VJP per row), and costs one backward of the module per domain present. It needs nothing of
+   the module but that its rows do not interact, that each output it returns is one row per
+   batch row (batch first; RNNs as their batch_first says, their hidden states with the batch
+   in dim 1), and that autograd can differentiate it, which training already needs. It scores
+   the module's own parameters and those of its children whose hooks did not run in the call
+   (nn.MultiheadAttention applies out_proj's weight functionally), and reruns the module with
+   the RNG state and autocast state of the call, so dropout and mixed precision are repeated.
+
+Modules that mix the rows of a batch (ROW_MIXING: batch norms; an nn.Embedding that scales its
+gradient by the tokens' frequency in the batch) cannot be split by domain: they are left out,
+with a warning naming them and the fraction of parameters covered (strict=True raises).
+
+A rule of your own makes a layer type take the fast path:
+
+    import fastmix
+
+    class Scale(nn.Module):                       # y = x ⊙ w
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+        def forward(self, x):
+            return x * self.weight
+
+    @fastmix.register_probe_rule(Scale)
+    def scale_rule(layer, inputs, grad_output, target):
+        return (grad_output * inputs[0] * target["weight"]).sum(-1)   # ⟨g_n, x_n ⊙ V⟩ per row
 
 Rules here: nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm, and, matched by the module and
 name of their class so that fastmix never imports transformers (NAMED_RULES), transformers'
 Conv1D (GPT-2's layers), its RMSNorm classes (Llama, Mistral, Mixtral, Qwen2/3, Gemma 1-3,
 OLMo-2, Phi-3; jvp_rule, which runs the layer itself in forward mode) and Gemma's scaled
-embeddings. A layer no rule covers is left out of the scores and reported in probe.coverage.
+embeddings.
 """
 import math
 from dataclasses import dataclass
@@ -64,10 +102,11 @@ def register_probe_rule(layer_type, rule=None, *, autocast_inputs=False):
 
 
 def rule_for(module):
-    """The rule registered for the module's type or its nearest base class, or None. A class
-    without a registered rule may have one by name (NAMED_RULES). A base class's rule is not
-    for a subclass that overrides forward: it computes something else (Gemma's embedding
-    scales nn.Embedding's output), which the rule knows nothing of."""
+    """The rule registered for the module's type or its nearest base class, or None (the probe
+    then uses the general rule, vjp_domain_scores). A class without a registered rule may have
+    one by name (NAMED_RULES). A base class's rule is not for a subclass that overrides forward:
+    it computes something else (Gemma's embedding scales nn.Embedding's output), which the rule
+    knows nothing of."""
     for cls in type(module).__mro__:
         rule = RULES.get(cls) or NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
         if rule is not None:
@@ -160,6 +199,58 @@ def jvp_rule(layer, inputs, grad_output, target):
 
     _, along_target = torch.func.jvp(layer_of, primals, tuple(target.values()))
     return _feature_dots(grad_output, along_target.to(grad_output.dtype), 1)
+
+
+ROW_MIXING = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # and their subclasses
+
+
+def mixes_rows(module):
+    """Whether a module's parameter gradient mixes the rows of the batch, so that it cannot be
+    split by domain: a batch norm (statistics over the batch), an nn.Embedding scaling its
+    gradient by the tokens' frequency in the batch."""
+    return isinstance(module, ROW_MIXING) or (isinstance(module, nn.Embedding) and module.scale_grad_by_freq)
+
+
+def output_batch_dims(module, outputs):
+    """The dim of each of a module's output tensors (`outputs`, its output's tensors in pytree
+    order) that holds the batch: 0, but for an RNN (nn.RNN, nn.LSTM, nn.GRU) the output's as
+    batch_first says and 1 for the hidden states (h_n, c_n)."""
+    if isinstance(module, nn.RNNBase):
+        return [0 if module.batch_first else 1] + [1] * (len(outputs) - 1)
+    return [0] * len(outputs)
+
+
+def vjp_domain_scores(output_of, primals, grad_output, row_domains, num_domains, target):
+    """The general rule: each domain's ⟨Σ_{rows n of domain i} J_nᵀ g_n, V⟩, J_n the Jacobian of
+    output row n in the parameters, from one VJP per domain present (torch.autograd.grad of the
+    output again, the gradient restricted to the domain's rows). Exact for any module whose
+    rows do not interact.
+
+    - `output_of(params)`: the output the gradient is of, computed again with `params`
+      ({dotted name: tensor}) in place of the module's (torch.func.functional_call);
+    - `primals`: {dotted name: the parameter's value}, the parameters to score;
+    - `grad_output`: the gradient of the loss with respect to that output;
+    - `row_domains`: the domain id of each row, broadcastable to `grad_output` (-1: no domain);
+    - `target`: {dotted name: V} in the dtype the scores are computed in.
+
+    Returns (num_domains,) sums in the target's dtype."""
+    leaves = {name: value.detach().requires_grad_() for name, value in primals.items()}
+    work = next(iter(target.values())).dtype
+    scores = torch.zeros(num_domains, dtype=work, device=grad_output.device)
+    with torch.enable_grad():
+        out = output_of(leaves)
+    if not out.requires_grad:  # the call used none of the parameters scored
+        return scores
+    g = grad_output.to(out.dtype)
+    names = list(leaves)
+    for domain in row_domains.unique().tolist():
+        if domain < 0:
+            continue
+        cotangent = torch.where(row_domains == domain, g, 0)
+        grads = torch.autograd.grad(out, [leaves[n] for n in names], cotangent, retain_graph=True, allow_unused=True)
+        scores[domain] = sum(torch.linalg.vecdot(grad.reshape(-1).to(work), target[n].reshape(-1))
+                             for n, grad in zip(names, grads) if grad is not None)
+    return scores
 
 
 register_probe_rule(nn.Linear, linear_rule, autocast_inputs=True)
