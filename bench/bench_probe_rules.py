@@ -1,7 +1,8 @@
 """Each probe rule's cost: a forward and backward through a stack of one layer type under
 `AlignmentProbe.record`, against the same forward and backward without the probe (the named
 baseline). The fast rules should sit in the Linear rule's cost class; `jvp_rule` (one more
-forward-mode pass of the layer) is stated as it is.
+forward-mode pass of the layer) and the general rule (a backward of the layer per domain
+present, for layers without a rule) are stated as they are.
 
     pytest bench/bench_probe_rules.py
 
@@ -32,6 +33,17 @@ class ScaledTanh(nn.Module):
 register_probe_rule(ScaledTanh, jvp_rule)
 
 
+class Gated(nn.Module):
+    """The same layer without a rule: the general rule scores it (one VJP of the layer per domain)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.weight
+
+
 def _conv1d(width):
     transformers = pytest.importorskip("transformers")
     return transformers.pytorch_utils.Conv1D(width, width)
@@ -43,6 +55,7 @@ LAYERS = {
     "layer_norm": lambda: nn.LayerNorm(WIDTH),
     "rms_norm": lambda: nn.RMSNorm(WIDTH),
     "jvp_rule (a row-wise layer)": lambda: ScaledTanh(WIDTH),
+    "general rule (per-domain VJPs)": lambda: Gated(WIDTH),
 }
 
 
