@@ -1,10 +1,12 @@
 """OnlineMixing: the mixers driven from a loop written here, step for step like the built-in one."""
 import contextlib
 import math
+import os
 
 import pytest
 import torch
 
+from conftest import run_distributed
 from fastmix.data import DomainStore, MixtureSampler
 from fastmix.mixing import DGA, Chameleon, OnlineMixing, Universal, causal_lm_loss
 from fastmix.model import GPT, GPTConfig, lm_loss
@@ -22,18 +24,20 @@ def _lr(step, config):
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
-def _own_loop(config, store, mixer, steps, state=None):
-    """A user's loop: GPT, AdamW, a MixtureSampler, clipping, gradient accumulation, OnlineMixing."""
+def _own_loop(config, store, mixer, steps, state=None, wrap=None):
+    """A user's loop: GPT, AdamW, a MixtureSampler, clipping, gradient accumulation, OnlineMixing;
+    `wrap`: what the training forward runs the model in (DistributedDataParallel)."""
     torch.manual_seed(config.seed)
     model = GPT(GPTConfig(block_size=config.block_size, vocab_size=store.vocab_size, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd, dropout=0.0, bias=True))
+    train_model = model if wrap is None else wrap(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": other, "weight_decay": 0.0}], lr=config.lr,
                                   betas=(config.beta1, config.beta2))
     sampler = MixtureSampler(store, mixer.weights, config.batch_size, config.block_size, config.seed)
-    mixing = OnlineMixing(mixer, model, optimizer, sampler, target=store.targets[0], loss_fn=lm_loss)
+    mixing = OnlineMixing(mixer, train_model, optimizer, sampler, target=store.targets[0], loss_fn=lm_loss)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -50,7 +54,7 @@ def _own_loop(config, store, mixer, steps, state=None):
         for _ in range(config.grad_accum):
             x, y, domain_ids = sampler.next_batch()
             with mixing.record(domain_ids):
-                loss = lm_loss(model, x, y) / config.grad_accum
+                loss = lm_loss(train_model, x, y) / config.grad_accum
                 loss.backward()
             losses.append(float(loss.detach()))
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -174,3 +178,26 @@ def test_mistakes_are_one_line_errors(store_dir):
     other = OnlineMixing(Chameleon(store.domains), model, optimizer, sampler)
     with pytest.raises(ValueError, match="Chameleon mixer, not Universal"):
         mixing.load_state_dict(other.state_dict())
+
+
+def _ddp_worker(rank, world, store_dir, out):
+    torch.set_default_dtype(torch.float64)
+    name, options = MIXERS["dga-stratified"]
+    config = TrainConfig(data=store_dir, out=os.path.join(out, "run"), mixer=name, mixer_options=options,
+                         max_steps=7, grad_accum=2, **TINY)
+    builtin = train(config).mixer.weights
+    store = DomainStore(store_dir)
+    own, _, _ = _own_loop(config, store, _mixer(name, options, store), config.max_steps,
+                          wrap=torch.nn.parallel.DistributedDataParallel)
+    torch.save({"builtin": builtin, "own": own}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_own_loop_under_ddp_gives_the_builtin_loops_weights_on_every_rank(store_dir, tmp_path):
+    """2 gloo processes, float64: OnlineMixing with the model in DistributedDataParallel and each
+    rank drawing its share gives the built-in DDP loop's weights, the same on both ranks."""
+    run_distributed(_ddp_worker, tmp_path, store_dir, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert torch.equal(ranks[0]["own"], ranks[1]["own"])
+    for result in ranks:
+        assert torch.allclose(result["own"], result["builtin"], rtol=0, atol=1e-10), result
+    assert (ranks[0]["own"] - 1 / len(ranks[0]["own"])).abs().max() > 1e-4  # the weights moved
