@@ -6,8 +6,8 @@ step; the weights go into the Trainer's logs (`mixing/weight/DOMAIN`) and the mi
 mixture's states into every checkpoint, so `--resume` continues the run exactly. The data is
 fastmix's built-in corpus (ten generated domains; the target `english` is helped by `grammar`),
 the model a tiny GPT-2 or Llama built from a config. With the defaults (100 steps, about 10 s on
-one CPU core) DGA moves `grammar`'s weight from 0.1 to more than 0.5 (tests/test_hf_trainer.py
-checks this setup).
+one CPU core) DGA makes `grammar` the heaviest domain: from 0.1 to about 0.43 with GPT-2 and
+to more than 0.5 with `--model llama` (tests/test_hf_trainer.py checks this setup).
 
     python examples/hf_trainer_dga.py --out runs/hf_trainer --model llama
     python examples/hf_trainer_dga.py --out runs/hf_trainer --max-steps 200 --resume   # continue it
