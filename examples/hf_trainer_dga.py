@@ -11,6 +11,7 @@ to more than 0.5 with `--model llama` (tests/test_hf_trainer.py checks this setu
 
     python examples/hf_trainer_dga.py --out runs/hf_trainer --model llama
     python examples/hf_trainer_dga.py --out runs/hf_trainer --max-steps 200 --resume   # continue it
+    torchrun --nproc_per_node 2 examples/hf_trainer_dga.py --out runs/hf_ddp             # DDP (gloo on CPU)
 
 Writes the Trainer's OUT/checkpoint-N folders (each with fastmix_mixing.pt), OUT/weights.json
 ({"domains", "target", "history": [{"step", "weights"}], "weights"}: the logged weights and the
@@ -74,6 +75,9 @@ def main(argv=None):
     history += [{"step": record["step"], "weights": {name: record[f"mixing/weight/{name}"] for name in mixture.domains}}
                 for record in trainer.state.log_history if f"mixing/weight/{mixture.domains[0]}" in record]
     final = dict(zip(mixture.domains, trainer.mixing.weights.tolist()))
+    print("final weights: " + "  ".join(f"{name} {w:.3f}" for name, w in sorted(final.items(), key=lambda kv: -kv[1])))
+    if not trainer.is_world_process_zero():  # under torchrun every rank holds the same weights: rank 0 writes
+        return
     with open(os.path.join(args.out, "weights.json"), "w", encoding="utf-8") as f:
         json.dump({"domains": mixture.domains, "target": TARGET, "history": history, "weights": final}, f, indent=1)
 
@@ -85,7 +89,6 @@ def main(argv=None):
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "weights.png"), dpi=100)
-    print("final weights: " + "  ".join(f"{name} {w:.3f}" for name, w in sorted(final.items(), key=lambda kv: -kv[1])))
     print(f"wrote {os.path.join(args.out, 'weights.json')} and weights.png")
 
 

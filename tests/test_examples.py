@@ -20,11 +20,11 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def run_example(name, cache, cwd, *args):
+def run_example(name, cache, cwd, *args, launcher=()):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "FASTMIX_CACHE": str(cache),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),  # this checkout's fastmix
            "OMP_NUM_THREADS": "1"}  # two threads on two shared cores run ~10x slower
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=cwd, env=env,
+    result = subprocess.run([sys.executable, *launcher, str(ROOT / "examples" / name), *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -89,3 +89,17 @@ def test_chameleon_from_hf_model_gives_the_cli_weights(cache, tmp_path, monkeypa
                          progress=False)
     assert cli["domains"] == saved["domains"]
     assert cli["weights"] == pytest.approx(saved["pretrain"]["weights"], rel=1e-5)
+
+
+def test_hf_trainer_dga_under_torchrun_gives_every_rank_the_same_weights(cache, tmp_path):
+    """DDP through the Trainer (2 gloo CPU processes): each rank draws its share, DGA's update
+    (step 10) moves the weights the same on both ranks, and only rank 0 writes the files."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    stdout = run_example("hf_trainer_dga.py", cache, tmp_path, "--max-steps", "10", "--out", str(tmp_path / "run"),
+                         "--logging-steps", "5", "--save-steps", "10", launcher=torchrun)
+    finals = [line for line in stdout.splitlines() if line.startswith("final weights: ")]
+    assert len(finals) == 2 and finals[0] == finals[1], finals
+    saved = json.loads((tmp_path / "run" / "weights.json").read_text())
+    assert_weights(list(saved["weights"].values()), 10)
+    assert max(saved["weights"].values()) > 0.11  # the update moved them
+    assert stdout.count("wrote ") == 1
