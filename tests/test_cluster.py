@@ -160,6 +160,26 @@ def test_empty_input_is_one_line(tmp_path):
         main(["prepare", str(tmp_path / "store"), "--cluster", "2", "--input", str(tmp_path / "missing")])
 
 
+def test_clusters_left_empty_are_dropped_and_the_store_trains(tmp_path):
+    """Documents of two kinds, each repeated: k-means finds two distinct centroids among five, so
+    three clusters get no documents; the store keeps the two that do, and their histogram."""
+    docs = ["the cat sat on the mat " * 20] * 30 + ["def f(x):\n    return x + 1\n" * 20] * 30
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "target.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n")
+    with pytest.warns(UserWarning, match=r"--cluster 5: k-means left 3 clusters without documents; the store has "
+                                         r"the 2 others"):
+        main(["prepare", str(tmp_path / "store"), "--cluster", "5", "--input", str(tmp_path / "docs.jsonl"),
+              "--target", f"t={tmp_path / 'target.jsonl'}", "--quiet"])
+    store = DomainStore(tmp_path / "store")
+    assert store.domains == ["c0000", "c0001"] and all(store.train_tokens > 1000)
+    info = store.meta["clusters"]
+    assert (info["k"], info["requested_k"], sorted(info["sizes"])) == (2, 5, [30, 30])
+    assert sorted(info["target_histograms"]["t"]) == [0, 1]
+    main(["train", "--data", str(tmp_path / "store"), "--out", str(tmp_path / "run"), "--max-steps", "2",
+          "--batch-size", "2", "--block-size", "16", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+          "--device", "cpu", "--quiet", "--no-plot", "--mixer", "importance"])
+
+
 def test_missing_embedder_package_names_it(corpus, monkeypatch):
     import sys
 

@@ -8,7 +8,9 @@ Two passes over the input, so that the corpus is never held in memory:
    `partial_fit` over chunks of the file;
 2. the documents are read again, each is tokenized into the token file of its cluster.
 
-Each cluster is a domain `c0000`, `c0001`, ... The store's meta.json gets a "clusters" entry:
+Each cluster with documents is a domain `c0000`, `c0001`, ... (a cluster k-means leaves empty,
+as it may on duplicated documents, is dropped with a warning: a domain without tokens cannot be
+trained on). The store's meta.json gets a "clusters" entry:
 the embedder, the size (documents) of each cluster, a few sample documents of each, the target
 tasks' cluster histograms (`--target` documents assigned to the nearest centroid) and, with
 `coarse=K1`, the coarse cluster of each fine one (k-means of the fine centroids, weighted by
@@ -18,6 +20,7 @@ are in clusters/centroids.npy.
 """
 import json
 import os
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -183,6 +186,12 @@ def _predict(kmeans, embeddings):
                            for s in range(0, len(embeddings), chunk)]) if len(embeddings) else np.zeros(0, int)
 
 
+def nearest_centroid(embeddings, centroids):
+    """The index of each row's nearest centroid (squared Euclidean distance, as k-means's)."""
+    distances = (embeddings ** 2).sum(1)[:, None] - 2 * embeddings @ centroids.T + (centroids ** 2).sum(1)[None]
+    return distances.argmin(1)
+
+
 def domain_name(cluster, k):
     return f"c{cluster:0{max(4, len(str(k - 1)))}d}"
 
@@ -212,7 +221,6 @@ def prepare_clusters(out, inputs, k, targets=(), embedder="hash", coarse=None, t
     tok = _make_tokenizer(tokenizer, inputs, text_field, bpe_vocab_size)
     embed = make_embedder(embedder, tok, device)
     dtype = token_dtype(tok.vocab_size)
-    names = [domain_name(c, k) for c in range(k)]
 
     with StoreWriter(out, tok.spec(), overwrite=overwrite) as writer:
         if isinstance(tok, BPETokenizer):
@@ -230,9 +238,18 @@ def prepare_clusters(out, inputs, k, targets=(), embedder="hash", coarse=None, t
         labels = _predict(kmeans, embeddings)
         del embeddings
         os.remove(emb_path)
-        centroids = kmeans.cluster_centers_.astype(np.float32)
+        # k-means may leave clusters without documents (duplicates, a corpus of few kinds): no
+        # domain for them, since a domain without tokens cannot be trained on
+        kept = np.flatnonzero(np.bincount(labels, minlength=k))
+        if len(kept) < k:
+            warnings.warn(f"--cluster {k}: k-means left {k - len(kept)} clusters without documents; the store "
+                          f"has the {len(kept)} others", stacklevel=2)
+        requested, k = k, len(kept)
+        labels = np.searchsorted(kept, labels)
+        centroids = kmeans.cluster_centers_[kept].astype(np.float32)
         np.save(os.path.join(work, "centroids.npy"), centroids)
         sizes = np.bincount(labels, minlength=k)
+        names = [domain_name(c, k) for c in range(k)]
 
         # pass 2: tokens of every document to its cluster's file
         samples = [[] for _ in range(k)]
@@ -258,8 +275,6 @@ def prepare_clusters(out, inputs, k, targets=(), embedder="hash", coarse=None, t
                 buffered = 0
         flush()
         for c, name in enumerate(names):
-            if counts[c] == 0:  # k-means may leave a cluster without documents
-                open(writer.token_path(name, "train"), "wb").close()
             n_val = split_off_val(writer, name, int(counts[c]), dtype, val_fraction)
             writer.register(name, int(counts[c]) - n_val, n_val)
 
@@ -272,17 +287,17 @@ def prepare_clusters(out, inputs, k, targets=(), embedder="hash", coarse=None, t
             _embed_to_file(embed, iter(docs), t_path, f"embedding {name}", quiet=True)
             t_emb = np.fromfile(t_path, dtype=np.float32).reshape(len(docs), embed.dim)
             os.remove(t_path)
-            histograms[name] = np.bincount(kmeans.predict(t_emb), minlength=k).tolist()
+            histograms[name] = np.bincount(nearest_centroid(t_emb, centroids), minlength=k).tolist()
             tokens = np.concatenate([_encode(tok, d) for d in docs]).astype(dtype)
             n_val = int(np.ceil(tokens.size * val_fraction))
             writer.add(name, tokens[:tokens.size - n_val], tokens[tokens.size - n_val:], target=True)
 
-        info = {"k": k, "embedder": embedder, "documents": int(n), "sizes": sizes.tolist(), "samples": samples,
+        info = {"k": k, "requested_k": requested, "embedder": embedder, "documents": int(n), "sizes": sizes.tolist(), "samples": samples,
                 "target_histograms": histograms, "centroids": "clusters/centroids.npy", "seed": seed}
         if coarse is not None:
             from sklearn.cluster import KMeans
 
-            coarse_km = KMeans(n_clusters=coarse, random_state=seed, n_init=3).fit(
+            coarse_km = KMeans(n_clusters=min(coarse, k), random_state=seed, n_init=3).fit(
                 centroids, sample_weight=np.maximum(sizes, 1e-3))
             info["coarse"] = coarse_km.labels_.tolist()
         writer.extra_meta["clusters"] = info
