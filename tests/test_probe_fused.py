@@ -4,12 +4,15 @@ GEMM (fastmix.ops.fused_linear) on the training backward. Checked against the cu
 Hugging Face's GPT-2 (Conv1D layers), and the same DGA weights over a 200-step inline run."""
 import contextlib
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import run_distributed
 from fastmix import AlignmentProbe
 from fastmix.data import DomainStore, MixtureSampler
 from fastmix.mixing import DGA, OnlineMixing
@@ -191,6 +194,42 @@ def test_auto_follows_the_cost_model_and_leaves_layers_as_they_are(seed):
         loss_of(model, batches[0][0]).backward()
     assert not any("forward" in vars(m) for m in model.modules())
     assert probe.fused_layers == linear_names(model)
+
+
+def ddp_worker(rank, world, out):
+    """Each rank: its share of the batches through a DDP-wrapped GPT, the probe on the inner model."""
+    target, batches = data(0, per_token=True, batches=2 * world)
+    saved = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = fastmix_gpt().double()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        probe = AlignmentProbe(model, K, fused=fused)
+        loss_of(model, target).backward()  # the same target batch on every rank
+        probe.set_target()
+        for x, ids in batches[rank::world]:  # the first record is the watched one
+            ddp.zero_grad()
+            probe.reset()
+            with probe.record(ids):
+                ddp(x, torch.roll(x, -1, 1))[1].backward()
+        saved[fused] = {"dots": probe.result().dots, "fused_layers": probe.fused_layers,
+                        "grads": {name: p.grad for name, p in model.named_parameters()}}
+    torch.save(saved, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_under_ddp(tmp_path):
+    """DDP (2 gloo CPU processes): the fused layers' `.grad` are all-reduced as plain ones, and
+    the scores, averaged over the ranks, are the current form's."""
+    run_distributed(ddp_worker, tmp_path, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rank in ranks:
+        fused, current = rank[True], rank[False]
+        assert fused["fused_layers"] == linear_names(fastmix_gpt()) and current["fused_layers"] == []
+        assert_close(fused["dots"], current["dots"], 1e-10, "dots")
+        assert_close(fused["dots"], ranks[0][True]["dots"], 0, "dots on rank 0")
+        for name, want in current["grads"].items():
+            assert_close(fused["grads"][name], want, 1e-12, name)
 
 
 @pytest.mark.parametrize("fused", ["yes", 1, None])
