@@ -366,7 +366,8 @@ class DGA(Mixer):
         if self._probe is None or self._probe_model is not model:
             if self._probe is not None:
                 self._probe.remove()
-            self._probe = AlignmentProbe(model, self.num_scored, fused=self.fused)  # a segment per domain, or per basis
+            # a segment per domain, or per basis
+            self._probe = AlignmentProbe(model, self.num_scored, fused=self.fused)
             self._probe_model = model
         return self._probe
 
