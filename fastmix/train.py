@@ -62,7 +62,8 @@ class TrainConfig:
                                      "dga/universal: step_size, ema, floor, interval, precondition=none|adam, "
                                      "rows_per_domain, mode, and for dga target_rows, target_every, "
                                      "bases=PATH|coarse|[[...], ...] (reweight basis distributions over the "
-                                     "domains), rows_per_basis; chameleon: "
+                                     "domains), rows_per_basis, fused=auto|true|false (inline: score linear "
+                                     "layers in their weight-gradient GEMM); chameleon: "
                                      "source=online|offline, checkpoint=PATH, lam, mode=pretrain|finetune, "
                                      "temperature, interval, rows_per_domain, floor, layer=middle|INDEX|MODULE; "
                                      "temperature: temperature; importance: target, smoothing, floor",

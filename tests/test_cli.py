@@ -130,7 +130,7 @@ def _truncated_copy(store_dir, dst):
     (["--mixer", "uniform", "--dga-mode", "inline"], "--dga-mode is for --mixer dga or universal, not 'uniform'"),
     (["--mixer", "dga", "--mixer-option", "stepsize=3"],
      "--mixer dga: unknown option 'stepsize' for mixer 'dga'; its options: step_size, ema, floor, interval, "
-     "precondition, mode, rows_per_domain, target_rows, target_every, bases, rows_per_basis"),
+     "precondition, mode, rows_per_domain, target_rows, target_every, bases, rows_per_basis, fused"),
     # DGA's basis distributions: a matrix of the wrong shape, a store without a coarse level
     (["--mixer", "dga", "--mixer-option", "bases=[[1, 2], [3, 4]]"],
      r"--mixer dga: bases must be an \(m, 10\) matrix, one row per basis distribution over the 10 domains, got "

@@ -191,6 +191,36 @@ def test_non_contiguous_input(seed):
     assert bool(((sink.dots - dots).abs() <= 1e-12 * scale).all())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_in_place_op_after_the_layer(seed, layout):
+    """The output is an ordinary view of the op's output, as F.linear's is: an in-place op after
+    the layer (ReLU(inplace=True)) and a hook on the view's base both work."""
+    layer, x, loss_weight, target, target_bias = inputs(layout, torch.float64)
+    ((torch.relu_(layer(x)) * loss_weight).sum()).backward()
+    want = grads_of(layer, x)
+    zero(layer, x)
+    sink = ops.DomainDots(target, torch.randint(0, 3, (3,)), 3, target_bias=target_bias)
+    y = fused_forward(layer, x, sink)
+    seen = {}
+    y._base.register_hook(lambda grad: seen.__setitem__("grad", grad))
+    ((torch.relu_(y) * loss_weight).sum()).backward()
+    assert_grads_equal(grads_of(layer, x), want, 1e-15)
+    assert seen["grad"].shape == (15, 4)  # the rows (3 x 5) by d_out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_input_grad_only_computes_the_input_gradient_alone(seed, layout):
+    layer, x, loss_weight, target, target_bias = inputs(layout, torch.float64)
+    run(layer, x, loss_weight)
+    want = x.grad.clone()
+    zero(layer, x)
+    sink = ops.DomainDots(target, torch.randint(0, 3, (3,)), 3, target_bias=target_bias)
+    sink.input_grad_only = True
+    run(layer, x, loss_weight, sink)
+    assert torch.allclose(x.grad, want, rtol=0, atol=1e-15)
+    assert all(p.grad is None for p in layer.parameters()) and sink.dots is None
+
+
 @pytest.mark.parametrize("ids_of,k", [
     (lambda n: torch.zeros(n, dtype=torch.long), 1),  # one domain
     (lambda n: torch.arange(n) % 2 * 2, 4),  # domains 1 and 3 empty

@@ -52,6 +52,11 @@ clusters (fastmix.data.cluster.coarse_bases). The state holds β and the bases, 
 continues exactly and refuses other bases. `scores` then holds the m basis scores. Without
 `bases` (the default) nothing of this runs and DGA is as described above.
 
+`fused` ("auto", True, False: AlignmentProbe's `fused`, see fastmix.probe.fused): in inline mode,
+whether the training backward's linear layers score inside their weight-gradient GEMM; "auto" where
+the cost model says it is cheaper (on a CPU: nowhere). The weights are the same either way, up to
+float rounding.
+
 `precondition="adam"` scores ⟨g_i, V / (sqrt(v̂) + eps)⟩ with AdamW's bias-corrected second
 moments v̂ (the direction Adam would actually move along V); "none" the plain dot product.
 
@@ -70,6 +75,7 @@ from fastmix.data.cluster import coarse_bases
 from fastmix.mixing.base import Mixer, check_counts, check_number, register_mixer
 from fastmix.mixing.bases import COARSE, load_bases
 from fastmix.probe import AlignmentProbe
+from fastmix.probe.fused import check_fused
 
 MODES = ("exact", "stratified", "inline")
 PRECONDITIONS = ("none", "adam")
@@ -178,7 +184,7 @@ class DGA(Mixer):
 
     def __init__(self, num_domains, step_size=100.0, ema=0.2, floor=0.05, interval=10,
                  precondition="none", mode="stratified", rows_per_domain=1, target_rows=4, target_every=10,
-                 bases=None, rows_per_basis=4):
+                 bases=None, rows_per_basis=4, fused="auto"):
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
         if mode not in MODES:
@@ -194,6 +200,8 @@ class DGA(Mixer):
             raise ValueError("bases need mode 'stratified' or 'exact', which draw a batch from every basis "
                              "distribution; 'inline' scores the training batch, whose rows are drawn by domain")
         step_size = check_number("step_size", step_size, 0)
+        check_fused(fused)
+        self.fused = fused
         self.num_domains = int(num_domains)
         self.step_size, self.ema, self.floor = step_size, ema, floor
         self.interval, self.mode, self.precondition = int(interval), mode, precondition
@@ -369,7 +377,8 @@ class DGA(Mixer):
         if self._probe is None or self._probe_model is not model:
             if self._probe is not None:
                 self._probe.remove()
-            self._probe = AlignmentProbe(model, self.num_scored)  # a segment per domain, or per basis
+            # a segment per domain, or per basis
+            self._probe = AlignmentProbe(model, self.num_scored, fused=self.fused)
             self._probe_model = model
         return self._probe
 

@@ -154,6 +154,13 @@ def fused_extra_cost(n_rows, num_segments, d_in, d_out, device_type="cpu"):
     return (overhead * n_rows + FUSED_EPILOGUE_COST * num_segments) * weights + n_rows * (d_in + d_out)
 
 
+def fused_is_cheaper(n_rows, num_segments, d_in, d_out, device_type="cpu"):
+    """Whether, on a training backward, folding the dots into the weight gradient
+    (fused_extra_cost) costs less than the current form's extra GEMM-sized product
+    (rowwise_bilinear: n_rows · d_in · d_out multiply-adds)."""
+    return fused_extra_cost(n_rows, num_segments, d_in, d_out, device_type) < n_rows * d_in * d_out
+
+
 def _rows(t):
     """`t` (..., d) as a 2-D (rows, d) matrix, also when d or a leading dim is 0."""
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])

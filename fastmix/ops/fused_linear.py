@@ -36,7 +36,11 @@ class DomainDots:
     domains: `segment_ids` (the input's leading shape, e.g. (B, T) for packed sequences, or its
     first dim; negative = padding) with `num_segments`, or `offsets` (k + 1,) for rows already
     grouped by domain (domain i = rows [offsets[i], offsets[i + 1])). `validate_ids=False`
-    skips the check that ids are < num_segments (a host sync on GPUs)."""
+    skips the check that ids are < num_segments (a host sync on GPUs).
+
+    `input_grad_only = True` makes the backward compute the input's gradient alone: no weight or
+    bias gradient, no dots. For a pass that wants no parameter gradient (AlignmentProbe.backward,
+    which scores such layers from their output gradients instead)."""
 
     def __init__(self, target, segment_ids=None, num_segments=None, *, offsets=None, target_bias=None,
                  loss_scale=1.0, validate_ids=True):
@@ -66,6 +70,7 @@ class DomainDots:
         self.target, self.target_bias = target, target_bias
         self.segment_ids, self.num_segments, self.offsets = segment_ids, num_segments, offsets
         self.loss_scale = float(loss_scale)
+        self.input_grad_only = False
         self._sum = None
 
     @property
@@ -106,27 +111,29 @@ class DomainDots:
 
 
 class _FusedLinear(torch.autograd.Function):
+    """On rows (N, d_in): fused_linear flattens the input outside, so that the output is a view
+    of this Function's output, not of a tensor made inside it (an in-place op after the layer,
+    or a hook on the view's base, then works as after F.linear)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, sink, in_out, order, offsets):
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, rows, weight, bias, sink, in_out, order, offsets):
+        ctx.save_for_backward(rows, weight)
         ctx.sink, ctx.in_out, ctx.order, ctx.offsets = sink, in_out, order, offsets
         ctx.has_bias = bias is not None
         if not in_out:
-            return F.linear(x, weight, bias)
-        rows = x.reshape(-1, x.shape[-1])
-        out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
-        return out.reshape(x.shape[:-1] + (weight.shape[1],))
+            return F.linear(rows, weight, bias)
+        return rows @ weight if bias is None else torch.addmm(bias, rows, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, grads):
+        rows, weight = ctx.saved_tensors
         sink, in_out = ctx.sink, ctx.in_out
-        d_in = x.shape[-1]
-        rows, grads = x.reshape(-1, d_in), grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = None
+        grad_rows = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grads @ (weight.T if in_out else weight)).reshape(x.shape)
+            grad_rows = grads @ (weight.T if in_out else weight)
+        if sink.input_grad_only:
+            return grad_rows, None, None, None, None, None, None
         target = sink.target.T if in_out else sink.target
         # the dots keep float32 (or float64) accuracy: 16-bit rows are widened, never the target rounded
         work = torch.promote_types(torch.promote_types(rows.dtype, target.dtype), torch.float32)
@@ -138,7 +145,7 @@ class _FusedLinear(torch.autograd.Function):
             bias=ctx.has_bias and ctx.needs_input_grad[2], validate_ids=False)
         sink.add(dots)
         grad_weight = (grad_weight.T if in_out else grad_weight) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        return grad_rows, grad_weight, grad_bias, None, None, None, None
 
 
 def fused_linear(x, weight, bias, sink, *, weight_layout="out_in"):
@@ -170,11 +177,13 @@ def fused_linear(x, weight, bias, sink, *, weight_layout="out_in"):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     order, offsets = sink.grouping(x.shape[:-1])
+    out_shape = x.shape[:-1] + (d_out,)
+    rows = x.reshape(-1, d_in)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):  # cast as autocast casts F.linear's inputs
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
+        rows, weight = rows.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return _FusedLinear.apply(x, weight, bias, sink, in_out, order, offsets)
-    return _FusedLinear.apply(x, weight, bias, sink, in_out, order, offsets)
+            return _FusedLinear.apply(rows, weight, bias, sink, in_out, order, offsets).reshape(out_shape)
+    return _FusedLinear.apply(rows, weight, bias, sink, in_out, order, offsets).reshape(out_shape)

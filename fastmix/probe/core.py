@@ -31,6 +31,12 @@ Under FSDP2 (`torch.distributed.fsdp.fully_shard`; make the probe after sharding
 is kept as sharded as the parameters' `.grad`, and gathered one layer at a time inside the
 backward, where that layer scores this rank's rows; result() all-reduces the k scores.
 `probe.target_memory` tells what that costs per rank.
+
+`AlignmentProbe(model, k, fused="auto"|True|False)`: on a training backward a linear layer
+(nn.Linear, transformers' Conv1D) can instead score itself inside its own weight-gradient GEMM
+(fastmix.ops.fused_linear), with `.grad` as plain autograd's; "auto" (the default) does so where
+the cost model says it is cheaper, which on a CPU is nowhere. See fastmix.probe.fused;
+`probe.fused_layers` names the layers that took that form in the last record.
 """
 import contextlib
 import warnings
@@ -48,6 +54,7 @@ from fastmix import ops
 from fastmix.distributed import world_size
 from fastmix.ops.alignment import ghost_is_cheaper
 from fastmix.ops.reference import accumulation_dtype, segment_sum
+from fastmix.probe.fused import FusedForwards, check_fused
 from fastmix.probe.rules import mixes_rows, output_batch_dims, rule_for, vjp_domain_scores
 
 
@@ -221,9 +228,13 @@ class _RowScores:
 
 
 class AlignmentProbe:
-    def __init__(self, model, num_domains, *, strict=False, exclude=()):
+    def __init__(self, model, num_domains, *, strict=False, exclude=(), fused="auto"):
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
+        check_fused(fused)
+        self.fused = fused  # where linear layers score inside their weight-gradient GEMM (fastmix.probe.fused)
+        self.fused_layers = []  # ... and which did in the last record
+        self._fused = None  # the record's FusedForwards
         self.num_domains = num_domains
         self.strict = strict
         excluded = {id(m) for m in exclude}
@@ -459,13 +470,22 @@ class AlignmentProbe:
         # pre-hooks only while watching: they tell which ops run inside a hooked layer
         pre_hooks = ([m.register_forward_pre_hook(self._enter_site) for _, m in self._sites]
                      if watch is not None else [])
+        # the first record watches how the model uses its weights: no fused form until that is known
+        sites = [(m, self._rules[id(m)]) for _, m in self._sites
+                 if watch is None and self.fused is not False and self._rules[id(m)] is not None]  # not general ones
+        self._fused = FusedForwards(sites, self.fused, self.num_domains, self._fused_sink_parts)
         try:
-            if watch is None:
-                yield self
-            else:
-                with watch:
+            with self._fused:
+                if watch is None:
                     yield self
+                else:
+                    with watch:
+                        yield self
         finally:
+            self.fused_layers = sorted(self._site_names[id(m)] for m in self._fused.fused_modules)
+            if self._fused.traced:  # torch.compile traced the routed layers: leave them as they are from now on
+                self.fused = False
+            self._fused = None
             self._ids = None
             self._output_edges = []  # backward() runs inside: keeping them would hold the activations
             self._open_calls = []  # left open by a recomputation stopped early (non-reentrant checkpointing)
@@ -492,6 +512,7 @@ class AlignmentProbe:
         if self._ids is None:
             raise RuntimeError("AlignmentProbe.backward: call it inside `with probe.record(ids):`")
         edges, self._output_edges = self._output_edges, []
+        self._fused.input_grads_only()  # no weight gradient: the hooks score the fused layers instead
         if edges:
             torch.autograd.grad(loss, edges, allow_unused=True)
 
@@ -582,6 +603,7 @@ class AlignmentProbe:
         if self._in_rule:  # a rule running its layer again (jvp_rule): not a call of the model's
             return
         self._site_depth = max(self._site_depth - 1, 0)
+        sink = self._fused.taken(module) if self._fused is not None else None  # a fused call's, or None
         rule = self._rules[id(module)]
         if rule is None:
             return self._general_call(module, args, kwargs, output)
@@ -628,7 +650,9 @@ class AlignmentProbe:
             inputs = tuple(t.expand(batch_rows + t.shape[len(rows):]) if tuple(t.shape[:len(rows)]) == rows else t
                            for t in inputs)
         if self._layout(tuple(shape[:-1]), name, x.device) is not None:
-            anchor.register_hook(lambda grad: self._contribute(module, rule, inputs, grad.reshape(shape), name))
+            # a fused call scores itself in its backward, unless backward() stops it at the input gradient
+            anchor.register_hook(lambda grad: self._contribute(module, rule, inputs, grad.reshape(shape), name)
+                                 if sink is None or sink.input_grad_only else None)
             # the edge, not the tensor: an in-place op after the layer (ReLU(inplace=True), h += r)
             # moves the tensor to a later node, whose gradient is not the layer's output gradient
             self._output_edges.append(torch.autograd.graph.get_gradient_edge(anchor))
@@ -759,6 +783,23 @@ class AlignmentProbe:
             self._in_rule = False
         sums = sums.to(torch.float64) * inv_scale
         self._vjp_sums[name] = sums + self._vjp_sums[name] if name in self._vjp_sums else sums
+
+    def _fused_sink_parts(self, module, x):
+        """(V_W, V_b or None, the record's scores for x's rows) for a call of a linear layer that
+        can take the fused form (fastmix.probe.fused), else None: the hooks then score it."""
+        if self._ids is None or self._in_rule or not torch.is_grad_enabled() or id(module) in self._target_rows:
+            return None
+        weight, bias = self._param(module, "weight"), self._param(module, "bias")
+        target = None if weight is None else self._target.get(id(weight))
+        if target is None or _is_sharded(target):
+            return None
+        rows = tuple(x.shape[:-1])
+        if rows[:self._ids.dim()] != tuple(self._ids.shape):  # broadcast over the batch, or no batch dim
+            return None
+        target_bias = None if bias is None else self._target.get(id(bias))
+        if target_bias is not None:
+            target_bias = target_bias.to(target.dtype)
+        return target, target_bias, self._layout(rows, self._site_names[id(module)], x.device)
 
     def _contribute(self, module, rule, inputs, grad, name):
         """Adds one layer's ⟨g_n, V⟩ terms for the rows of this call to the record's scores."""

@@ -1,0 +1,107 @@
+"""The AlignmentProbe around a training step, scoring k = 8 domains: the plain forward+backward
+(the named baseline), the probe's current form (one extra GEMM-sized product per linear layer)
+and its fused form (AlignmentProbe(fused=True): the dots inside the weight-gradient GEMM), on
+8 x 256 tokens at width 768, one domain per sequence, fp32 on the CPU:
+
+- "mlp": 2 linear layers of width 768 with tanh between (bench_fused_linear.py's layers, here
+  under the probe), a summed loss;
+- "gpt": a fastmix GPT of 2 blocks at width 768 (12 heads, 257-token vocabulary).
+
+    pytest bench/bench_probe_fused.py --benchmark-min-time=0.05     # pytest-benchmark, one group per model
+    python bench/bench_probe_fused.py --rounds 15                    # the same ratios from interleaved rounds
+
+Every method is warmed up by two steps first (the first also runs the probe's first record, the
+one that watches the model and never takes the fused form)."""
+import pytest
+import torch
+from torch import nn
+
+from fastmix import AlignmentProbe
+from fastmix.model import GPT, GPTConfig
+
+WIDTH, BATCH, TOKENS, K, VOCAB = 768, 8, 256, 8, 257
+METHODS = ["plain", "probe-current", "probe-fused"]
+
+
+def mlp_setup():
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH))
+    x = torch.randn(BATCH, TOKENS, WIDTH)
+    return model, lambda: model(x).sum(), lambda: model(torch.randn(2, TOKENS, WIDTH)).sum()
+
+
+def gpt_setup():
+    model = GPT(GPTConfig(block_size=TOKENS, vocab_size=VOCAB, n_layer=2, n_head=12, n_embd=WIDTH))
+    x = torch.randint(0, VOCAB, (BATCH, TOKENS))
+    target = torch.randint(0, VOCAB, (2, TOKENS))
+    return model, lambda: model(x, torch.roll(x, -1, 1))[1], lambda: model(target, torch.roll(target, -1, 1))[1]
+
+
+SETUPS = {"mlp": mlp_setup, "gpt": gpt_setup}
+
+
+def training_step(model_name, method):
+    """One training step's forward and backward (and the probe's result), warmed up."""
+    torch.manual_seed(0)
+    model, training_loss, target_loss = SETUPS[model_name]()
+    ids = torch.arange(BATCH) % K
+    probe = None if method == "plain" else AlignmentProbe(model, K, fused=method == "probe-fused")
+    if probe is not None:
+        target_loss().backward()
+        probe.set_target()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        if probe is None:
+            training_loss().backward()
+            return
+        probe.reset()
+        with probe.record(ids):
+            training_loss().backward()
+        probe.result()
+
+    step()
+    step()
+    assert probe is None or bool(probe.fused_layers) == (method == "probe-fused")
+    return step
+
+
+@pytest.mark.parametrize("model_name", sorted(SETUPS))
+@pytest.mark.parametrize("method", METHODS)
+def test_probe_fused_step(benchmark, model_name, method):
+    benchmark.group = (f"probe around a training step, {model_name} 2 layers x {WIDTH}, {BATCH}x{TOKENS} tokens, "
+                       f"k={K} (CPU fp32)")
+    step = training_step(model_name, method)
+    if method == "plain":
+        benchmark.extra_info["baseline"] = True
+    benchmark(step)
+
+
+def interleaved(rounds):
+    """Each round times one step of every method in turn, so that a change in the machine's load
+    hits them alike; prints the medians and each probe method's median ratio to plain (quartiles)."""
+    import time
+
+    for model_name in sorted(SETUPS):
+        steps = {method: training_step(model_name, method) for method in METHODS}
+        times = {method: [] for method in METHODS}
+        for _ in range(rounds):
+            for method, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[method].append(time.perf_counter() - start)
+        plain = torch.tensor(times["plain"], dtype=torch.float64)
+        print(f"{model_name}: 2 layers x {WIDTH}, {BATCH}x{TOKENS} tokens, k={K}, {rounds} interleaved rounds")
+        for method in METHODS:
+            t = torch.tensor(times[method], dtype=torch.float64)
+            ratio = t / plain
+            q1, median, q3 = (float(ratio.quantile(q)) for q in (0.25, 0.5, 0.75))
+            print(f"    {method:<14} {float(t.median()) * 1e3:9.1f} ms   {median:5.2f}x plain "
+                  f"(quartiles {q1:.2f}-{q3:.2f})")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="probe step ratios from interleaved rounds (see the docstring)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of one step per method (default: 15)")
+    interleaved(parser.parse_args().rounds)
