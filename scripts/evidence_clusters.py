@@ -12,8 +12,8 @@ from reference topics that never enter the generic corpus.
 - Claim (i), the small generic set: the generic corpus holds little prose next to the token
   budget. 16 clusters. Uniform, importance sampling and DGA, held-out target loss over training,
   and how many epochs each run spends on the clusters importance sampling favours.
-- Claim (ii), fine clusters and few target examples: 256 clusters (16 coarse), a target of at
-  most 100 documents. DGA over the 16 coarse bases (distribution reweighting), plain DGA over
+- Claim (ii), fine clusters and few target examples: at least 256 clusters (260 asked, 16
+  coarse), a target of at most 100 documents. DGA over the 16 coarse bases (distribution reweighting), plain DGA over
   all 256 clusters, importance sampling and uniform.
 - Cost: one update of each mixer at k = 64, 1024 and 4096 domains (random-token stores, the
   2-layer 128-wide GPT).
@@ -242,7 +242,7 @@ def costs(work, sizes):
 def report(results, args):
     lines = []
     for name, title in (("claim_i", "Claim (i): a small generic set"),
-                        ("claim_ii", "Claim (ii): 256 clusters, few target documents")):
+                        ("claim_ii", "Claim (ii): at least 256 clusters, few target documents")):
         if name not in results:
             continue
         r = results[name]
@@ -297,12 +297,13 @@ def main():
             "uniform": ("uniform", None), "importance": ("importance", None), "dga": ("dga", None)})
         plot(results["claim_i"], os.path.join(args.out, "claim_i.png"), "Claim (i): small generic set, 16 clusters")
     if "ii" in args.claims:
-        store = make_store(args.work, "fine-clusters", generic_prose_chars=300_000, target_docs=60, k=256, coarse=16)
+        # 260 asked: k-means may leave a few empty (dropped), and the claim wants at least 256
+        store = make_store(args.work, "fine-clusters", generic_prose_chars=300_000, target_docs=60, k=260, coarse=16)
         results["claim_ii"] = claim(args.work, args, "claim_ii", store, {
-            "uniform": ("uniform", None), "importance": ("importance", None), "dga (256 clusters)": ("dga", None),
+            "uniform": ("uniform", None), "importance": ("importance", None), "dga (every cluster)": ("dga", None),
             "dga bases (16 coarse)": ("dga", {"bases": "coarse"})})
         plot(results["claim_ii"], os.path.join(args.out, "claim_ii.png"),
-             "Claim (ii): 256 clusters, 60 target documents")
+             f"Claim (ii): {store.num_domains} clusters, 60 target documents")
     if "cost" in args.claims:
         results["cost"] = {str(k): v for k, v in costs(args.work, args.sizes).items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
