@@ -297,8 +297,16 @@ def prepare(out, domains, targets=(), tokenizer="byte", bpe_vocab_size=4096, tex
         try:
             # fork keeps workers cheap to start; results arrive in order, so output is deterministic.
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            pool = ctx.Pool(workers, _worker_init, (os.getpid(),)) if workers > 1 and len(tasks) > 1 \
-                else _InlinePool()
+            if workers > 1 and len(tasks) > 1:
+                # forked with Ctrl-C ignored: one arriving before a worker's initializer ran would
+                # print its traceback; the parent stops the workers itself
+                previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                try:
+                    pool = ctx.Pool(workers, _worker_init, (os.getpid(),))
+                finally:
+                    signal.signal(signal.SIGINT, previous)
+            else:
+                pool = _InlinePool()
             with pool, tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet) as bar:
                 work = ((tok, chunk, text_field, encoding) for _, chunk in tasks)
                 for (domain, (path, start, end)), (tokens, chars, replaced) in zip(tasks,
