@@ -124,6 +124,18 @@ def assert_close_scores(got, want, rtol):
 FP64_RTOL = dict(gemma=1e-6)
 
 
+def _set_target(model, probe):
+    """The probe's target from a random target batch: (the trainable parameters, their flat
+    target gradient), with .grad cleared again."""
+    x_t = torch.randint(0, VOCAB, (3, 8))
+    model(input_ids=x_t, labels=x_t).loss.backward()
+    probe.set_target()
+    params = [p for p in model.parameters() if p.requires_grad]
+    target = flat_grads(params)
+    model.zero_grad()
+    return params, target
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_probe_covers_and_matches_naive_on_hf_models(seed, name, dtype):
@@ -133,12 +145,7 @@ def test_probe_covers_and_matches_naive_on_hf_models(seed, name, dtype):
     model = tiny_model(name, dtype)
     probe = AlignmentProbe(model, K, strict=True)  # strict: a parameter left out raises
     assert probe.coverage.fraction == 1.0
-    x_t = torch.randint(0, VOCAB, (3, 8))
-    model(input_ids=x_t, labels=x_t).loss.backward()
-    probe.set_target()
-    params = [p for p in model.parameters() if p.requires_grad]
-    target = flat_grads(params)
-    model.zero_grad()
+    params, target = _set_target(model, probe)
     x, ids = torch.randint(0, VOCAB, (6, 8)), torch.tensor([0, 2, 1, 0, 2, 0])
     with probe.record(ids):
         model(input_ids=x, labels=x).loss.backward()
@@ -154,12 +161,7 @@ def test_probe_on_hf_models_under_bf16_autocast_and_loss_scale(seed, name):
     scores match the naive method run the same way to bf16's precision (as in test_probe.py)."""
     model, scale = tiny_model(name, torch.float32), 1024.0
     probe = AlignmentProbe(model, K, strict=True)
-    x_t = torch.randint(0, VOCAB, (3, 8))
-    model(input_ids=x_t, labels=x_t).loss.backward()
-    probe.set_target()
-    params = [p for p in model.parameters() if p.requires_grad]
-    target = flat_grads(params)
-    model.zero_grad()
+    params, target = _set_target(model, probe)
     x, ids = torch.randint(0, VOCAB, (6, 8)), torch.tensor([0, 2, 1, 0, 2, 0])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with probe.record(ids, loss_scale=scale):
