@@ -20,6 +20,9 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.items[i]}
 
 
+BASES = np.array([[1, 1, 0, 0], [0, 1, 1, 2]], dtype=np.float64)  # normalised by the draw
+
+
 def _mixture(**options):
     domains = {f"d{i}": Tokens(i) for i in range(4)}
     return DomainMixture(domains, batch_size=8, block_size=8, targets={"t": Tokens(9)}, **options)
@@ -50,6 +53,7 @@ def test_resume_is_exact_with_workers():
             mixture.set_weights(torch.rand(4, generator=torch.Generator().manual_seed(mixture.step)) + 0.1)
             mixture.balanced_batch(1)
             mixture.target_batch("t", 2)
+            mixture.basis_batch(BASES, 2)
         return out
 
     whole = run(_mixture(seed=3), 10)
@@ -63,6 +67,36 @@ def test_resume_is_exact_with_workers():
     again = _mixture(seed=3)
     run(again, 10)
     assert torch.equal(resumed.balanced_batch(2)[0], again.balanced_batch(2)[0])
+    assert torch.equal(resumed.basis_batch(BASES, 3)[0], again.basis_batch(BASES, 3)[0])
+
+
+def test_basis_batches_follow_their_distributions_and_drive_dga():
+    """Basis j's rows go to domains by P_j (floor or ceil of P_j(i) · rows, none where P_j(i) = 0),
+    leave the training batches as they were, and feed DGA with distribution reweighting through
+    OnlineMixing, which moves the basis weights."""
+    from fastmix.mixing import DGA, OnlineMixing
+
+    mixture, plain = _mixture(seed=1), _mixture(seed=1)
+    for _ in range(3):
+        x, y, ids, basis_ids = mixture.basis_batch(BASES, 4)
+        assert basis_ids.tolist() == [j for j in range(2) for _ in range(4)]
+        assert torch.equal(x[:, 0], ids)
+        counts = np.stack([np.bincount(ids[basis_ids == j].numpy(), minlength=4) for j in range(2)])
+        np.testing.assert_array_equal(counts, [[2, 2, 0, 0], [0, 1, 1, 2]])
+        assert all(torch.equal(a, b) for a, b in zip(mixture.next_batch(), plain.next_batch()))
+    with pytest.raises(ValueError, match="bases must have shape"):
+        mixture.basis_batch(np.ones((2, 3)), 2)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dga = DGA(4, bases=BASES, interval=1, rows_per_basis=2)
+    mixing = OnlineMixing(dga, model, optimizer, mixture, target="t",
+                          loss_fn=lambda m, x, y: torch.nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten()))
+    before = mixing.weights
+    mixing.step(lr=0.1)
+    assert not torch.equal(mixing.weights, before)
+    torch.testing.assert_close(mixing.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_starting_a_loader_leaves_the_global_rng_alone():

@@ -34,7 +34,7 @@ from fastmix.distributed import rank_and_world
 
 # Stream ids keep the random numbers of training, balanced and target batches (and the loader's
 # worker seeds) independent.
-TRAIN_STREAM, BALANCED_STREAM, TARGET_STREAM, LOADER_STREAM = 0, 1, 2, 3
+TRAIN_STREAM, BALANCED_STREAM, TARGET_STREAM, LOADER_STREAM, BASIS_STREAM = 0, 1, 2, 3, 4
 
 
 def stratified_domains(rng, rows, weights):
@@ -42,6 +42,29 @@ def stratified_domains(rng, rows, weights):
     cdf = np.cumsum(weights)
     u = (rng.random(1) + np.arange(rows)) / rows
     return np.minimum(np.searchsorted(cdf / cdf[-1], u, side="right"), len(weights) - 1)
+
+
+def basis_domains(rng, bases, rows_per_basis, num_domains):
+    """The rows of a basis batch: (domain ids, basis ids), `rows_per_basis` rows for each row of
+    `bases` ((m, num_domains), non-negative, each row normalised here), grouped by basis and
+    within a basis by domain. The rows of basis j go to domains by systematic sampling: domain i
+    gets floor or ceil of P_j(i) · rows_per_basis rows (exactly that where it is a whole number),
+    and none where P_j(i) = 0."""
+    bases = np.asarray(bases, dtype=np.float64)
+    if bases.ndim != 2 or bases.shape[0] < 1 or bases.shape[1] != num_domains:
+        raise ValueError(f"bases must have shape (m, {num_domains}) with m >= 1, got {bases.shape}")
+    if not np.all(np.isfinite(bases)) or np.any(bases < 0) or np.any(bases.sum(axis=1) <= 0):
+        raise ValueError("bases must be finite and non-negative, with no row all zero")
+    if isinstance(rows_per_basis, bool) or not isinstance(rows_per_basis, int) or rows_per_basis < 1:
+        raise ValueError(f"rows_per_basis must be an integer >= 1, got {rows_per_basis!r}")
+    cdf = np.cumsum(bases, axis=1)
+    cdf /= cdf[:, -1:]
+    positions = (rng.random((len(bases), 1)) + np.arange(rows_per_basis)) / rows_per_basis
+    ids = np.stack([np.searchsorted(c, p, side="right") for c, p in zip(cdf, positions)])
+    # a position rounded up to 1.0 stays with the last domain the basis weighs, not past it
+    last_weighed = num_domains - 1 - np.argmax(bases[:, ::-1] > 0, axis=1)
+    ids = np.minimum(ids, last_weighed[:, None]).reshape(-1).astype(np.int64)
+    return ids, np.repeat(np.arange(len(bases), dtype=np.int64), rows_per_basis)
 
 
 def _tokens(item):
@@ -113,6 +136,7 @@ class DomainMixture(torch.utils.data.Dataset):
         self.step = 0  # training batches handed out
         self._balanced_draws = 0
         self._target_draws = 0
+        self._basis_draws = 0
         self.set_weights(torch.full((k,), 1.0 / k) if weights is None else weights)
 
     @classmethod
@@ -197,6 +221,16 @@ class DomainMixture(torch.utils.data.Dataset):
         x, y = self._rows([self._domains[i] for i in ids], rng)
         return x, y, torch.from_numpy(ids.astype(np.int64))
 
+    def basis_batch(self, bases, rows_per_basis):
+        """`rows_per_basis` rows drawn from each basis distribution, a row of `bases` ((m, k)):
+        (x, y, domain_ids, basis_ids), grouped by basis, as DGA with `bases` asks (see
+        basis_domains). The same rows on every rank (mixers split them)."""
+        rng = self._rng(BASIS_STREAM, self._basis_draws)
+        ids, basis_ids = basis_domains(rng, bases, rows_per_basis, self.num_domains)
+        self._basis_draws += 1
+        x, y = self._rows([self._domains[i] for i in ids], rng)
+        return x, y, torch.from_numpy(ids), torch.from_numpy(basis_ids)
+
     def target_batch(self, name, rows):
         """`rows` rows of target task `name`: (x, y)."""
         if name not in self._targets:
@@ -214,12 +248,13 @@ class DomainMixture(torch.utils.data.Dataset):
     # state -------------------------------------------------------------------------------
     def state_dict(self):
         return {"step": self.step, "balanced_draws": self._balanced_draws, "target_draws": self._target_draws,
-                "weights": self.weights, "seed": self.seed}
+                "basis_draws": self._basis_draws, "weights": self.weights, "seed": self.seed}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
         self._balanced_draws = int(state["balanced_draws"])
         self._target_draws = int(state["target_draws"])
+        self._basis_draws = int(state["basis_draws"])
         self.set_weights(state["weights"])
 
 

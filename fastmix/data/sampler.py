@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from fastmix.data.mixture import basis_domains
 from fastmix.distributed import rank_and_world
 
 # Stream ids keep the random numbers of training, balanced, target and basis batches independent.
@@ -200,29 +201,13 @@ class MixtureSampler:
         return x, y, torch.from_numpy(ids)
 
     def basis_batch(self, bases, rows_per_basis):
-        """`rows_per_basis` rows drawn from each basis distribution, a row of `bases` ((m, k),
-        non-negative, each row normalised here): (x, y, domain_ids, basis_ids), grouped by basis
-        and within a basis by domain. The rows of basis j go to domains by systematic sampling:
-        domain i gets floor or ceil of P_j(i) · rows_per_basis rows (exactly that where it is a
-        whole number), P_j(i) · rows_per_basis in expectation, and none where P_j(i) = 0."""
-        bases = np.asarray(bases, dtype=np.float64)
-        k = self.store.num_domains
-        if bases.ndim != 2 or bases.shape[0] < 1 or bases.shape[1] != k:
-            raise ValueError(f"bases must have shape (m, {k}) with m >= 1, got {bases.shape}")
-        if not np.all(np.isfinite(bases)) or np.any(bases < 0) or np.any(bases.sum(axis=1) <= 0):
-            raise ValueError("bases must be finite and non-negative, with no row all zero")
+        """`rows_per_basis` rows drawn from each basis distribution, a row of `bases` ((m, k)):
+        (x, y, domain_ids, basis_ids), grouped by basis (see fastmix.data.mixture.basis_domains)."""
         rng = self._rng(_BASIS, self._basis_draws)
+        ids, basis_ids = basis_domains(rng, bases, rows_per_basis, self.store.num_domains)
         self._basis_draws += 1
-        cdf = np.cumsum(bases, axis=1)
-        cdf /= cdf[:, -1:]
-        positions = (rng.random((len(bases), 1)) + np.arange(rows_per_basis)) / rows_per_basis
-        ids = np.stack([np.searchsorted(c, p, side="right") for c, p in zip(cdf, positions)])
-        # a position rounded up to 1.0 stays with the last domain the basis weighs, not past it
-        last_weighed = k - 1 - np.argmax(bases[:, ::-1] > 0, axis=1)
-        ids = np.minimum(ids, last_weighed[:, None]).reshape(-1).astype(np.int64)
         starts = (rng.random(ids.size) * self._starts[ids]).astype(np.int64)
         x, y = self._read(ids, starts)
-        basis_ids = np.repeat(np.arange(len(bases), dtype=np.int64), rows_per_basis)
         return x, y, torch.from_numpy(ids), torch.from_numpy(basis_ids)
 
     def target_batch(self, name, rows):
