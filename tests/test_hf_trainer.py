@@ -76,34 +76,41 @@ def tiny_causal_lm(kind, vocab_size):
     return transformers.LlamaForCausalLM(config)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_dga_moves_the_weight_to_grammar(builtin, tmp_path, kind):
+def _dga_weights(store, out, kind, seed):
     """`fastmix train --mixer dga --target english`'s settings through a real Trainer: 100 steps of
     16 x 64 tokens, AdamW at 3e-3 (warm-up 20, cosine to 3e-4, weight decay 0.1, beta2 0.95,
-    clipping at 1), DGA's defaults (stratified, every 10 steps). `grammar`, the domain that helps
-    `english`, ends the heaviest: at least 0.5 at step 100 (from 0.1) on Llama, at least 0.4 on
-    GPT-2, whose position embedding the probe scores too (0.43 measured; 0.74 with it left out:
-    its gradient aligns the target with `add_words` as well), and `noise` loses weight."""
+    clipping at 1), DGA's defaults (stratified, every 10 steps). Returns {domain: weight}."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on two shared cores run ~10x slower; the result is the same
     try:
-        torch.manual_seed(0)
-        model = tiny_causal_lm(kind, builtin.vocab_size)
-        mixture = DomainMixture.from_store(builtin, batch_size=16, block_size=64)
-        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=100, learning_rate=3e-3,
+        torch.manual_seed(seed)
+        model = tiny_causal_lm(kind, store.vocab_size)
+        mixture = DomainMixture.from_store(store, batch_size=16, block_size=64)
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=100, learning_rate=3e-3,
                                               warmup_steps=20, lr_scheduler_type="cosine_with_min_lr",
                                               lr_scheduler_kwargs={"min_lr": 3e-4}, weight_decay=0.1,
                                               adam_beta2=0.95, max_grad_norm=1.0, logging_steps=10,
-                                              save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                                              save_strategy="no", report_to=[], use_cpu=True, seed=seed,
                                               disable_tqdm=True)
         trainer = MixingTrainer(model=model, args=args, mixer=DGA(mixture.num_domains), mixture=mixture,
                                 target="english")
         trainer.train()
     finally:
         torch.set_num_threads(threads)
-    weights = dict(zip(builtin.domains, trainer.mixing.weights.tolist()))
+    weights = dict(zip(store.domains, trainer.mixing.weights.tolist()))
     logged = [r for r in trainer.state.log_history if "mixing/weight/grammar" in r]
     assert logged[-1]["step"] == 100 and logged[-1]["mixing/weight/grammar"] == weights["grammar"]
-    assert weights["grammar"] >= {"gpt2": 0.4, "llama": 0.5}[kind], weights
-    assert max(weights, key=weights.get) == "grammar", weights
-    assert weights["noise"] < 1 / len(weights)
+    return weights
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_dga_moves_the_weight_to_grammar(builtin, tmp_path, kind):
+    """With the built-in loop's settings, `grammar`, the domain that helps `english`, ends the
+    heaviest in each of 3 seeds, at least 0.5 on average at step 100 (from 0.1), and `noise`
+    loses weight. Seeds spread it widely: 0.43-0.71 on GPT-2 (seeds 0-7), 0.39-0.77 on Llama
+    (seeds 0-4)."""
+    runs = [_dga_weights(builtin, tmp_path / str(seed), kind, seed) for seed in range(3)]
+    for weights in runs:
+        assert max(weights, key=weights.get) == "grammar", weights
+        assert weights["noise"] < 1 / len(weights), weights
+    assert sum(weights["grammar"] for weights in runs) / len(runs) >= 0.5, runs
