@@ -17,11 +17,13 @@ mixer update. Groups:
 """
 import contextlib
 import os
+import statistics
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import interleaved_times, ratio_quartiles
 from fastmix.data import DomainStore, MixtureSampler, StoreWriter, builtin_store
 from fastmix.mixing import DGA, Uniform
 from fastmix.model import GPT, GPTConfig
@@ -112,9 +114,7 @@ def interleaved(pairs=15):
 
         python bench/bench_mixing.py [--pairs N]      # more pairs: a tighter median on a noisy machine
     """
-    import statistics
     import tempfile
-    import time
 
     stores = make_stores(tempfile.mkdtemp())
     settings = [(10, 1, m) for m in ("stratified", "inline", "exact")] + \
@@ -128,19 +128,13 @@ def interleaved(pairs=15):
         mixed = Loop(stores[k], DGA(k, mode=mode, interval=interval), device)
         plain.steps(interval)
         mixed.steps(interval)
-        ratios, base = [], []
-        for _ in range(pairs if mode != "exact" or interval > 1 else max(5, pairs // 3)):
-            t0 = time.perf_counter()
-            plain.steps(interval)
-            t1 = time.perf_counter()
-            mixed.steps(interval)
-            t2 = time.perf_counter()
-            ratios.append((t2 - t1) / (t1 - t0))
-            base.append((t1 - t0) / interval)
-        results[k, interval, mode] = statistics.median(ratios)
-        low, _, high = statistics.quantiles(ratios, n=4)
+        rounds = pairs if mode != "exact" or interval > 1 else max(5, pairs // 3)
+        times = interleaved_times({"plain": lambda: plain.steps(interval), "mixed": lambda: mixed.steps(interval)},
+                                  rounds)
+        low, results[k, interval, mode], high = ratio_quartiles(times["mixed"], times["plain"])
+        plain_ms = statistics.median(times["plain"]) / interval * 1e3
         print(f"k={k:<3} interval={interval:<3} {mode:<11} {results[k, interval, mode]:5.2f}x "
-              f"(quartiles {low:.2f}-{high:.2f}; plain {statistics.median(base) * 1e3:.1f} ms/step)", flush=True)
+              f"(quartiles {low:.2f}-{high:.2f}; plain {plain_ms:.1f} ms/step)", flush=True)
         plain.sampler.close()
         mixed.sampler.close()
     for k in (8, 10, 64):  # the update's own cost is the step's ratio minus the plain step

@@ -12,10 +12,13 @@ and its fused form (AlignmentProbe(fused=True): the dots inside the weight-gradi
 
 Every method is warmed up by two steps first (the first also runs the probe's first record, the
 one that watches the model and never takes the fused form)."""
+import statistics
+
 import pytest
 import torch
 from torch import nn
 
+from conftest import interleaved_times, ratio_quartiles
 from fastmix import AlignmentProbe
 from fastmix.model import GPT, GPTConfig
 
@@ -79,23 +82,12 @@ def test_probe_fused_step(benchmark, model_name, method):
 def interleaved(rounds):
     """Each round times one step of every method in turn, so that a change in the machine's load
     hits them alike; prints the medians and each probe method's median ratio to plain (quartiles)."""
-    import time
-
     for model_name in sorted(SETUPS):
-        steps = {method: training_step(model_name, method) for method in METHODS}
-        times = {method: [] for method in METHODS}
-        for _ in range(rounds):
-            for method, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[method].append(time.perf_counter() - start)
-        plain = torch.tensor(times["plain"], dtype=torch.float64)
+        times = interleaved_times({method: training_step(model_name, method) for method in METHODS}, rounds)
         print(f"{model_name}: 2 layers x {WIDTH}, {BATCH}x{TOKENS} tokens, k={K}, {rounds} interleaved rounds")
         for method in METHODS:
-            t = torch.tensor(times[method], dtype=torch.float64)
-            ratio = t / plain
-            q1, median, q3 = (float(ratio.quantile(q)) for q in (0.25, 0.5, 0.75))
-            print(f"    {method:<14} {float(t.median()) * 1e3:9.1f} ms   {median:5.2f}x plain "
+            q1, median, q3 = ratio_quartiles(times[method], times["plain"])
+            print(f"    {method:<14} {statistics.median(times[method]) * 1e3:9.1f} ms   {median:5.2f}x plain "
                   f"(quartiles {q1:.2f}-{q3:.2f})")
 
 

@@ -16,6 +16,26 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def interleaved_times(calls, rounds):
+    """Seconds of each of `rounds` calls of every callable in `calls` ({name: fn}), taken in turn
+    within each round, so that a change in the machine's load hits them alike: {name: [s, ...]}."""
+    import time
+
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio_quartiles(times, baseline):
+    """(first quartile, median, third quartile) of the per-round ratios times / baseline."""
+    ratios = torch.tensor(times, dtype=torch.float64) / torch.tensor(baseline, dtype=torch.float64)
+    return tuple(float(ratios.quantile(q)) for q in (0.25, 0.5, 0.75))
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
