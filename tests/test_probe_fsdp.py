@@ -1,6 +1,7 @@
 """AlignmentProbe on FSDP2 models (torch.distributed.fsdp.fully_shard; 2 gloo CPU processes, float64):
-the scores equal those of the same model unsharded, while the target stays sharded and is
-gathered one layer at a time."""
+fastmix's GPT, Hugging Face's GPT-2 and Llama, and Llamas with layers only the general rule
+covers. The scores equal those of the same model unsharded, while the target stays sharded and
+is gathered one layer at a time."""
 import os
 
 import pytest
@@ -30,9 +31,9 @@ def _loss(model, x):
     return model(x, torch.roll(x, -1, 1))[1]
 
 
-def _set_target(model, probe, target):
+def _set_target(model, probe, target, loss=_loss):
     model.zero_grad()
-    _loss(model, target).backward()
+    loss(model, target).backward()
     probe.set_target()
     model.zero_grad()
 
@@ -156,3 +157,103 @@ def _misuse_worker(rank, world, out):
 
 def test_misuse_is_one_clear_error(tmp_path):
     run_distributed(_misuse_worker, tmp_path, str(tmp_path))
+
+
+def _decoder_layers(model):
+    """The decoder layers of a Hugging Face causal LM: its one ModuleList (GPT-2's h, Llama's layers)."""
+    return next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+
+
+class LayerScaled(torch.nn.Module):
+    """A decoder layer whose update is scaled by a parameter of its own: a module of the general
+    rule that is also the unit fully_shard gathers, rerun whole in the backward."""
+
+    def __init__(self, layer, width, dtype):
+        super().__init__()
+        self.layer = layer
+        self.scale = torch.nn.Parameter(torch.rand(width, dtype=dtype) + 0.5)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states + self.scale * (self.layer(hidden_states, *args, **kwargs) - hidden_states)
+
+
+def _with_own_mlps(model):
+    from test_probe_general import Weird  # its own parameters used in its forward, beside a child Linear
+
+    for layer in _decoder_layers(model):
+        layer.mlp = Weird(model.config.hidden_size).to(model.dtype)
+
+
+def _with_scaled_layers(model):
+    layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layers[i] = LayerScaled(layer, model.config.hidden_size, model.dtype)
+
+
+# a tiny Llama with layers only the general rule covers
+WITH_OWN_LAYERS = dict(llama_own_mlp=_with_own_mlps, llama_scaled_layers=_with_scaled_layers)
+
+
+def _hf_model_and_batches(name, seed):
+    from test_probe_hf import VOCAB, tiny_model
+
+    torch.manual_seed(seed)
+    model = tiny_model("llama" if name in WITH_OWN_LAYERS else name, torch.float64)
+    if name in WITH_OWN_LAYERS:
+        WITH_OWN_LAYERS[name](model)
+    target = torch.randint(0, VOCAB, (2, 8))
+    batches = [torch.randint(0, VOCAB, (4, 8)) for _ in range(2)]  # one per rank
+    ids = [torch.randint(0, K, (4,)) for _ in range(2)]
+    return model, target, batches, ids
+
+
+def _hf_loss(model, x):
+    return model(input_ids=x, labels=x).loss
+
+
+def _hf_worker(rank, world, name, seed, out):
+    from torch.distributed.fsdp import fully_shard
+
+    model, target, batches, ids = _hf_model_and_batches(name, seed)
+    for layer in _decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    probe = AlignmentProbe(model, K, strict=True)
+    _set_target(model, probe, target, _hf_loss)
+    with probe.record(ids[rank]):
+        _hf_loss(model, batches[rank]).backward()
+    result = probe.result()
+    memory = probe.target_memory
+    results = dict(dots=result.dots, missing=result.missing, fraction=probe.coverage.fraction,
+                   memory=(memory.held_bytes, memory.peak_gathered_bytes, memory.model_bytes))
+    probe.reset()  # DGA's scoring pass
+    with probe.record(ids[rank]):
+        probe.backward(_hf_loss(model, batches[rank]))
+    results["dots_scoring_only"] = probe.result().dots
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+
+
+# GPT-2: Conv1D layers, a head tied to wte, wpe called on positions of shape (1, T); Llama: GQA,
+# an untied head, LlamaRMSNorm (jvp_rule)
+@pytest.mark.parametrize("name", ["gpt2", "llama", *WITH_OWN_LAYERS])
+def test_scores_on_hf_models_equal_the_unsharded_model(tmp_path, seed, name):
+    """Each decoder layer sharded, then the model, as Hugging Face models are sharded."""
+    pytest.importorskip("transformers")
+    run_distributed(_hf_worker, tmp_path, name, seed, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    model, target, batches, ids = _hf_model_and_batches(name, seed)
+    probe = AlignmentProbe(model, K, strict=True)
+    _set_target(model, probe, target, _hf_loss)
+    for x, domain_ids in zip(batches, ids):
+        with probe.record(domain_ids):
+            _hf_loss(model, x).backward()
+    want = probe.result(all_reduce=False).dots / 2  # averaged over ranks, as the gradients are
+    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()) * 8
+    for rank in ranks:
+        for key in ("dots", "dots_scoring_only"):
+            torch.testing.assert_close(rank[key], want, rtol=1e-8, atol=1e-12, msg=key)
+        assert rank["fraction"] == 1.0 and rank["missing"] == []
+        held, peak, model_bytes = rank["memory"]
+        assert model_bytes == sum(p.numel() for p in model.parameters()) * 8
+        assert held < model_bytes and peak == largest_layer  # sharded, and gathered one layer at a time
