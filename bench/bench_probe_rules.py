@@ -5,18 +5,23 @@ forward-mode pass of the layer) and the general rule (a backward of the layer pe
 present, for layers without a rule) are stated as they are.
 
     pytest bench/bench_probe_rules.py
+    python bench/bench_probe_rules.py [--rounds N]    # the same ratios from interleaved rounds
 
 CPU, fp32: 4096 rows of width 512 (8 sequences of 512), k = 8 domains, 4 layers of each type
 between fixed (untracked) linear mixes so that every layer sees a fresh gradient.
 """
+import statistics
+
 import pytest
 import torch
 from torch import nn
 
+from conftest import interleaved_times, ratio_quartiles
 from fastmix import AlignmentProbe
 from fastmix.probe.rules import jvp_rule, register_probe_rule
 
 ROWS, WIDTH, K, DEPTH = (8, 512), 512, 8, 4
+METHODS = ["plain", "probe"]
 
 
 class ScaledTanh(nn.Module):
@@ -68,9 +73,8 @@ class Stack(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("method", ["plain", "probe"])
-@pytest.mark.parametrize("layer", LAYERS)
-def test_rule_cost(benchmark, layer, method):
+def rule_step(layer, method):
+    """One forward and backward of a stack of `layer`, plain or under the probe's record."""
     torch.manual_seed(0)
     model = Stack(LAYERS[layer])
     x = torch.randn(*ROWS, WIDTH)
@@ -88,7 +92,32 @@ def test_rule_cost(benchmark, layer, method):
                 model(x).square().mean().backward()
 
     step()
+    return step
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_rule_cost(benchmark, layer, method):
+    step = rule_step(layer, method)
     benchmark.group = f"probe rule: {layer}, {DEPTH} layers, {ROWS[0]}x{ROWS[1]} rows of {WIDTH}, k={K}"
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
     benchmark.extra_info["baseline"] = method == "plain"
-    probe.remove()
+
+
+def interleaved(rounds):
+    """Each round times a plain and a probed step in turn, so that a change in the machine's load
+    hits them alike; prints each rule's median ratio to plain (quartiles)."""
+    print(f"{DEPTH} layers, {ROWS[0]}x{ROWS[1]} rows of {WIDTH}, k={K}, {rounds} interleaved rounds")
+    for layer in LAYERS:
+        times = interleaved_times({method: rule_step(layer, method) for method in METHODS}, rounds)
+        q1, median, q3 = ratio_quartiles(times["probe"], times["plain"])
+        print(f"    {layer:<32} plain {statistics.median(times['plain']) * 1e3:7.1f} ms   probe {median:5.2f}x "
+              f"(quartiles {q1:.2f}-{q3:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="probe rule costs from interleaved rounds (see the docstring)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of one step per method (default: 15)")
+    interleaved(parser.parse_args().rounds)
