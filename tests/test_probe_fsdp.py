@@ -220,12 +220,14 @@ def _hf_worker(rank, world, name, seed, out):
     fully_shard(model)
     probe = AlignmentProbe(model, K, strict=True)
     _set_target(model, probe, target, _hf_loss)
-    with probe.record(ids[rank]):
+    gathers = _Gathers()
+    with gathers, probe.record(ids[rank]):
         _hf_loss(model, batches[rank]).backward()
     result = probe.result()
     memory = probe.target_memory
     results = dict(dots=result.dots, missing=result.missing, fraction=probe.coverage.fraction,
-                   memory=(memory.held_bytes, memory.peak_gathered_bytes, memory.model_bytes))
+                   memory=(memory.held_bytes, memory.peak_gathered_bytes, memory.model_bytes),
+                   gathers=len(gathers.gathered))
     probe.reset()  # DGA's scoring pass
     with probe.record(ids[rank]):
         probe.backward(_hf_loss(model, batches[rank]))
@@ -250,6 +252,9 @@ def test_scores_on_hf_models_equal_the_unsharded_model(tmp_path, seed, name):
             _hf_loss(model, x).backward()
     want = probe.result(all_reduce=False).dots / 2  # averaged over ranks, as the gradients are
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()) * 8
+    # each parameter's target gathered once (GPT-2's wte twice: it is the head's weight too), and
+    # no parameter gathered again: the general rule reruns its module on what FSDP2 unsharded
+    gathers = len(list(model.parameters())) + (name == "gpt2")
     for rank in ranks:
         for key in ("dots", "dots_scoring_only"):
             torch.testing.assert_close(rank[key], want, rtol=1e-8, atol=1e-12, msg=key)
@@ -257,3 +262,4 @@ def test_scores_on_hf_models_equal_the_unsharded_model(tmp_path, seed, name):
         held, peak, model_bytes = rank["memory"]
         assert model_bytes == sum(p.numel() for p in model.parameters()) * 8
         assert held < model_bytes and peak == largest_layer  # sharded, and gathered one layer at a time
+        assert rank["gathers"] == gathers

@@ -777,7 +777,10 @@ class AlignmentProbe:
 
         self._in_rule = True
         try:
-            sums = vjp_domain_scores(output_of, {path: _whole(p) for path, p in scored.items()},
+            # FSDP2 swaps the unsharded parameters into the module around its backward: use them
+            # rather than gather the shards again
+            params = {path: _whole(module.get_parameter(path)) for path in scored}
+            sums = vjp_domain_scores(output_of, params,
                                      grad.reshape(rerun["shape"]), row_domains, self.num_domains, target)
         finally:
             self._in_rule = False
