@@ -22,7 +22,8 @@ namespace fastmix {
 namespace {
 
 // Rows from which a segment's G_i is cheaper by at::mm and a pass over it than in the raw
-// kernel (bench/RESULTS.md, "weight_grad_dots": both about 1.4× torch.mm at 64 rows).
+// kernel (bench/RESULTS.md, "weight_grad_dots": both about 1.2-1.3x torch.mm at 128 rows, the
+// kernel ahead below, MKL above).
 constexpr int64_t kBlasRows = 128;
 
 void check_offsets(const at::Tensor& offsets, int64_t n_rows) {
