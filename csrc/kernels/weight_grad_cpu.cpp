@@ -218,7 +218,7 @@ void pieces_tile(const Acc* a, const Acc* b, const int64_t* starts, int64_t coun
                                                starts[i + 1] - starts[i], c, v, ld);
 }
 
-// The pieces kernel for this CPU, chosen once, and the columns of a panel it covers per call:
+// The pieces kernel for this CPU (checked per call, cheaply) and the columns of a panel it covers:
 // AVX-512 the whole 32, AVX2 16 (the caller walks both halves, so the half of an x panel in
 // use, 16 KiB, stays in L1 while g's panels stream past it), plain C++ the whole 32.
 template <typename Acc>
