@@ -144,6 +144,30 @@ def test_offsets_of_grouped_rows_and_rows_outside_them(seed, device, backend):
     assert float(got[2][1]) == 0.0  # the empty domain
 
 
+# Segments of many rows next to runs of few: the CPU binding forms the large ones' pieces with
+# at::mm (from 128 rows, csrc/torch/weight_grad.cpp) and sends the runs to the raw kernel. The
+# rows outside the segments are a small run before them and a large piece after them.
+MIXED_OFFSETS = [7, 307, 310, 310, 331, 631, 640, 1000]
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("target_bias", [True, False], ids=["bias-target", "no-bias-target"])
+@pytest.mark.parametrize("offsets", [MIXED_OFFSETS, [0, 300], [140, 290]], ids=["mixed", "one", "outside"])
+def test_large_and_small_segments(seed, device, backend, dtype, target_bias, offsets):
+    scale = 10 if interpreted(backend) else 1  # the same layout in a tenth of the rows: the split is the CPU binding's
+    n, d_in, d_out = 1200 // scale, 70, 40
+    x, grad_out, target, bias_target = random_inputs((n,), d_in, d_out, dtype, device)
+    bias_target = bias_target if target_bias else None
+    offsets = torch.tensor(offsets, device=device) // scale
+    ids = ops.reference.offsets_to_ids(offsets.cpu(), n)
+    k = offsets.numel() - 1
+    got = ops.weight_grad_dots(x, grad_out, target, offsets=offsets, target_bias=bias_target,
+                               bias=target_bias, backend=backend)
+    assert_matches(got, explicit(x, grad_out, torch.where(ids < k, ids, -1), k, target, bias_target),
+                   dtype, bias=target_bias)
+
+
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_inputs(seed, device, backend, dtype):
@@ -179,12 +203,15 @@ def test_empty_sizes(seed, device, backend, n, d_in, d_out, k):
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
-def test_float32_gradient_equals_torch_mm(seed, device, backend):
-    """The gradient a training step would get: torch.mm's to 1e-6 relative."""
+@pytest.mark.parametrize("large", [False, True], ids=["small-segments", "large-segments"])
+def test_float32_gradient_equals_torch_mm(seed, device, backend, large):
+    """The gradient a training step would get: torch.mm's to 1e-6 relative, also when large
+    segments take at::mm in the CPU binding."""
     n, d_in, d_out, k = (64, 48, 40, 5) if interpreted(backend) else (700, 130, 100, 7)
     x, grad_out, target, _ = random_inputs((n,), d_in, d_out, torch.float32, device)
-    grad_weight, _, _ = ops.weight_grad_dots(x, grad_out, target, rows_ids((n,), k, device), k,
-                                             backend=backend)
+    grouping = (dict(offsets=torch.tensor([0, n // 2, n // 2 + 9, n], device=device)) if large
+                else dict(segment_ids=rows_ids((n,), k, device), num_segments=k))
+    grad_weight, _, _ = ops.weight_grad_dots(x, grad_out, target, **grouping, backend=backend)
     want = grad_out.T @ x
     assert float((grad_weight - want).norm() / want.norm()) < 1e-6
 

@@ -29,6 +29,13 @@ void weight_grad_dots_cpu(DType dtype, const void* x, const void* g, const void*
                           const int64_t* offsets, int64_t num_segments, void* grad_weight,
                           void* grad_bias, void* dots);
 
+// The epilogue of a piece G_i formed elsewhere (the torch layer forms large segments' pieces
+// with a BLAS GEMM): returns Σ_j piece[j]·v[j] over j < count and, when out is not null, adds
+// the piece into out. The sum runs in fixed chunks (float lanes within one, double across), so
+// it is the same for any number of threads.
+double add_piece_dot_cpu(const float* piece, float* out, const float* v, int64_t count);
+double add_piece_dot_cpu(const double* piece, double* out, const double* v, int64_t count);
+
 // CUDA version: same contract, device pointers, launched on `stream` (a cudaStream_t).
 // Returns a CUDA error code (0 on success) so the caller can report it.
 int weight_grad_dots_cuda(DType dtype, const void* x, const void* g, const void* target,

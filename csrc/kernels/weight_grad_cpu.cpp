@@ -2,8 +2,11 @@
 //
 // A blocked GEMM, C = Gᵀ X with the row dimension N as the shared one. Each thread owns a
 // slice of the output rows and walks the rows kBlockRows at a time: the block's g (its slice)
-// and x are packed into panels of kMr and kNr columns (widened to the accumulation type), so
-// the panels in use stay in L1/L2. The register tile of the micro-kernel starts from zero at every
+// and x are packed into panels of kMr and kNr columns (widened to the accumulation type), and
+// walked kL2Panels g panels at a time against each x panel, so the panels in use stay in L1/L2;
+// the output and the target are kept tile by tile, in the order the epilogues read them (a
+// row-major d_in = 1024 target put its tiles' rows 4 KiB apart, the same L1 sets). The
+// register tile of the micro-kernel starts from zero at every
 // segment boundary, so when a segment ends its piece of G_i is still in registers: it is
 // added to the output and dotted with the same tile of V there (the epilogue), and G_i never
 // reaches memory. On x86-64 (checked at run time) the float micro-kernel is written with
@@ -24,7 +27,8 @@ namespace {
 
 constexpr int64_t kMr = 6;            // output rows (d_out) of a register tile
 constexpr int64_t kNr = 32;           // output columns (d_in) of a register tile
-constexpr int64_t kBlockRows = 256;   // rows walked at once: a 32 KiB x panel stays in L1
+constexpr int64_t kBlockRows = 256;   // rows walked at once: 16-32 KiB of an x panel in L1
+constexpr int64_t kL2Panels = 32;     // g panels (6 KiB each in a block) walked against each x panel
 // Below this many multiply-adds a call runs on one thread (waking the other costs more).
 constexpr int64_t kDotLanes = 16;     // lanes of a piece's dot, summed once per block and tile
 constexpr int64_t kParallelWork = int64_t(1) << 18;
@@ -63,119 +67,71 @@ FASTMIX_ALWAYS_INLINE Acc register_tile(const Acc* a, const Acc* b, int64_t rows
 }
 
 #ifdef FASTMIX_X86_AVX2
-// Horizontal sum of the eight lanes.
-__attribute__((target("avx2,fma"))) inline float lane_sum(__m256 sum) {
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  half = _mm_add_ss(half, _mm_movehdup_ps(half));
-  return _mm_cvtss_f32(half);
-}
-
-// One 6 x 16 half of the tile with AVX2: b, c and v point at the half's first column.
-__attribute__((target("avx2,fma"))) float half_tile_avx2(const float* a, const float* b,
-                                                         int64_t rows, float* c,
-                                                         const float* v, int64_t ld) {
-  // Named accumulators, not an array: GCC would keep an array in memory.
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m256 low = _mm256_loadu_ps(b + r * kNr);
-    const __m256 high = _mm256_loadu_ps(b + r * kNr + 8);
-    const float* a_row = a + r * kMr;
-    __m256 w = _mm256_broadcast_ss(a_row);
-    c00 = _mm256_fmadd_ps(w, low, c00);
-    c01 = _mm256_fmadd_ps(w, high, c01);
-    w = _mm256_broadcast_ss(a_row + 1);
-    c10 = _mm256_fmadd_ps(w, low, c10);
-    c11 = _mm256_fmadd_ps(w, high, c11);
-    w = _mm256_broadcast_ss(a_row + 2);
-    c20 = _mm256_fmadd_ps(w, low, c20);
-    c21 = _mm256_fmadd_ps(w, high, c21);
-    w = _mm256_broadcast_ss(a_row + 3);
-    c30 = _mm256_fmadd_ps(w, low, c30);
-    c31 = _mm256_fmadd_ps(w, high, c31);
-    w = _mm256_broadcast_ss(a_row + 4);
-    c40 = _mm256_fmadd_ps(w, low, c40);
-    c41 = _mm256_fmadd_ps(w, high, c41);
-    w = _mm256_broadcast_ss(a_row + 5);
-    c50 = _mm256_fmadd_ps(w, low, c50);
-    c51 = _mm256_fmadd_ps(w, high, c51);
+// All the pieces of a block with AVX2 on a 6 x 16 tile (half the width of the panels; the
+// caller walks both halves), rows split into pieces at starts[0..count]. Twelve ymm
+// accumulators keep the FMAs' latency hidden, which leaves no room for a running sum (as the
+// AVX-512 kernel keeps; six accumulators would wait on the latency): each piece adds into the
+// output tile, which stays in L1. The dot of a piece is kept in lanes, added to
+// piece_dots[piece][0, 8).
+__attribute__((target("avx2,fma"))) void pieces_tile_avx2(const float* a, const float* b,
+                                                         const int64_t* starts, int64_t count,
+                                                         float* c, const float* v, int64_t ld,
+                                                         float* piece_dots) {
+  static_assert(kMr == 6 && kDotLanes >= 8, "written for 6-row tiles");
+  for (int64_t piece = 0; piece < count; ++piece) {
+    // Named accumulators, not an array: GCC would keep an array in memory.
+    __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+    __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+    __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+    __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+    __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+    __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+    for (int64_t r = starts[piece]; r < starts[piece + 1]; ++r) {
+      const __m256 low = _mm256_loadu_ps(b + r * kNr);
+      const __m256 high = _mm256_loadu_ps(b + r * kNr + 8);
+      const float* a_row = a + r * kMr;
+      __m256 w = _mm256_broadcast_ss(a_row);
+      c00 = _mm256_fmadd_ps(w, low, c00);
+      c01 = _mm256_fmadd_ps(w, high, c01);
+      w = _mm256_broadcast_ss(a_row + 1);
+      c10 = _mm256_fmadd_ps(w, low, c10);
+      c11 = _mm256_fmadd_ps(w, high, c11);
+      w = _mm256_broadcast_ss(a_row + 2);
+      c20 = _mm256_fmadd_ps(w, low, c20);
+      c21 = _mm256_fmadd_ps(w, high, c21);
+      w = _mm256_broadcast_ss(a_row + 3);
+      c30 = _mm256_fmadd_ps(w, low, c30);
+      c31 = _mm256_fmadd_ps(w, high, c31);
+      w = _mm256_broadcast_ss(a_row + 4);
+      c40 = _mm256_fmadd_ps(w, low, c40);
+      c41 = _mm256_fmadd_ps(w, high, c41);
+      w = _mm256_broadcast_ss(a_row + 5);
+      c50 = _mm256_fmadd_ps(w, low, c50);
+      c51 = _mm256_fmadd_ps(w, high, c51);
+    }
+    // Epilogue: add the piece to the output tile and dot it with the target, two chains.
+    __m256 dot0 = _mm256_mul_ps(c00, _mm256_loadu_ps(v));
+    __m256 dot1 = _mm256_mul_ps(c01, _mm256_loadu_ps(v + 8));
+    dot0 = _mm256_fmadd_ps(c10, _mm256_loadu_ps(v + ld), dot0);
+    dot1 = _mm256_fmadd_ps(c11, _mm256_loadu_ps(v + ld + 8), dot1);
+    dot0 = _mm256_fmadd_ps(c20, _mm256_loadu_ps(v + 2 * ld), dot0);
+    dot1 = _mm256_fmadd_ps(c21, _mm256_loadu_ps(v + 2 * ld + 8), dot1);
+    dot0 = _mm256_fmadd_ps(c30, _mm256_loadu_ps(v + 3 * ld), dot0);
+    dot1 = _mm256_fmadd_ps(c31, _mm256_loadu_ps(v + 3 * ld + 8), dot1);
+    dot0 = _mm256_fmadd_ps(c40, _mm256_loadu_ps(v + 4 * ld), dot0);
+    dot1 = _mm256_fmadd_ps(c41, _mm256_loadu_ps(v + 4 * ld + 8), dot1);
+    dot0 = _mm256_fmadd_ps(c50, _mm256_loadu_ps(v + 5 * ld), dot0);
+    dot1 = _mm256_fmadd_ps(c51, _mm256_loadu_ps(v + 5 * ld + 8), dot1);
+    float* lanes = piece_dots + piece * kDotLanes;
+    _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_loadu_ps(lanes), _mm256_add_ps(dot0, dot1)));
+    const __m256 parts[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21},
+                                  {c30, c31}, {c40, c41}, {c50, c51}};
+    for (int64_t u = 0; u < kMr; ++u) {
+      float* c_row = c + u * ld;
+      _mm256_storeu_ps(c_row, _mm256_add_ps(_mm256_loadu_ps(c_row), parts[u][0]));
+      _mm256_storeu_ps(c_row + 8, _mm256_add_ps(_mm256_loadu_ps(c_row + 8), parts[u][1]));
+    }
   }
-  // Epilogue: add the piece to the output and dot it with the target, two chains.
-  __m256 dot0 = _mm256_setzero_ps(), dot1 = _mm256_setzero_ps();
-  const __m256 parts[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                                {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int64_t u = 0; u < kMr; ++u) {
-    float* c_row = c + u * ld;
-    const float* v_row = v + u * ld;
-    _mm256_storeu_ps(c_row, _mm256_add_ps(_mm256_loadu_ps(c_row), parts[u][0]));
-    _mm256_storeu_ps(c_row + 8, _mm256_add_ps(_mm256_loadu_ps(c_row + 8), parts[u][1]));
-    dot0 = _mm256_fmadd_ps(parts[u][0], _mm256_loadu_ps(v_row), dot0);
-    dot1 = _mm256_fmadd_ps(parts[u][1], _mm256_loadu_ps(v_row + 8), dot1);
-  }
-  return lane_sum(_mm256_add_ps(dot0, dot1));
-}
-
-float register_tile_avx2(const float* a, const float* b, int64_t rows, float* c, const float* v,
-                         int64_t ld) {
-  static_assert(kMr == 6 && kNr == 32, "the micro-kernels are written for 6 x 32 tiles");
-  return half_tile_avx2(a, b, rows, c, v, ld) + half_tile_avx2(a, b + 16, rows, c + 16, v + 16, ld);
-}
-
-// The whole 6 x 32 tile with AVX-512: twelve zmm accumulators, two loads and six broadcasts
-// a row for twelve FMAs.
-__attribute__((target("avx512f"))) float register_tile_avx512(const float* a, const float* b,
-                                                              int64_t rows, float* c,
-                                                              const float* v, int64_t ld) {
-  __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
-  __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
-  __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
-  __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
-  __m512 c40 = _mm512_setzero_ps(), c41 = _mm512_setzero_ps();
-  __m512 c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 low = _mm512_loadu_ps(b + r * kNr);
-    const __m512 high = _mm512_loadu_ps(b + r * kNr + 16);
-    const float* a_row = a + r * kMr;
-    __m512 w = _mm512_set1_ps(a_row[0]);
-    c00 = _mm512_fmadd_ps(w, low, c00);
-    c01 = _mm512_fmadd_ps(w, high, c01);
-    w = _mm512_set1_ps(a_row[1]);
-    c10 = _mm512_fmadd_ps(w, low, c10);
-    c11 = _mm512_fmadd_ps(w, high, c11);
-    w = _mm512_set1_ps(a_row[2]);
-    c20 = _mm512_fmadd_ps(w, low, c20);
-    c21 = _mm512_fmadd_ps(w, high, c21);
-    w = _mm512_set1_ps(a_row[3]);
-    c30 = _mm512_fmadd_ps(w, low, c30);
-    c31 = _mm512_fmadd_ps(w, high, c31);
-    w = _mm512_set1_ps(a_row[4]);
-    c40 = _mm512_fmadd_ps(w, low, c40);
-    c41 = _mm512_fmadd_ps(w, high, c41);
-    w = _mm512_set1_ps(a_row[5]);
-    c50 = _mm512_fmadd_ps(w, low, c50);
-    c51 = _mm512_fmadd_ps(w, high, c51);
-  }
-  __m512 dot0 = _mm512_setzero_ps(), dot1 = _mm512_setzero_ps();
-  const __m512 parts[kMr][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                                {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int64_t u = 0; u < kMr; ++u) {
-    float* c_row = c + u * ld;
-    const float* v_row = v + u * ld;
-    _mm512_storeu_ps(c_row, _mm512_add_ps(_mm512_loadu_ps(c_row), parts[u][0]));
-    _mm512_storeu_ps(c_row + 16, _mm512_add_ps(_mm512_loadu_ps(c_row + 16), parts[u][1]));
-    dot0 = _mm512_fmadd_ps(parts[u][0], _mm512_loadu_ps(v_row), dot0);
-    dot1 = _mm512_fmadd_ps(parts[u][1], _mm512_loadu_ps(v_row + 16), dot1);
-  }
-  alignas(64) float lanes[16];  // not _mm512_reduce_add_ps: GCC 12's header warns on it
-  _mm512_store_ps(lanes, _mm512_add_ps(dot0, dot1));
-  float dot = 0;
-  for (float lane : lanes) dot += lane;
-  return dot;
 }
 
 // All the pieces of a block in one call, for rows split into pieces at starts[0..count]:
@@ -256,57 +212,30 @@ __attribute__((target("avx512f"))) void pieces_tile_avx512(const float* a, const
 // The pieces of a block, one register tile each: the dot of piece i goes to piece_dots[i][0].
 template <typename Acc>
 void pieces_tile(const Acc* a, const Acc* b, const int64_t* starts, int64_t count, Acc* c,
-                 const Acc* v, int64_t ld, Acc* piece_dots);
-
-using PiecesTile = void (*)(const float*, const float*, const int64_t*, int64_t, float*,
-                            const float*, int64_t, float*);
-
-using FloatTile = float (*)(const float*, const float*, int64_t, float*, const float*, int64_t);
-
-FloatTile float_tile() {
-#ifdef FASTMIX_X86_AVX2
-  static const FloatTile tile =
-      __builtin_cpu_supports("avx512f")                                      ? register_tile_avx512
-      : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? register_tile_avx2
-                                                                           : register_tile<float>;
-  return tile;
-#else
-  return register_tile<float>;
-#endif
-}
-
-template <typename Acc>
-FASTMIX_ALWAYS_INLINE Acc tile(const Acc* a, const Acc* b, int64_t rows, Acc* c, const Acc* v,
-                               int64_t ld) {
-  if constexpr (sizeof(Acc) == sizeof(float)) {
-    return float_tile()(a, b, rows, c, v, ld);
-  } else {
-    return register_tile(a, b, rows, c, v, ld);
-  }
-}
-
-template <typename Acc>
-void pieces_tile(const Acc* a, const Acc* b, const int64_t* starts, int64_t count, Acc* c,
                  const Acc* v, int64_t ld, Acc* piece_dots) {
   for (int64_t i = 0; i < count; ++i)
-    piece_dots[i * kDotLanes] += tile(a + starts[i] * kMr, b + starts[i] * kNr,
-                                      starts[i + 1] - starts[i], c, v, ld);
+    piece_dots[i * kDotLanes] += register_tile(a + starts[i] * kMr, b + starts[i] * kNr,
+                                               starts[i + 1] - starts[i], c, v, ld);
 }
 
-// The pieces kernel for this CPU, chosen once (AVX-512 where there is one).
+// The pieces kernel for this CPU (checked per call, cheaply) and the columns of a panel it covers:
+// AVX-512 the whole 32, AVX2 16 (the caller walks both halves, so the half of an x panel in
+// use, 16 KiB, stays in L1 while g's panels stream past it), plain C++ the whole 32.
 template <typename Acc>
-FASTMIX_ALWAYS_INLINE void block_tile(const Acc* a, const Acc* b, const int64_t* starts,
-                                      int64_t count, Acc* c, const Acc* v, int64_t ld,
-                                      Acc* piece_dots) {
+struct PiecesKernel {
+  void (*run)(const Acc*, const Acc*, const int64_t*, int64_t, Acc*, const Acc*, int64_t, Acc*);
+  int64_t width;
+};
+
+template <typename Acc>
+PiecesKernel<Acc> pieces_kernel() {
   if constexpr (sizeof(Acc) == sizeof(float)) {
 #ifdef FASTMIX_X86_AVX2
-    static const PiecesTile kernel =
-        __builtin_cpu_supports("avx512f") ? pieces_tile_avx512 : pieces_tile<float>;
-    kernel(a, b, starts, count, c, v, ld, piece_dots);
-    return;
+    if (__builtin_cpu_supports("avx512f")) return {pieces_tile_avx512, kNr};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {pieces_tile_avx2, kNr / 2};
 #endif
   }
-  pieces_tile(a, b, starts, count, c, v, ld, piece_dots);
+  return {pieces_tile<Acc>, kNr};
 }
 
 // Piece boundaries: piece j covers rows [bounds[j], bounds[j + 1]); pieces 1..k are the
@@ -339,17 +268,26 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   const std::vector<int64_t> bounds = piece_bounds(offsets, num_segments, n_rows);
   const int64_t n_pieces = num_segments + 2;
 
-  // The output and the target, padded to whole register tiles (ld a multiple of kNr).
+  // The output and the target, padded to whole register tiles and stored tile by tile: tile
+  // (p, q) (rows p kMr.., columns q kNr..) is kMr x kNr contiguous at (q a_panels + p) kMr kNr,
+  // so the epilogues, which walk p for each q, read them in order (prefetched).
   const int64_t out_rows = round_up(d_out, kMr), ld = round_up(d_in, kNr);
-  const int64_t a_panels = out_rows / kMr, b_panels = ld / kNr;
+  const int64_t a_panels = out_rows / kMr, b_panels = ld / kNr, tile = kMr * kNr;
+  auto tile_of = [&](int64_t o, int64_t i) { return ((i / kNr) * a_panels + o / kMr) * tile + (o % kMr) * kNr + i % kNr; };
   thread_local std::vector<Acc> out_buffer, target_buffer, pack_buffer;
   Acc* out = scratch(out_buffer, out_rows * ld);
   Acc* v = scratch(target_buffer, out_rows * ld);
   std::fill_n(out, out_rows * ld, Acc(0));
   std::fill_n(v, out_rows * ld, Acc(0));
   const auto* target_bytes = static_cast<const char*>(target);
-  for (int64_t o = 0; o < d_out; ++o)
-    load_row<Acc>(dtype, target_bytes + o * d_in * size, d_in, v + o * ld);
+  {
+    std::vector<Acc> target_row(static_cast<size_t>(d_in));
+    for (int64_t o = 0; o < d_out; ++o) {
+      load_row<Acc>(dtype, target_bytes + o * d_in * size, d_in, target_row.data());
+      for (int64_t i = 0; i < d_in; i += kNr)
+        std::copy_n(target_row.data() + i, std::min(kNr, d_in - i), v + tile_of(o, i));
+    }
+  }
   std::vector<Acc> bias_target(static_cast<size_t>(out_rows), Acc(0));
   if (target_bias) load_row<Acc>(dtype, static_cast<const char*>(target_bias), d_out, bias_target.data());
   std::vector<Acc> bias_total(static_cast<size_t>(out_rows), Acc(0));
@@ -362,6 +300,7 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   const bool parallel = n_rows * d_in * d_out > kParallelWork;
   const int threads = static_cast<int>(std::min<int64_t>(parallel ? max_threads() : 1, std::max<int64_t>(a_panels, 1)));
   const int64_t block = std::min(kBlockRows, n_rows);
+  const PiecesKernel<Acc> kernel = pieces_kernel<Acc>();
   const int64_t slice = (a_panels + threads - 1) / std::max(threads, 1);
   const int64_t per_thread = block * (slice * kMr + ld) + out_rows + ld;
   Acc* packs = scratch(pack_buffer, threads * per_thread);
@@ -424,14 +363,17 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
           if (target_bias && piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
         }
       }
-      for (int64_t q = 0; q < b_panels; ++q) {
-        const Acc* b_panel = b_pack + q * rows * kNr;
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t offset = p * kMr * ld + q * kNr;
-          block_tile(a_pack + (p - p0) * rows * kMr, b_panel, starts, count, out + offset, v + offset,
-                     ld, piece_dots);
-        }
-      }
+      // kL2Panels of g's panels at a time (they stay in L2), against each part of x's panels.
+      for (int64_t chunk = p0; chunk < p1; chunk += kL2Panels)
+        for (int64_t q = 0; q < b_panels; ++q)
+          for (int64_t column = 0; column < kNr; column += kernel.width) {
+            const Acc* b_panel = b_pack + q * rows * kNr + column;
+            for (int64_t p = chunk; p < std::min(p1, chunk + kL2Panels); ++p) {
+              const int64_t offset = (q * a_panels + p) * tile + column;
+              kernel.run(a_pack + (p - p0) * rows * kMr, b_panel, starts, count, out + offset, v + offset,
+                         kNr, piece_dots);
+            }
+          }
       for (int64_t i = 0; i < count; ++i) {
         Acc dot = 0;
         for (int64_t lane = 0; lane < kDotLanes; ++lane) dot += piece_dots[i * kDotLanes + lane];
@@ -441,7 +383,9 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
     }
   }
 
-  for (int64_t o = 0; o < d_out; ++o) std::copy_n(out + o * ld, d_in, grad_weight + o * d_in);
+  for (int64_t o = 0; o < d_out; ++o)
+    for (int64_t i = 0; i < d_in; i += kNr)
+      std::copy_n(out + tile_of(o, i), std::min(kNr, d_in - i), grad_weight + o * d_in + i);
   if (grad_bias) std::copy_n(bias_total.begin(), d_out, grad_bias);
   for (int64_t i = 0; i < num_segments; ++i) {
     double total = 0;
@@ -450,7 +394,59 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   }
 }
 
+constexpr int64_t kPieceChunk = 1024;  // elements of one chunk of add_piece_dot_cpu's sum
+
+// One chunk of add_piece_dot_cpu: the dot in 16 lanes (vectorized without reassociating).
+template <typename Acc>
+FASTMIX_ALWAYS_INLINE double piece_chunk(const Acc* __restrict piece, Acc* __restrict out,
+                                         const Acc* __restrict v, int64_t count) {
+  Acc lanes[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= count; j += 16)
+    for (int64_t lane = 0; lane < 16; ++lane) lanes[lane] += piece[j + lane] * v[j + lane];
+  double dot = 0;
+  for (; j < count; ++j) dot += static_cast<double>(piece[j]) * v[j];
+  for (const Acc lane : lanes) dot += lane;
+  if (out)
+    for (j = 0; j < count; ++j) out[j] += piece[j];
+  return dot;
+}
+
+FASTMIX_MULTIVERSION double piece_chunk_mv(const float* piece, float* out, const float* v,
+                                           int64_t count) {
+  return piece_chunk(piece, out, v, count);
+}
+
+FASTMIX_MULTIVERSION double piece_chunk_mv(const double* piece, double* out, const double* v,
+                                           int64_t count) {
+  return piece_chunk(piece, out, v, count);
+}
+
+template <typename Acc>
+double add_piece_dot(const Acc* piece, Acc* out, const Acc* v, int64_t count) {
+  const int64_t chunks = (count + kPieceChunk - 1) / kPieceChunk;
+  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+  // Memory-bound: both cores' bandwidth to L3 helps, so it is split above a few chunks.
+#pragma omp parallel for schedule(static) if (chunks > 16)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t start = c * kPieceChunk, length = std::min(kPieceChunk, count - start);
+    partial[static_cast<size_t>(c)] =
+        piece_chunk_mv(piece + start, out ? out + start : nullptr, v + start, length);
+  }
+  double dot = 0;
+  for (const double value : partial) dot += value;
+  return dot;
+}
+
 }  // namespace
+
+double add_piece_dot_cpu(const float* piece, float* out, const float* v, int64_t count) {
+  return add_piece_dot(piece, out, v, count);
+}
+
+double add_piece_dot_cpu(const double* piece, double* out, const double* v, int64_t count) {
+  return add_piece_dot(piece, out, v, count);
+}
 
 void weight_grad_dots_cpu(DType dtype, const void* x, const void* g, const void* target,
                           const void* target_bias, int64_t n_rows, int64_t d_in, int64_t d_out,

@@ -121,6 +121,30 @@ void check(std::mt19937& rng, DType dtype, int64_t n, int64_t d_in, int64_t d_ou
   }
 }
 
+// add_piece_dot_cpu: the dot against naive double sums, and the piece added exactly.
+template <typename Acc>
+void check_piece_dot(std::mt19937& rng, int64_t count, bool add) {
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<Acc> piece(static_cast<size_t>(count)), out(piece.size()), v(piece.size());
+  double want = 0, scale = 0;
+  for (size_t i = 0; i < piece.size(); ++i) {
+    piece[i] = static_cast<Acc>(normal(rng)), out[i] = static_cast<Acc>(normal(rng)), v[i] = static_cast<Acc>(normal(rng));
+    want += static_cast<double>(piece[i]) * v[i], scale += std::fabs(static_cast<double>(piece[i]) * v[i]);
+  }
+  const std::vector<Acc> before = out;
+  const double got = fastmix::add_piece_dot_cpu(piece.data(), add ? out.data() : nullptr, v.data(), count);
+  char label[96];
+  std::snprintf(label, sizeof label, "add_piece_dot_cpu size=%d count=%lld add=%d", static_cast<int>(sizeof(Acc)),
+                (long long)count, add);
+  expect_close(label, got, want, tolerance(sizeof(Acc) == 8 ? DType::f64 : DType::f32) * scale);
+  for (size_t i = 0; i < piece.size(); ++i)
+    if (out[i] != (add ? static_cast<Acc>(before[i] + piece[i]) : before[i])) {
+      std::printf("FAIL %s: out[%zu]\n", label, i);
+      ++failures;
+      break;
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -135,6 +159,8 @@ int main() {
   }
   check(rng, DType::f32, 0, 4, 3, 2, true);  // no rows: zeros
   check(rng, DType::f32, 5, 0, 3, 2, true);  // no inputs: the bias still sums
+  for (int64_t count : {0, 1, 17, 1024, 1025, 200003})  // chunks and their tails, one and many threads
+    for (bool add : {false, true}) check_piece_dot<float>(rng, count, add), check_piece_dot<double>(rng, count, add);
   if (failures) {
     std::printf("%d failed\n", failures);
     return 1;

@@ -137,21 +137,33 @@ def ghost_is_cheaper(n_rows, n_target_rows, d_in, d_out, target_formed=False):
     return ghost < dense
 
 
-# The fused op against the GEMM the backward runs anyway, as extra GEMMs' worth of work per
-# device type. CPU, measured by bench/bench_weight_grad.py on the 2-core machine: its GEMM
-# takes 1.7-2.6x MKL's (so at least one GEMM more: it never beats the current form's one extra
-# product there). GPU: not measured (no device was lent); 0.1 assumes the Triton kernel within
-# 10% of cuBLAS. Each domain boundary costs about 5 multiply-adds per weight entry (the epilogue).
-FUSED_GEMM_OVERHEAD = {"cpu": 1.0, "cuda": 0.1}
+# The fused op against the GEMM the backward runs anyway, per device type, measured on the
+# 2-core CPU machine by interleaved calls against torch.mm (bench/RESULTS.md, "weight_grad_dots").
+# Segments of FUSED_BLAS_ROWS rows or more (the CPU binding's threshold, csrc/torch/weight_grad.cpp)
+# take MKL there, plus one pass over G_i and V per segment: about FUSED_BLAS_SEGMENT_COST
+# multiply-adds per weight entry and segment (1.2x torch.mm at 128 rows, 1.1x at 256-512, 1.0x at
+# 2048 or k = 1). Smaller segments run the op's own kernel: its GEMM costs FUSED_GEMM_OVERHEAD
+# GEMMs more (0.25 on the CPU, 1.2-1.3x torch.mm at 64-256 rows; GPU: not measured, no device was
+# lent, 0.1 assumes the Triton kernel within 10% of cuBLAS), and each domain boundary about
+# FUSED_EPILOGUE_COST multiply-adds per weight entry (2-2.9x torch.mm at 4 rows per domain).
+FUSED_GEMM_OVERHEAD = {"cpu": 0.25, "cuda": 0.1}
 FUSED_EPILOGUE_COST = 5
+FUSED_BLAS_ROWS = 128
+FUSED_BLAS_SEGMENT_COST = 32
 
 
 def fused_extra_cost(n_rows, num_segments, d_in, d_out, device_type="cpu"):
-    """Multiply-adds weight_grad_dots costs beyond the weight-gradient GEMM of the backward: its
-    slower GEMM, the epilogue per domain, and the grouping permutation's copy of the rows."""
-    overhead = FUSED_GEMM_OVERHEAD.get(device_type, FUSED_GEMM_OVERHEAD["cpu"])
+    """Multiply-adds weight_grad_dots costs beyond the weight-gradient GEMM of the backward, for
+    segments of n_rows / num_segments rows: on the CPU with segments of FUSED_BLAS_ROWS or more,
+    a pass per segment; else its slower GEMM and the epilogue per domain. Plus the grouping
+    permutation's copy of the rows."""
     weights = d_in * d_out
-    return (overhead * n_rows + FUSED_EPILOGUE_COST * num_segments) * weights + n_rows * (d_in + d_out)
+    if device_type == "cpu" and num_segments > 0 and n_rows >= FUSED_BLAS_ROWS * num_segments:
+        extra = FUSED_BLAS_SEGMENT_COST * num_segments
+    else:
+        overhead = FUSED_GEMM_OVERHEAD.get(device_type, FUSED_GEMM_OVERHEAD["cpu"])
+        extra = overhead * n_rows + FUSED_EPILOGUE_COST * num_segments
+    return extra * weights + n_rows * (d_in + d_out)
 
 
 def fused_is_cheaper(n_rows, num_segments, d_in, d_out, device_type="cpu"):
