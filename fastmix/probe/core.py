@@ -35,7 +35,7 @@ backward, where that layer scores this rank's rows; result() all-reduces the k s
 `AlignmentProbe(model, k, fused="auto"|True|False)`: on a training backward a linear layer
 (nn.Linear, transformers' Conv1D) can instead score itself inside its own weight-gradient GEMM
 (fastmix.ops.fused_linear), with `.grad` as plain autograd's; "auto" (the default) does so where
-the cost model says it is cheaper, which on a CPU is nowhere. See fastmix.probe.fused;
+the cost model (fastmix.ops.alignment.fused_is_cheaper) says it is cheaper. See fastmix.probe.fused;
 `probe.fused_layers` names the layers that took that form in the last record.
 """
 import contextlib
