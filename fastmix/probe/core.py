@@ -272,7 +272,9 @@ class AlignmentProbe:
                           "scaled by the batch's token counts), so their gradients cannot be split by domain: they "
                           f"are left out, and the scores cover {self.coverage.fraction:.1%} of the trainable "
                           "parameters (see probe.coverage)", stacklevel=2)
-        self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for _, m in self._sites]
+        # torch.compile runs the hook eagerly: it registers autograd hooks and reads storage
+        forward_hook = torch.compiler.disable(self._forward_hook)
+        self._handles = [m.register_forward_hook(forward_hook, with_kwargs=True) for _, m in self._sites]
         self._handles += [m.register_forward_pre_hook(self._open_call) for _, m in self._sites
                           if self._rules[id(m)] is None]
         self._site_depth = 0  # hooked forwards in progress, counted while the first record is watched
@@ -608,6 +610,8 @@ class AlignmentProbe:
         if rule is None:
             return self._general_call(module, args, kwargs, output)
         self._mark_ran(id(module))
+        if self._ids is None and self._target_calls is None:  # not recording: a plain pass pays little
+            return
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
