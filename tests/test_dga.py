@@ -149,6 +149,25 @@ def test_inline_scores_the_training_batch(seed):
     assert isinstance(mixer.record(make_ctx(model, data, step=7), ids), contextlib.nullcontext)
 
 
+def test_only_inline_takes_the_fused_form(seed):
+    """The stratified pass only scores (it computes no weight gradient to fold the dots into):
+    its probe never takes the fused form, even with fused=True; inline's training backward does."""
+    model = tiny_gpt()
+    data = Data(seed)
+    stratified = DGA(K, mode="stratified", rows_per_domain=2, interval=1, fused=True)
+    inline = DGA(K, mode="inline", interval=1, fused=True)
+    x, y, ids = balanced(2)
+    for step in (1, 2):  # the first record watches how the model uses its weights: no fused form
+        ctx = make_ctx(model, data, step=step)
+        stratified.update(ctx)
+        model.zero_grad(set_to_none=True)
+        with inline.record(ctx, ids):
+            lm_loss(model, x, y).backward()
+        inline.update(ctx)
+    assert stratified.probe(model).fused_layers == []
+    assert inline.probe(model).fused_layers  # the Linear layers
+
+
 def test_universal_target_is_the_training_gradient(seed):
     model = tiny_gpt(torch.float64)
     x, y = tokens(4)

@@ -54,8 +54,8 @@ continues exactly and refuses other bases. `scores` then holds the m basis score
 
 `fused` ("auto", True, False: AlignmentProbe's `fused`, see fastmix.probe.fused): in inline mode,
 whether the training backward's linear layers score inside their weight-gradient GEMM; "auto" where
-the cost model says it is cheaper (on a CPU: nowhere). The weights are the same either way, up to
-float rounding.
+the cost model says it is cheaper (on a CPU: domains of tens of rows or more). The weights are the
+same either way, up to float rounding.
 
 `precondition="adam"` scores ⟨g_i, V / (sqrt(v̂) + eps)⟩ with AdamW's bias-corrected second
 moments v̂ (the direction Adam would actually move along V); "none" the plain dot product.
@@ -152,8 +152,11 @@ def checked_result(probe):
 
 def flat_grad(model):
     """All trainable parameters' `.grad`, flattened into one float64 vector (zeros for None)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
-                      for _, p in _trainable(model)])
+    return _flat_grads([p for _, p in _trainable(model)])
+
+
+def _flat_grads(params):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in params])
 
 
 def exact_scores(model, loss_fn, x, y, ids, target, num_domains, autocast=contextlib.nullcontext):
@@ -162,15 +165,17 @@ def exact_scores(model, loss_fn, x, y, ids, target, num_domains, autocast=contex
     without rows. Averaged over ranks."""
     scores = torch.full((num_domains,), math.nan, dtype=torch.float64)
     target = target.to(next(model.parameters()).device)
+    params = [p for _, p in _trainable(model)]  # listed once: k backward passes follow
     for i in range(num_domains):
         rows = ids == i
         if not bool(rows.any()):
             continue
-        model.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         with autocast():
             loss = loss_fn(model, x[rows], y[rows])
         loss.backward()
-        scores[i] = float(flat_grad(model) @ target)
+        scores[i] = float(_flat_grads(params) @ target)
     model.zero_grad(set_to_none=True)
     world = world_size()
     return all_reduce_sum(scores.to(target.device)).cpu() / world if world > 1 else scores
@@ -378,7 +383,9 @@ class DGA(Mixer):
             if self._probe is not None:
                 self._probe.remove()
             # a segment per domain, or per basis
-            self._probe = AlignmentProbe(model, self.num_scored, fused=self.fused)
+            # only inline mode records a training backward: the other modes' passes score alone,
+            # where the fused form saves nothing
+            self._probe = AlignmentProbe(model, self.num_scored, fused=self.fused if self.mode == "inline" else False)
             self._probe_model = model
         return self._probe
 
