@@ -305,7 +305,7 @@ def weight_grad_dots(x, grad_out, target, segment_ids=None, num_segments=None, *
             raise ValueError("segment_ids and num_segments must be given together (or offsets)")
         ids = _flat_segment_ids(segment_ids, num_segments, x.shape[:-1], x.device, validate_ids)
         order, offsets = group_rows(ids, num_segments)
-        x2, g2 = x2[order], g2[order]
+        x2, g2 = x2.index_select(0, order), g2.index_select(0, order)  # 3-7x faster than x2[order] on the CPU
     grad_weight, grad_bias, dots = _run_weight_grad_dots(x2, g2, offsets, target, target_bias,
                                                          bool(bias), backend)
     return grad_weight, (grad_bias if bias else None), dots
