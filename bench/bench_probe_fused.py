@@ -1,11 +1,13 @@
 """The AlignmentProbe around a training step, scoring k = 8 domains: the plain forward+backward
 (the named baseline), the probe's current form (one extra GEMM-sized product per linear layer)
 and its fused form (AlignmentProbe(fused=True): the dots inside the weight-gradient GEMM), on
-8 x 256 tokens at width 768, one domain per sequence, fp32 on the CPU:
+8 x 256 tokens at width 768 (the demo model: its own batch), one domain per sequence (cycling
+through the k), fp32 on the CPU:
 
 - "mlp": 2 linear layers of width 768 with tanh between (bench_fused_linear.py's layers, here
   under the probe), a summed loss;
-- "gpt": a fastmix GPT of 2 blocks at width 768 (12 heads, 257-token vocabulary).
+- "gpt": a fastmix GPT of 2 blocks at width 768 (12 heads, 257-token vocabulary);
+- "demo": the demo's model, a GPT of 2 blocks at width 128 (4 heads), on its 16 x 64 tokens.
 
     pytest bench/bench_probe_fused.py --benchmark-min-time=0.05     # pytest-benchmark, one group per model
     python bench/bench_probe_fused.py --rounds 15                    # the same ratios from interleaved rounds
@@ -32,21 +34,25 @@ def mlp_setup():
     return model, lambda: model(x).sum(), lambda: model(torch.randn(2, TOKENS, WIDTH)).sum()
 
 
-def gpt_setup():
-    model = GPT(GPTConfig(block_size=TOKENS, vocab_size=VOCAB, n_layer=2, n_head=12, n_embd=WIDTH))
-    x = torch.randint(0, VOCAB, (BATCH, TOKENS))
-    target = torch.randint(0, VOCAB, (2, TOKENS))
+def gpt_setup(width=WIDTH, heads=12, batch=BATCH, tokens=TOKENS):
+    model = GPT(GPTConfig(block_size=tokens, vocab_size=VOCAB, n_layer=2, n_head=heads, n_embd=width))
+    x = torch.randint(0, VOCAB, (batch, tokens))
+    target = torch.randint(0, VOCAB, (2, tokens))
     return model, lambda: model(x, torch.roll(x, -1, 1))[1], lambda: model(target, torch.roll(target, -1, 1))[1]
 
 
-SETUPS = {"mlp": mlp_setup, "gpt": gpt_setup}
+# name: (setup, batch rows, description)
+SETUPS = {"mlp": (mlp_setup, BATCH, f"2 linear layers x {WIDTH}, {BATCH}x{TOKENS} tokens"),
+          "gpt": (gpt_setup, BATCH, f"GPT 2 layers x {WIDTH}, {BATCH}x{TOKENS} tokens"),
+          "demo": (lambda: gpt_setup(128, 4, 16, 64), 16, "GPT 2 layers x 128 (the demo's), 16x64 tokens")}
 
 
 def training_step(model_name, method):
     """One training step's forward and backward (and the probe's result), warmed up."""
     torch.manual_seed(0)
-    model, training_loss, target_loss = SETUPS[model_name]()
-    ids = torch.arange(BATCH) % K
+    setup, batch, _ = SETUPS[model_name]
+    model, training_loss, target_loss = setup()
+    ids = torch.arange(batch) % K
     probe = None if method == "plain" else AlignmentProbe(model, K, fused=method == "probe-fused")
     if probe is not None:
         target_loss().backward()
@@ -71,8 +77,7 @@ def training_step(model_name, method):
 @pytest.mark.parametrize("model_name", sorted(SETUPS))
 @pytest.mark.parametrize("method", METHODS)
 def test_probe_fused_step(benchmark, model_name, method):
-    benchmark.group = (f"probe around a training step, {model_name} 2 layers x {WIDTH}, {BATCH}x{TOKENS} tokens, "
-                       f"k={K} (CPU fp32)")
+    benchmark.group = f"probe around a training step, {SETUPS[model_name][2]}, k={K} (CPU fp32)"
     step = training_step(model_name, method)
     if method == "plain":
         benchmark.extra_info["baseline"] = True
@@ -84,7 +89,7 @@ def interleaved(rounds):
     hits them alike; prints the medians and each probe method's median ratio to plain (quartiles)."""
     for model_name in sorted(SETUPS):
         times = interleaved_times({method: training_step(model_name, method) for method in METHODS}, rounds)
-        print(f"{model_name}: 2 layers x {WIDTH}, {BATCH}x{TOKENS} tokens, k={K}, {rounds} interleaved rounds")
+        print(f"{model_name}: {SETUPS[model_name][2]}, k={K}, {rounds} interleaved rounds")
         for method in METHODS:
             q1, median, q3 = ratio_quartiles(times[method], times["plain"])
             print(f"    {method:<14} {statistics.median(times[method]) * 1e3:9.1f} ms   {median:5.2f}x plain "
