@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fastmix.ops as ops
+from fastmix.ops.fused_linear import RUN_ROWS
 
 LAYOUTS = ["out_in", "in_out"]
 
@@ -243,12 +244,39 @@ def test_domain_layouts(seed, ids_of, k):
         assert sink.dots[i] == 0
 
 
-def test_grouping_skips_the_permutation_for_grouped_ids():
+def test_grouping_skips_the_permutation_for_grouped_ids_and_long_runs():
     target = torch.zeros(2, 2)
-    order, offsets = ops.DomainDots(target, torch.tensor([0, 0, 2, 2, -1]), 3).grouping((5,))
-    assert order is None and offsets.tolist() == [0, 2, 2, 4]
-    order, offsets = ops.DomainDots(target, torch.tensor([2, 0, -1, 0]), 3).grouping((4,))
-    assert order.tolist() == [1, 3, 0, 2] and offsets.tolist() == [0, 2, 2, 3]
+    order, offsets, pieces = ops.DomainDots(target, torch.tensor([0, 0, 2, 2, -1]), 3).grouping((5,))
+    assert order is None and pieces is None and offsets.tolist() == [0, 2, 2, 4]
+    order, offsets, pieces = ops.DomainDots(target, torch.tensor([2, 0, -1, 0]), 3).grouping((4,))
+    assert order.tolist() == [1, 3, 0, 2] and offsets.tolist() == [0, 2, 2, 3] and pieces is None
+    # one id per sequence of RUN_ROWS tokens, the domains interleaved: pieces in place
+    ids = torch.tensor([1, 0, 1, -1])
+    order, offsets, pieces = ops.DomainDots(target, ids, 3).grouping((4, RUN_ROWS))
+    assert order is None and offsets.tolist() == [0, RUN_ROWS, 2 * RUN_ROWS, 3 * RUN_ROWS, 4 * RUN_ROWS]
+    assert pieces.tolist() == [1, 0, 1, 3]  # 3 = num_segments: padding, in no domain
+    order, offsets, pieces = ops.DomainDots(target, ids, 3).grouping((4, RUN_ROWS - 1))  # shorter runs
+    assert order is not None and pieces is None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-15)])
+def test_long_runs_of_one_domain_are_scored_in_place(seed, layout, dtype, tolerance):
+    """Sequences of one domain each, their domains interleaved, one of padding: the pieces give
+    plain autograd's .grad and the explicit dots."""
+    layer, x, loss_weight, target, target_bias = inputs(layout, dtype, shape=(5, RUN_ROWS))
+    ids = torch.tensor([2, 0, 2, -1, 0])
+    y_plain, _ = run(layer, x, loss_weight)
+    want = grads_of(layer, x)
+    zero(layer, x)
+    sink = ops.DomainDots(target, ids, 4, target_bias=target_bias)  # domains 1 and 3 empty
+    assert sink.grouping(x.shape[:-1]).piece_domains is not None
+    y, grad_out = run(layer, x, loss_weight, sink)
+    assert torch.equal(y, y_plain)
+    assert_grads_equal(grads_of(layer, x), want, tolerance)
+    dots, scale = explicit_dots(layer, x, grad_out, ids, 4, target, target_bias)
+    assert bool(((sink.dots - dots).abs() <= tolerance * scale).all()), (sink.dots, dots)
+    assert sink.dots[1] == 0 and sink.dots[3] == 0
 
 
 def test_offsets_for_rows_grouped_by_the_caller(seed):

@@ -12,13 +12,28 @@ own backward carries the scores without a second GEMM-sized product over its row
 are computed in float32 (float64 for float64 data or target) whatever the autocast dtype.
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastmix.ops.alignment import FLOAT_DTYPES, group_rows, weight_grad_dots
+from fastmix.ops.reference import segment_sum
 
 WEIGHT_LAYOUTS = ("out_in", "in_out")
+# Runs of one domain at least this long on average (a sequence's tokens, with one id per
+# sequence) are scored as pieces in place: at the demo model's width, 64-row pieces cost the op
+# less than the permutation's copies of the rows and the output gradient (bench/RESULTS.md).
+RUN_ROWS = 64
+
+
+class Grouping(NamedTuple):
+    """How fused_linear's backward meets the rows: rows[order] (rows as they are, for None) are
+    cut into pieces at `offsets`; piece p belongs to domain piece_domains[p] (domain p, for
+    None; num_segments or more: no domain)."""
+    order: Optional[torch.Tensor]
+    offsets: torch.Tensor
+    piece_domains: Optional[torch.Tensor]
 
 
 def _integer_tensor(name, t):
@@ -84,14 +99,15 @@ class DomainDots:
         self._sum = dots if self._sum is None else self._sum + dots
 
     def grouping(self, leading_shape):
-        """(order or None, offsets): rows[order] (rows as they are, for None) are grouped by
-        domain at offsets, for inputs whose leading dims are `leading_shape`."""
+        """The Grouping of inputs whose leading dims are `leading_shape`: the rows as they are
+        where they are grouped by domain or come in long runs of one domain, else one
+        permutation that groups them."""
         n_rows = math.prod(leading_shape)
         if self.offsets is not None:
             offsets = self.offsets.to(torch.int64)
             if offsets.numel() and int(offsets[-1]) > n_rows:
                 raise ValueError(f"offsets ends at {int(offsets[-1])}, past the input's {n_rows} rows")
-            return None, offsets
+            return Grouping(None, offsets, None)
         ids, leading = self.segment_ids, tuple(leading_shape)
         if tuple(ids.shape) != leading:
             if not leading or tuple(ids.shape) != leading[:1]:
@@ -102,12 +118,16 @@ class DomainDots:
         k = self.num_segments
         key = torch.where((ids < 0) | (ids >= k), k, ids)
         if key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
-            return group_rows(ids, k)
+            run_starts = torch.nonzero(key[1:] != key[:-1]).reshape(-1) + 1
+            if (run_starts.numel() + 1) * RUN_ROWS > n_rows:
+                return Grouping(*group_rows(ids, k), None)
+            offsets = torch.cat([run_starts.new_zeros(1), run_starts, run_starts.new_full((1,), n_rows)])
+            return Grouping(None, offsets, key[offsets[:-1]])
         # already grouped (a grouped sampler's batch): no permutation, no copy of the rows
         counts = torch.bincount(key, minlength=k + 1)[:k]
         offsets = torch.zeros(k + 1, dtype=torch.int64, device=ids.device)
         torch.cumsum(counts, 0, out=offsets[1:])
-        return None, offsets
+        return Grouping(None, offsets, None)
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -116,9 +136,9 @@ class _FusedLinear(torch.autograd.Function):
     or a hook on the view's base, then works as after F.linear)."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, sink, in_out, order, offsets):
+    def forward(ctx, rows, weight, bias, sink, in_out, grouping):
         ctx.save_for_backward(rows, weight)
-        ctx.sink, ctx.in_out, ctx.order, ctx.offsets = sink, in_out, order, offsets
+        ctx.sink, ctx.in_out, ctx.grouping = sink, in_out, grouping
         ctx.has_bias = bias is not None
         if not in_out:
             return F.linear(rows, weight, bias)
@@ -133,20 +153,23 @@ class _FusedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_rows = grads @ (weight.T if in_out else weight)
         if sink.input_grad_only:
-            return grad_rows, None, None, None, None, None, None
+            return grad_rows, None, None, None, None, None
         target = sink.target.T if in_out else sink.target
         # the dots keep float32 (or float64) accuracy: 16-bit rows are widened, never the target rounded
         work = torch.promote_types(torch.promote_types(rows.dtype, target.dtype), torch.float32)
-        if ctx.order is not None:
+        order, offsets, piece_domains = ctx.grouping
+        if order is not None:
             # index_select: 3-7x faster than rows[order] on the CPU
-            rows, grads = rows.index_select(0, ctx.order), grads.index_select(0, ctx.order)
+            rows, grads = rows.index_select(0, order), grads.index_select(0, order)
         target_bias = None if sink.target_bias is None else sink.target_bias.to(work)
         grad_weight, grad_bias, dots = weight_grad_dots(
-            rows.to(work), grads.to(work), target.to(work), offsets=ctx.offsets, target_bias=target_bias,
+            rows.to(work), grads.to(work), target.to(work), offsets=offsets, target_bias=target_bias,
             bias=ctx.has_bias and ctx.needs_input_grad[2], validate_ids=False)
+        if piece_domains is not None:  # pieces in place: their dots summed per domain
+            dots = segment_sum(dots, piece_domains, sink.num_segments)
         sink.add(dots)
         grad_weight = (grad_weight.T if in_out else grad_weight) if ctx.needs_input_grad[1] else None
-        return grad_rows, grad_weight, grad_bias, None, None, None, None
+        return grad_rows, grad_weight, grad_bias, None, None, None
 
 
 def fused_linear(x, weight, bias, sink, *, weight_layout="out_in"):
@@ -177,7 +200,7 @@ def fused_linear(x, weight, bias, sink, *, weight_layout="out_in"):
                     ("sink.offsets", sink.offsets)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    order, offsets = sink.grouping(x.shape[:-1])
+    grouping = sink.grouping(x.shape[:-1])
     out_shape = x.shape[:-1] + (d_out,)
     rows = x.reshape(-1, d_in)
     device_type = x.device.type
@@ -186,5 +209,5 @@ def fused_linear(x, weight, bias, sink, *, weight_layout="out_in"):
         rows, weight = rows.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            return _FusedLinear.apply(rows, weight, bias, sink, in_out, order, offsets).reshape(out_shape)
-    return _FusedLinear.apply(rows, weight, bias, sink, in_out, order, offsets).reshape(out_shape)
+            return _FusedLinear.apply(rows, weight, bias, sink, in_out, grouping).reshape(out_shape)
+    return _FusedLinear.apply(rows, weight, bias, sink, in_out, grouping).reshape(out_shape)
