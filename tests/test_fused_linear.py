@@ -260,7 +260,8 @@ def test_grouping_skips_the_permutation_for_grouped_ids_and_long_runs():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-15)])
+# 320 rows summed piece by piece, not in the GEMM's order: fp64 agrees to 1e-12, not to the last bit
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
 def test_long_runs_of_one_domain_are_scored_in_place(seed, layout, dtype, tolerance):
     """Sequences of one domain each, their domains interleaved, one of padding: the pieces give
     plain autograd's .grad and the explicit dots."""
