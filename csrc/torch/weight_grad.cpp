@@ -9,6 +9,7 @@
 // outside the segments) go to the raw kernel, whose register-tile epilogue costs less there.
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mv.h>
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
@@ -69,6 +70,11 @@ void blas_and_kernel(const at::Tensor& x, const at::Tensor& g, const at::Tensor&
   Acc* dot = dots.data_ptr<Acc>();
   bool written = false;  // grad_weight holds the pieces so far; until then it is not written
   at::Tensor scratch;
+  // ⟨Σ_{n∈i} g_n, V_b⟩ of the MKL segments from one product g V_b, summed per segment here:
+  // a sum, a dot and a host read per segment cost more than the GEMM at small widths
+  at::Tensor row_bias_dots;
+  if (v_bias) row_bias_dots = at::mv(g, *v_bias);
+  const Acc* bias_dot = v_bias ? row_bias_dots.data_ptr<Acc>() : nullptr;
   auto output = [&]() {  // where the next piece goes: grad_weight first, then the scratch
     if (!written) return written = true, grad_weight;
     if (!scratch.defined()) scratch = at::empty_like(grad_weight);
@@ -109,7 +115,8 @@ void blas_and_kernel(const at::Tensor& x, const at::Tensor& g, const at::Tensor&
     at::mm_out(out, g_t, x_rows);
     double total = add_piece_dot_cpu(out.data_ptr<Acc>(), add ? grad_weight.data_ptr<Acc>() : nullptr,
                                      v.data_ptr<Acc>(), out.numel());
-    if (v_bias) total += at::sum(g.slice(0, start, stop), 0).dot(*v_bias).item<double>();
+    if (bias_dot)
+      for (int64_t n = start; n < stop; ++n) total += bias_dot[n];
     dot[segment] = static_cast<Acc>(total);
   }
   if (with_bias) grad_bias.copy_(at::sum(g, 0));
