@@ -1,8 +1,8 @@
 """The AlignmentProbe around a training step, scoring k = 8 domains: the plain forward+backward
 (the named baseline), the probe's current form (one extra GEMM-sized product per linear layer)
 and its fused form (AlignmentProbe(fused=True): the dots inside the weight-gradient GEMM), on
-8 x 256 tokens at width 768 (the demo model: its own batch), one domain per sequence (cycling
-through the k), fp32 on the CPU:
+8 x 256 tokens at width 768 (the demo model on its own batch, below), one domain per sequence
+(cycling through the k), fp32 on the CPU:
 
 - "mlp": 2 linear layers of width 768 with tanh between (bench_fused_linear.py's layers, here
   under the probe), a summed loss;
