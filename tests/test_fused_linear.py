@@ -7,7 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import fastmix.ops as ops
-from fastmix.ops.fused_linear import RUN_ROWS
+from fastmix.ops.alignment import RUN_ROWS
 
 LAYOUTS = ["out_in", "in_out"]
 
@@ -244,19 +244,18 @@ def test_domain_layouts(seed, ids_of, k):
         assert sink.dots[i] == 0
 
 
-def test_grouping_skips_the_permutation_for_grouped_ids_and_long_runs():
+def test_grouping_of_ids_per_sequence_and_of_offsets():
     target = torch.zeros(2, 2)
-    order, offsets, pieces = ops.DomainDots(target, torch.tensor([0, 0, 2, 2, -1]), 3).grouping((5,))
-    assert order is None and pieces is None and offsets.tolist() == [0, 2, 2, 4]
-    order, offsets, pieces = ops.DomainDots(target, torch.tensor([2, 0, -1, 0]), 3).grouping((4,))
-    assert order.tolist() == [1, 3, 0, 2] and offsets.tolist() == [0, 2, 2, 3] and pieces is None
-    # one id per sequence of RUN_ROWS tokens, the domains interleaved: pieces in place
-    ids = torch.tensor([1, 0, 1, -1])
+    ids = torch.tensor([1, 0, 1, -1])  # one per sequence of RUN_ROWS tokens, the domains interleaved
     order, offsets, pieces = ops.DomainDots(target, ids, 3).grouping((4, RUN_ROWS))
     assert order is None and offsets.tolist() == [0, RUN_ROWS, 2 * RUN_ROWS, 3 * RUN_ROWS, 4 * RUN_ROWS]
     assert pieces.tolist() == [1, 0, 1, 3]  # 3 = num_segments: padding, in no domain
     order, offsets, pieces = ops.DomainDots(target, ids, 3).grouping((4, RUN_ROWS - 1))  # shorter runs
     assert order is not None and pieces is None
+    order, offsets, pieces = ops.DomainDots(target, offsets=torch.tensor([0, 3, 5])).grouping((2, 3))
+    assert order is None and pieces is None and offsets.tolist() == [0, 3, 5]
+    with pytest.raises(ValueError, match="offsets ends at 5, past the input's 4 rows"):
+        ops.DomainDots(target, offsets=torch.tensor([0, 3, 5])).grouping((4,))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import fastmix.ops as ops
 from conftest import device_backend_params
 from fastmix.ops import backends
+from fastmix.ops.alignment import RUN_ROWS
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Inputs are rounded to the dtype first, so only accumulation error remains: float32 (or
@@ -214,6 +215,33 @@ def test_float32_gradient_equals_torch_mm(seed, device, backend, large):
     grad_weight, _, _ = ops.weight_grad_dots(x, grad_out, target, **grouping, backend=backend)
     want = grad_out.T @ x
     assert float((grad_weight - want).norm() / want.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_runs_of_one_domain_are_scored_in_place(seed, device, backend, dtype):
+    """One id per sequence of RUN_ROWS tokens, the domains interleaved and a padding sequence:
+    each run is a piece (no permutation), and the pieces' dots are summed per domain."""
+    ids = torch.tensor([2, 0, 2, -1, 0], device=device)  # domains 1 and 3 empty
+    x, grad_out, target, target_bias = random_inputs((5, RUN_ROWS), 12, 9, dtype, device)
+    assert ops.row_grouping(ids.repeat_interleave(RUN_ROWS), 4).piece_domains is not None
+    got = ops.weight_grad_dots(x, grad_out, target, ids, 4, target_bias=target_bias, bias=True,
+                               backend=backend)
+    flat = ids.cpu().repeat_interleave(RUN_ROWS)
+    assert_matches(got, explicit(x, grad_out, flat, 4, target, target_bias), dtype)
+    assert float(got[2][1]) == 0.0 and float(got[2][3]) == 0.0
+
+
+def test_row_grouping_permutes_only_short_interleaved_runs():
+    order, offsets, pieces = ops.row_grouping(torch.tensor([0, 0, 2, 2, -1]), 3)  # grouped already
+    assert order is None and pieces is None and offsets.tolist() == [0, 2, 2, 4]
+    order, offsets, pieces = ops.row_grouping(torch.tensor([2, 0, -1, 0]), 3)  # short runs: one permutation
+    assert order.tolist() == [1, 3, 0, 2] and offsets.tolist() == [0, 2, 2, 3] and pieces is None
+    runs = torch.tensor([1, 0, 1, 5]).repeat_interleave(RUN_ROWS)  # id 5 >= num_segments: padding
+    order, offsets, pieces = ops.row_grouping(runs, 3)
+    assert order is None and offsets.tolist() == [i * RUN_ROWS for i in range(5)]
+    assert pieces.tolist() == [1, 0, 1, 3]  # 3 = num_segments: in no domain
+    assert ops.row_grouping(runs[1:], 3).order is not None  # runs one row short on average
 
 
 # ---------------------------------------------------------------- random problems

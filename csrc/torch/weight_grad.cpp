@@ -122,6 +122,20 @@ void blas_and_kernel(const at::Tensor& x, const at::Tensor& g, const at::Tensor&
   if (with_bias) grad_bias.copy_(at::sum(g, 0));
 }
 
+// The kernels' inputs: contiguous, of one dtype.
+struct KernelInputs {
+  at::Tensor x, g, v;
+  std::optional<at::Tensor> v_bias;
+};
+
+KernelInputs contiguous_as(at::ScalarType dtype, const at::Tensor& x, const at::Tensor& grad_out,
+                           const at::Tensor& target, const std::optional<at::Tensor>& target_bias) {
+  auto prepare = [dtype](const at::Tensor& t) { return t.to(dtype).contiguous(); };
+  KernelInputs inputs{prepare(x), prepare(grad_out), prepare(target), std::nullopt};
+  if (target_bias) inputs.v_bias = prepare(*target_bias);
+  return inputs;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_dots_cpu_op(
     const at::Tensor& x, const at::Tensor& grad_out, const at::Tensor& offsets,
     const at::Tensor& target, const std::optional<at::Tensor>& target_bias, bool with_bias) {
@@ -134,23 +148,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_grad_dots_cpu_op(
   bool large = false;  // a piece for at::mm
   for (int64_t j = 0; j < num_segments + 2 && !large; ++j)
     large = piece_end(bounds, num_segments, n_rows, j) - piece_start(bounds, j) >= kBlasRows;
-  if (large && grad_weight.numel() > 0) {
+  if (large && grad_weight.numel() > 0) {  // at::mm in the accumulation dtype
     const auto acc = grad_weight.scalar_type();
-    const at::Tensor x_c = x.to(acc).contiguous(), g_c = grad_out.to(acc).contiguous();
-    const at::Tensor v_c = target.to(acc).contiguous();
-    std::optional<at::Tensor> bias_c;
-    if (target_bias) bias_c = target_bias->to(acc).contiguous();
+    const KernelInputs in = contiguous_as(acc, x, grad_out, target, target_bias);
     if (acc == at::kDouble)
-      blas_and_kernel<double>(x_c, g_c, v_c, bias_c, bounds, num_segments, grad_weight, grad_bias, with_bias, dots);
+      blas_and_kernel<double>(in.x, in.g, in.v, in.v_bias, bounds, num_segments, grad_weight, grad_bias, with_bias, dots);
     else
-      blas_and_kernel<float>(x_c, g_c, v_c, bias_c, bounds, num_segments, grad_weight, grad_bias, with_bias, dots);
+      blas_and_kernel<float>(in.x, in.g, in.v, in.v_bias, bounds, num_segments, grad_weight, grad_bias, with_bias, dots);
     return {grad_weight, grad_bias, dots};
   }
-  const at::Tensor x_c = x.contiguous(), g_c = grad_out.contiguous(), v_c = target.contiguous();
-  std::optional<at::Tensor> bias_c;
-  if (target_bias) bias_c = target_bias->contiguous();
-  run_kernel(x_c, g_c, v_c, bias_c ? &*bias_c : nullptr, 0, n_rows, bounds, num_segments, grad_weight,
-             with_bias ? &grad_bias : nullptr, dots.data_ptr());
+  const KernelInputs in = contiguous_as(x.scalar_type(), x, grad_out, target, target_bias);
+  run_kernel(in.x, in.g, in.v, in.v_bias ? &*in.v_bias : nullptr, 0, n_rows, bounds, num_segments,
+             grad_weight, with_bias ? &grad_bias : nullptr, dots.data_ptr());
   return {grad_weight, grad_bias, dots};
 }
 

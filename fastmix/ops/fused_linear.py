@@ -12,28 +12,13 @@ own backward carries the scores without a second GEMM-sized product over its row
 are computed in float32 (float64 for float64 data or target) whatever the autocast dtype.
 """
 import math
-from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastmix.ops.alignment import FLOAT_DTYPES, group_rows, weight_grad_dots
-from fastmix.ops.reference import segment_sum
+from fastmix.ops.alignment import FLOAT_DTYPES, RowGrouping, flat_segment_ids, row_grouping, weight_grad_dots
 
 WEIGHT_LAYOUTS = ("out_in", "in_out")
-# Runs of one domain at least this long on average (a sequence's tokens, with one id per
-# sequence) are scored as pieces in place: at the demo model's width, 64-row pieces cost the op
-# less than the permutation's copies of the rows and the output gradient (bench/RESULTS.md).
-RUN_ROWS = 64
-
-
-class Grouping(NamedTuple):
-    """How fused_linear's backward meets the rows: rows[order] (rows as they are, for None) are
-    cut into pieces at `offsets`; piece p belongs to domain piece_domains[p] (domain p, for
-    None; num_segments or more: no domain)."""
-    order: Optional[torch.Tensor]
-    offsets: torch.Tensor
-    piece_domains: Optional[torch.Tensor]
 
 
 def _integer_tensor(name, t):
@@ -74,12 +59,8 @@ class DomainDots:
         else:
             if segment_ids is None or num_segments is None:
                 raise ValueError("segment_ids and num_segments must be given together (or offsets)")
-            _integer_tensor("segment_ids", segment_ids)
-            if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
-                raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
-            if validate_ids and segment_ids.numel() and int(segment_ids.max()) >= num_segments:
-                raise ValueError(f"segment_ids contains {int(segment_ids.max())}, but num_segments is "
-                                 f"{num_segments} (ids must be < num_segments; negative ids mark padding)")
+            flat_segment_ids(segment_ids, num_segments, getattr(segment_ids, "shape", ()),  # checks them
+                             validate_ids=validate_ids)
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
             raise ValueError(f"loss_scale must be a number > 0, got {loss_scale!r}")
         self.target, self.target_bias = target, target_bias
@@ -99,35 +80,16 @@ class DomainDots:
         self._sum = dots if self._sum is None else self._sum + dots
 
     def grouping(self, leading_shape):
-        """The Grouping of inputs whose leading dims are `leading_shape`: the rows as they are
-        where they are grouped by domain or come in long runs of one domain, else one
-        permutation that groups them."""
-        n_rows = math.prod(leading_shape)
+        """The RowGrouping of inputs whose leading dims are `leading_shape` (row_grouping's, for
+        segment_ids)."""
         if self.offsets is not None:
             offsets = self.offsets.to(torch.int64)
+            n_rows = math.prod(leading_shape)
             if offsets.numel() and int(offsets[-1]) > n_rows:
                 raise ValueError(f"offsets ends at {int(offsets[-1])}, past the input's {n_rows} rows")
-            return Grouping(None, offsets, None)
-        ids, leading = self.segment_ids, tuple(leading_shape)
-        if tuple(ids.shape) != leading:
-            if not leading or tuple(ids.shape) != leading[:1]:
-                raise ValueError(f"segment_ids must have shape {leading} (one id per row) or {leading[:1]} "
-                                 f"(one id per sequence), got {tuple(ids.shape)}")
-            ids = ids.reshape(ids.shape + (1,) * (len(leading) - 1)).expand(leading)
-        ids = ids.reshape(-1).to(torch.int64)
-        k = self.num_segments
-        key = torch.where((ids < 0) | (ids >= k), k, ids)
-        if key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
-            run_starts = torch.nonzero(key[1:] != key[:-1]).reshape(-1) + 1
-            if (run_starts.numel() + 1) * RUN_ROWS > n_rows:
-                return Grouping(*group_rows(ids, k), None)
-            offsets = torch.cat([run_starts.new_zeros(1), run_starts, run_starts.new_full((1,), n_rows)])
-            return Grouping(None, offsets, key[offsets[:-1]])
-        # already grouped (a grouped sampler's batch): no permutation, no copy of the rows
-        counts = torch.bincount(key, minlength=k + 1)[:k]
-        offsets = torch.zeros(k + 1, dtype=torch.int64, device=ids.device)
-        torch.cumsum(counts, 0, out=offsets[1:])
-        return Grouping(None, offsets, None)
+            return RowGrouping(None, offsets, None)
+        ids = flat_segment_ids(self.segment_ids, self.num_segments, leading_shape, validate_ids=False)
+        return row_grouping(ids, self.num_segments)
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -157,17 +119,13 @@ class _FusedLinear(torch.autograd.Function):
         target = sink.target.T if in_out else sink.target
         # the dots keep float32 (or float64) accuracy: 16-bit rows are widened, never the target rounded
         work = torch.promote_types(torch.promote_types(rows.dtype, target.dtype), torch.float32)
-        order, offsets, piece_domains = ctx.grouping
-        if order is not None:
-            # index_select: 3-7x faster than rows[order] on the CPU
-            rows, grads = rows.index_select(0, order), grads.index_select(0, order)
+        grouping = ctx.grouping
         target_bias = None if sink.target_bias is None else sink.target_bias.to(work)
-        grad_weight, grad_bias, dots = weight_grad_dots(
-            rows.to(work), grads.to(work), target.to(work), offsets=offsets, target_bias=target_bias,
-            bias=ctx.has_bias and ctx.needs_input_grad[2], validate_ids=False)
-        if piece_domains is not None:  # pieces in place: their dots summed per domain
-            dots = segment_sum(dots, piece_domains, sink.num_segments)
-        sink.add(dots)
+        grad_weight, grad_bias, piece_dots = weight_grad_dots(
+            grouping.rows(rows).to(work), grouping.rows(grads).to(work), target.to(work),
+            offsets=grouping.offsets, target_bias=target_bias, bias=ctx.has_bias and ctx.needs_input_grad[2],
+            validate_ids=False)
+        sink.add(grouping.domain_dots(piece_dots, sink.num_segments))
         grad_weight = (grad_weight.T if in_out else grad_weight) if ctx.needs_input_grad[1] else None
         return grad_rows, grad_weight, grad_bias, None, None, None
 
