@@ -74,9 +74,10 @@ class DomainDots:
         """(k,) float64 sums over the backwards so far, or None before the first."""
         return None if self._sum is None else self._sum / self.loss_scale
 
-    def add(self, dots):
-        """Adds one backward's dots (called by fused_linear's backward)."""
-        dots = dots.to(torch.float64)
+    def add_pieces(self, piece_dots, grouping):
+        """Adds one backward's dots, given per piece of its RowGrouping (called by
+        fused_linear's backward)."""
+        dots = grouping.domain_dots(piece_dots, self.num_segments).to(torch.float64)
         self._sum = dots if self._sum is None else self._sum + dots
 
     def grouping(self, leading_shape):
@@ -125,7 +126,7 @@ class _FusedLinear(torch.autograd.Function):
             grouping.rows(rows).to(work), grouping.rows(grads).to(work), target.to(work),
             offsets=grouping.offsets, target_bias=target_bias, bias=ctx.has_bias and ctx.needs_input_grad[2],
             validate_ids=False)
-        sink.add(grouping.domain_dots(piece_dots, sink.num_segments))
+        sink.add_pieces(piece_dots, grouping)
         grad_weight = (grad_weight.T if in_out else grad_weight) if ctx.needs_input_grad[1] else None
         return grad_rows, grad_weight, grad_bias, None, None, None
 

@@ -201,14 +201,17 @@ def _whole(tensor):
 
 class _RowScores:
     """One record's scores for the layers whose inputs share a row layout: per-row sums over
-    those layers, segment-summed by domain only when the result is read (one segment sum per
-    record, not one per layer), plus the domain sums of layers in the ghost form."""
+    those layers and per-piece sums of the fused layers, summed by domain only when the result
+    is read (once per record, not once per layer), plus the domain sums of layers in the ghost
+    form."""
 
     def __init__(self, row_ids, inv_scale):
         self.row_ids = row_ids  # (rows,) domain id per row, -1 for padding
         self.inv_scale = inv_scale
         self.per_row = None  # (rows,) float64
         self.per_domain = None  # (k,) float64
+        self.grouping = None  # the rows' RowGrouping for the fused layers, the same for all of them
+        self.per_piece = None  # (pieces,) float64, of that grouping's pieces
 
     def add_rows(self, values):
         values = values.to(torch.float64)
@@ -218,12 +221,18 @@ class _RowScores:
         values = values.to(torch.float64)
         self.per_domain = values if self.per_domain is None else self.per_domain + values
 
+    def add_pieces(self, values):
+        values = values.to(torch.float64)
+        self.per_piece = values if self.per_piece is None else self.per_piece + values
+
     def domain_sums(self, num_domains):
         out = torch.zeros(num_domains, dtype=torch.float64, device=self.row_ids.device)
         if self.per_row is not None:
             out = out + segment_sum(self.per_row, self.row_ids, num_domains)
         if self.per_domain is not None:
             out = out + self.per_domain
+        if self.per_piece is not None:
+            out = out + self.grouping.domain_dots(self.per_piece, num_domains)
         return out * self.inv_scale
 
 

@@ -50,21 +50,22 @@ def layer_dims(weight, layout):
 
 class RecordSink(DomainDots):
     """A DomainDots that adds each backward's dots to a record's scores (a probe's per-domain
-    accumulator for one row layout, with `row_ids` and `add_domains`). The rows' grouping by
-    domain is computed once per row layout and record, in `groupings`, for all its layers."""
+    accumulator for one row layout, with `row_ids`, `grouping` and `add_pieces`). The rows'
+    grouping by domain is computed once per row layout and record, for all its layers, and the
+    pieces' dots are summed by domain once, when the record's result is read."""
 
-    def __init__(self, target, target_bias, scores, num_domains, groupings):
+    def __init__(self, target, target_bias, scores, num_domains):
         super().__init__(target, scores.row_ids, num_domains, target_bias=target_bias, validate_ids=False)
-        self.scores, self.groupings = scores, groupings
+        self.scores = scores
 
-    def add(self, dots):
-        self.scores.add_domains(dots)
+    def add_pieces(self, piece_dots, grouping):
+        self.scores.add_pieces(piece_dots)
 
     def grouping(self, leading_shape):
         # the scores' row ids are flat, one per row of this layout: the same for all its layers
-        if self.scores not in self.groupings:
-            self.groupings[self.scores] = super().grouping((self.segment_ids.numel(),))
-        return self.groupings[self.scores]
+        if self.scores.grouping is None:
+            self.scores.grouping = super().grouping((self.segment_ids.numel(),))
+        return self.scores.grouping
 
 
 class FusedForwards:
@@ -87,7 +88,6 @@ class FusedForwards:
                 continue
             self.layouts[module] = layout
         self.fused_modules = set()  # layers with a call in the fused form during this record
-        self.groupings = {}
         self.sinks = []
         self.just_ran = {}  # layer: the sink of its call that just ran fused, until the probe's hook takes it
         self.traced = False  # torch.compile traced a routed forward
@@ -116,7 +116,7 @@ class FusedForwards:
         parts = self.sink_parts(module, x)
         if parts is None:
             return own_forward(x)
-        sink = RecordSink(*parts, self.num_domains, self.groupings)
+        sink = RecordSink(*parts, self.num_domains)
         self.sinks.append(sink)
         self.fused_modules.add(module)
         self.just_ran[module] = sink
