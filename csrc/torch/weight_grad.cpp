@@ -70,11 +70,16 @@ void blas_and_kernel(const at::Tensor& x, const at::Tensor& g, const at::Tensor&
   Acc* dot = dots.data_ptr<Acc>();
   bool written = false;  // grad_weight holds the pieces so far; until then it is not written
   at::Tensor scratch;
-  // ⟨Σ_{n∈i} g_n, V_b⟩ of the MKL segments from one product g V_b, summed per segment here:
-  // a sum, a dot and a host read per segment cost more than the GEMM at small widths
+  // ⟨Σ_{n∈i} g_n, V_b⟩ of every segment from one product g V_b, summed per segment here: a
+  // sum, a dot and a host read per segment cost more than the GEMM at small widths
   at::Tensor row_bias_dots;
   if (v_bias) row_bias_dots = at::mv(g, *v_bias);
   const Acc* bias_dot = v_bias ? row_bias_dots.data_ptr<Acc>() : nullptr;
+  auto segment_bias_dot = [&](int64_t start, int64_t stop) {
+    double total = 0;
+    for (int64_t n = start; n < stop; ++n) total += bias_dot[n];
+    return total;
+  };
   auto output = [&]() {  // where the next piece goes: grad_weight first, then the scratch
     if (!written) return written = true, grad_weight;
     if (!scratch.defined()) scratch = at::empty_like(grad_weight);
@@ -93,9 +98,10 @@ void blas_and_kernel(const at::Tensor& x, const at::Tensor& g, const at::Tensor&
       for (int64_t i = first; i <= last; ++i) local[static_cast<size_t>(i - first)] = offsets[i] - start;
       const bool add = written;
       const at::Tensor out = output();
-      run_kernel(x, g, v, v_bias ? &*v_bias : nullptr, start, stop, local.data(), last - first, out,
-                 nullptr, dot + first);
+      run_kernel(x, g, v, nullptr, start, stop, local.data(), last - first, out, nullptr, dot + first);
       if (add) grad_weight.add_(out);
+      if (bias_dot)
+        for (int64_t i = first; i < last; ++i) dot[i] += segment_bias_dot(offsets[i], offsets[i + 1]);
       continue;
     }
     const int64_t stop = piece_end(offsets, num_segments, n_rows, j), segment = j - 1;
@@ -115,8 +121,7 @@ void blas_and_kernel(const at::Tensor& x, const at::Tensor& g, const at::Tensor&
     at::mm_out(out, g_t, x_rows);
     double total = add_piece_dot_cpu(out.data_ptr<Acc>(), add ? grad_weight.data_ptr<Acc>() : nullptr,
                                      v.data_ptr<Acc>(), out.numel());
-    if (bias_dot)
-      for (int64_t n = start; n < stop; ++n) total += bias_dot[n];
+    if (bias_dot) total += segment_bias_dot(start, stop);
     dot[segment] = static_cast<Acc>(total);
   }
   if (with_bias) grad_bias.copy_(at::sum(g, 0));
