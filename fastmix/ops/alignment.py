@@ -61,10 +61,10 @@ def _check_matrix(name, t, shape, like_name, like):
 MAX_SEGMENTS = (2**63 - 1) // 8
 
 
-def flat_segment_ids(segment_ids, num_segments, leading_shape, device=None, validate_ids=True):
-    """segment_ids of the leading shape, or of its first dim (one id per sequence,
-    broadcast over the rest), checked, as a flat int64 tensor of one id per row. `device`:
-    the data's, which the ids must be on (None: any)."""
+def check_segment_ids(segment_ids, num_segments, device=None, validate_ids=True):
+    """Raises, naming the argument, unless segment_ids is an integer tensor (on `device`, the
+    data's, unless None) and num_segments an int >= 0; with `validate_ids`, also if an id is
+    >= num_segments (a host sync on GPUs)."""
     if not isinstance(segment_ids, torch.Tensor):
         raise TypeError(f"segment_ids must be a torch.Tensor, got {type(segment_ids).__name__}")
     if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
@@ -77,6 +77,20 @@ def flat_segment_ids(segment_ids, num_segments, leading_shape, device=None, vali
     if num_segments > MAX_SEGMENTS:  # else torch's allocator fails without naming the argument
         raise ValueError(f"num_segments is {num_segments}, more than the {MAX_SEGMENTS} segments whose "
                          "(num_segments,) float64 output a tensor can hold")
+    if validate_ids and segment_ids.numel() > 0:
+        largest = int(segment_ids.max())
+        if largest >= num_segments:
+            raise ValueError(
+                f"segment_ids contains {largest}, but num_segments is {num_segments} "
+                "(ids must be < num_segments; negative ids mark padding)"
+            )
+
+
+def flat_segment_ids(segment_ids, num_segments, leading_shape, device=None, validate_ids=True):
+    """segment_ids of the leading shape, or of its first dim (one id per sequence,
+    broadcast over the rest), checked (check_segment_ids), as a flat int64 tensor of one id
+    per row."""
+    check_segment_ids(segment_ids, num_segments, device, validate_ids)
     leading = tuple(leading_shape)
     ids_shape = tuple(segment_ids.shape)
     if ids_shape != leading:
@@ -86,15 +100,8 @@ def flat_segment_ids(segment_ids, num_segments, leading_shape, device=None, vali
                 f"(one id per sequence), got {ids_shape}"
             )
         segment_ids = segment_ids.reshape(ids_shape + (1,) * (len(leading) - 1)).expand(leading)
-    ids = segment_ids.reshape(-1).to(torch.int64)
-    if validate_ids and ids.numel() > 0:
-        largest = int(ids.max())  # a host sync on GPUs: validate_ids=False skips it
-        if largest >= num_segments:
-            raise ValueError(
-                f"segment_ids contains {largest}, but num_segments is {num_segments} "
-                "(ids must be < num_segments; negative ids mark padding)"
-            )
-    return ids
+    ids = segment_ids.reshape(-1)
+    return ids if ids.dtype == torch.int64 else ids.to(torch.int64)
 
 
 # ---------------------------------------------------------------- backend calls
@@ -177,7 +184,7 @@ def fused_is_cheaper(n_rows, num_segments, d_in, d_out, device_type="cpu"):
 
 def _rows(t):
     """`t` (..., d) as a 2-D (rows, d) matrix, also when d or a leading dim is 0."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 # ---------------------------------------------------------------- public ops

@@ -16,7 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastmix.ops.alignment import FLOAT_DTYPES, RowGrouping, flat_segment_ids, row_grouping, weight_grad_dots
+from fastmix.ops.alignment import (
+    FLOAT_DTYPES, RowGrouping, check_segment_ids, flat_segment_ids, row_grouping, weight_grad_dots,
+)
 
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 
@@ -59,8 +61,7 @@ class DomainDots:
         else:
             if segment_ids is None or num_segments is None:
                 raise ValueError("segment_ids and num_segments must be given together (or offsets)")
-            flat_segment_ids(segment_ids, num_segments, getattr(segment_ids, "shape", ()),  # checks them
-                             validate_ids=validate_ids)
+            check_segment_ids(segment_ids, num_segments, validate_ids=validate_ids)
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
             raise ValueError(f"loss_scale must be a number > 0, got {loss_scale!r}")
         self.target, self.target_bias = target, target_bias
@@ -93,6 +94,10 @@ class DomainDots:
         return row_grouping(ids, self.num_segments)
 
 
+def _cast(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to costs a dispatch per layer
+
+
 class _FusedLinear(torch.autograd.Function):
     """On rows (N, d_in): fused_linear flattens the input outside, so that the output is a view
     of this Function's output, not of a tensor made inside it (an in-place op after the layer,
@@ -121,9 +126,9 @@ class _FusedLinear(torch.autograd.Function):
         # the dots keep float32 (or float64) accuracy: 16-bit rows are widened, never the target rounded
         work = torch.promote_types(torch.promote_types(rows.dtype, target.dtype), torch.float32)
         grouping = ctx.grouping
-        target_bias = None if sink.target_bias is None else sink.target_bias.to(work)
+        target_bias = None if sink.target_bias is None else _cast(sink.target_bias, work)
         grad_weight, grad_bias, piece_dots = weight_grad_dots(
-            grouping.rows(rows).to(work), grouping.rows(grads).to(work), target.to(work),
+            _cast(grouping.rows(rows), work), _cast(grouping.rows(grads), work), _cast(target, work),
             offsets=grouping.offsets, target_bias=target_bias, bias=ctx.has_bias and ctx.needs_input_grad[2],
             validate_ids=False)
         sink.add_pieces(piece_dots, grouping)

@@ -137,7 +137,7 @@ class _ParameterUses(TorchFunctionMode):
         probe = self.probe
         if probe._site_depth or probe._in_rule or probe._target is None or not torch.is_grad_enabled():
             return out
-        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        tensors = _tensors_in(args, kwargs)
         weights = set().union(*(self._weights_in(t) for t in tensors)) if tensors else set()
         if not weights:
             return out
@@ -197,6 +197,13 @@ def _rng_restored(rng):
 
 def _whole(tensor):
     return tensor.full_tensor() if _is_sharded(tensor) else tensor
+
+
+def _tensors_in(args, kwargs):
+    """The tensors among a call's arguments, nested ones too, in order."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):  # a layer's usual call: no tree walk
+        return list(args)
+    return [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
 
 
 class _RowScores:
@@ -623,7 +630,7 @@ class AlignmentProbe:
             return
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        tensors = _tensors_in(args, kwargs)
         inputs = tuple(t.detach() for t in tensors)
         x = inputs[0]
         if rule.autocast_inputs and torch.is_autocast_enabled(x.device.type):
@@ -742,7 +749,7 @@ class AlignmentProbe:
             if not any(id(p) in self._used_outside for p in params.values()):
                 self._untargeted.add(name)
             return None
-        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        tensors = _tensors_in(args, kwargs)
         device_type = (tensors[0] if tensors else next(iter(scored.values()))).device.type
         autocast = dict(device_type=device_type, dtype=torch.get_autocast_dtype(device_type),
                         enabled=torch.is_autocast_enabled(device_type))
@@ -778,7 +785,7 @@ class AlignmentProbe:
         if name in self._unsplittable:  # an output that cannot be split got its gradient first
             return
         module, (args, kwargs) = rerun["module"], rerun["saved"]
-        dtypes = {t.dtype for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        dtypes = {t.dtype for t in _tensors_in(args, kwargs)}
         dtypes |= {grad.dtype} | {p.dtype for p in scored.values()}
         work = torch.float64 if torch.float64 in dtypes else torch.float32
         target = self._gathered_target(scored, work)
@@ -813,7 +820,7 @@ class AlignmentProbe:
         if rows[:self._ids.dim()] != tuple(self._ids.shape):  # broadcast over the batch, or no batch dim
             return None
         target_bias = None if bias is None else self._target.get(id(bias))
-        if target_bias is not None:
+        if target_bias is not None and target_bias.dtype != target.dtype:
             target_bias = target_bias.to(target.dtype)
         return target, target_bias, self._layout(rows, self._site_names[id(module)], x.device)
 
