@@ -14,6 +14,8 @@ mixer update. Groups:
   × 64 tokens; plain (baseline), DGA stratified, inline and exact.
 - k8-interval1 / k64-interval1: synthetic stores of 8 and 64 domains, the same model: plain,
   exact and stratified (the cost of an update against k).
+- k10-interval1-cuda-gpt12x768 (on a GPU only): the built-in corpus on a 12-layer 768-wide GPT,
+  plain and inline (the GPU goal of inline DGA at interval 1).
 """
 import contextlib
 import os
@@ -31,6 +33,7 @@ from fastmix.train import MixerContexts, TrainStep
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BATCH, BLOCK, LR = 16, 64, 3e-3
+MODELS = {"small": dict(n_layer=2, n_head=4, n_embd=128), "gpt12x768": dict(n_layer=12, n_head=12, n_embd=768)}
 
 
 def make_stores(directory):
@@ -57,11 +60,10 @@ class Loop:
     """The training loop's own step (fastmix.train.TrainStep), without evaluation, logging or
     checkpoints, at a fixed learning rate."""
 
-    def __init__(self, store, mixer, device):
+    def __init__(self, store, mixer, device, model="small"):
         torch.manual_seed(0)
         self.device = torch.device(device)
-        self.model = GPT(GPTConfig(block_size=BLOCK, vocab_size=store.vocab_size, n_layer=2, n_head=4,
-                                   n_embd=128)).to(self.device)
+        self.model = GPT(GPTConfig(block_size=BLOCK, vocab_size=store.vocab_size, **MODELS[model])).to(self.device)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=device == "cuda")
         self.sampler = MixtureSampler(store, mixer.weights, BATCH, BLOCK, seed=0)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
@@ -78,13 +80,13 @@ class Loop:
             torch.cuda.synchronize()
 
 
-def _bench(benchmark, stores, k, interval, mode, device):
+def _bench(benchmark, stores, k, interval, mode, device, model="small"):
     store = stores[k]
     mixer = Uniform(store.num_domains) if mode == "plain" else DGA(store.num_domains, mode=mode, interval=interval)
-    loop = Loop(store, mixer, device)
+    loop = Loop(store, mixer, device, model)
     loop.steps(interval)  # warm-up (one update)
     rounds = (3 if mode == "exact" else 8 if interval > 1 else 15) if device == "cpu" else 20
-    benchmark.group = f"k{k}-interval{interval}-{device}"
+    benchmark.group = f"k{k}-interval{interval}-{device}" + ("" if model == "small" else f"-{model}")
     benchmark.pedantic(loop.steps, args=(interval,), rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(mode=mode, k=k, interval=interval, device=device)
     if benchmark.stats:  # None under --benchmark-disable (a smoke run)
@@ -108,6 +110,12 @@ def test_exact_vs_stratified_in_k(benchmark, stores, k, mode, device):
     _bench(benchmark, stores, k, 1, mode, device)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU goal's model: minutes a step on a CPU")
+@pytest.mark.parametrize("mode", ["plain", "inline"])
+def test_inline_on_a_12_layer_gpt(benchmark, stores, mode):
+    _bench(benchmark, stores, 10, 1, mode, "cuda", "gpt12x768")
+
+
 def interleaved(pairs=15):
     """Ratios measured by alternating rounds of plain training and of each mode (the median of
     the per-pair ratios): robust to load that drifts during the run, unlike separate tests.
@@ -117,28 +125,31 @@ def interleaved(pairs=15):
     import tempfile
 
     stores = make_stores(tempfile.mkdtemp())
-    settings = [(10, 1, m) for m in ("stratified", "inline", "exact")] + \
-               [(10, 10, m) for m in ("stratified", "inline", "exact")] + \
-               [(k, 1, m) for k in (8, 64) for m in ("stratified", "exact")]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = [(10, 1, m, "small") for m in ("stratified", "inline", "exact")] + \
+               [(10, 10, m, "small") for m in ("stratified", "inline", "exact")] + \
+               [(k, 1, m, "small") for k in (8, 64) for m in ("stratified", "exact")] + \
+               ([(10, 1, "inline", "gpt12x768")] if device == "cuda" else [])
     results = {}
     print(f"device {device}; ratio = step time / plain step time (median of {pairs} interleaved pairs)")
-    for k, interval, mode in settings:
-        plain = Loop(stores[k], Uniform(k), device)
-        mixed = Loop(stores[k], DGA(k, mode=mode, interval=interval), device)
+    for k, interval, mode, model in settings:
+        plain = Loop(stores[k], Uniform(k), device, model)
+        mixed = Loop(stores[k], DGA(k, mode=mode, interval=interval), device, model)
         plain.steps(interval)
         mixed.steps(interval)
         rounds = pairs if mode != "exact" or interval > 1 else max(5, pairs // 3)
         times = interleaved_times({"plain": lambda: plain.steps(interval), "mixed": lambda: mixed.steps(interval)},
                                   rounds)
-        low, results[k, interval, mode], high = ratio_quartiles(times["mixed"], times["plain"])
+        low, ratio, high = ratio_quartiles(times["mixed"], times["plain"])
+        results[k, interval, mode, model] = ratio
         plain_ms = statistics.median(times["plain"]) / interval * 1e3
-        print(f"k={k:<3} interval={interval:<3} {mode:<11} {results[k, interval, mode]:5.2f}x "
-              f"(quartiles {low:.2f}-{high:.2f}; plain {plain_ms:.1f} ms/step)", flush=True)
+        print(f"k={k:<3} interval={interval:<3} {mode:<11} {ratio:5.2f}x "
+              f"(quartiles {low:.2f}-{high:.2f}; plain {plain_ms:.1f} ms/step)"
+              + ("" if model == "small" else f", {model}"), flush=True)
         plain.sampler.close()
         mixed.sampler.close()
     for k in (8, 10, 64):  # the update's own cost is the step's ratio minus the plain step
-        exact, stratified = results[k, 1, "exact"], results[k, 1, "stratified"]
+        exact, stratified = results[k, 1, "exact", "small"], results[k, 1, "stratified", "small"]
         print(f"k={k:<3} exact / stratified at interval 1: step {exact / stratified:.2f}x, "
               f"update alone {(exact - 1) / (stratified - 1):.2f}x")
 

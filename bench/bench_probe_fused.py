@@ -2,7 +2,7 @@
 (the named baseline), the probe's current form (one extra GEMM-sized product per linear layer)
 and its fused form (AlignmentProbe(fused=True): the dots inside the weight-gradient GEMM), on
 8 x 256 tokens at width 768 (the demo model on its own batch, below), one domain per sequence
-(cycling through the k), fp32 on the CPU:
+(cycling through the k), fp32, on the CPU (and on a GPU when one is visible):
 
 - "mlp": 2 linear layers of width 768 with tanh between (bench_fused_linear.py's layers, here
   under the probe), a summed loss;
@@ -20,39 +20,40 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import interleaved_times, ratio_quartiles
+from conftest import HAS_GPU, interleaved_times, ratio_quartiles, synchronize
 from fastmix import AlignmentProbe
 from fastmix.model import GPT, GPTConfig
 
 WIDTH, BATCH, TOKENS, K, VOCAB = 768, 8, 256, 8, 257
 METHODS = ["plain", "probe-current", "probe-fused"]
+DEVICES = ["cpu"] + (["cuda"] if HAS_GPU else [])
 
 
-def mlp_setup():
-    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH))
-    x = torch.randn(BATCH, TOKENS, WIDTH)
-    return model, lambda: model(x).sum(), lambda: model(torch.randn(2, TOKENS, WIDTH)).sum()
+def mlp_setup(device):
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH)).to(device)
+    x = torch.randn(BATCH, TOKENS, WIDTH, device=device)
+    return model, lambda: model(x).sum(), lambda: model(torch.randn(2, TOKENS, WIDTH, device=device)).sum()
 
 
-def gpt_setup(width=WIDTH, heads=12, batch=BATCH, tokens=TOKENS):
-    model = GPT(GPTConfig(block_size=tokens, vocab_size=VOCAB, n_layer=2, n_head=heads, n_embd=width))
-    x = torch.randint(0, VOCAB, (batch, tokens))
-    target = torch.randint(0, VOCAB, (2, tokens))
+def gpt_setup(device, width=WIDTH, heads=12, batch=BATCH, tokens=TOKENS):
+    model = GPT(GPTConfig(block_size=tokens, vocab_size=VOCAB, n_layer=2, n_head=heads, n_embd=width)).to(device)
+    x = torch.randint(0, VOCAB, (batch, tokens), device=device)
+    target = torch.randint(0, VOCAB, (2, tokens), device=device)
     return model, lambda: model(x, torch.roll(x, -1, 1))[1], lambda: model(target, torch.roll(target, -1, 1))[1]
 
 
 # name: (setup, batch rows, description)
 SETUPS = {"mlp": (mlp_setup, BATCH, f"2 linear layers x {WIDTH}, {BATCH}x{TOKENS} tokens"),
           "gpt": (gpt_setup, BATCH, f"GPT 2 layers x {WIDTH}, {BATCH}x{TOKENS} tokens"),
-          "demo": (lambda: gpt_setup(128, 4, 16, 64), 16, "GPT 2 layers x 128 (the demo's), 16x64 tokens")}
+          "demo": (lambda device: gpt_setup(device, 128, 4, 16, 64), 16, "GPT 2 layers x 128 (the demo's), 16x64 tokens")}
 
 
-def training_step(model_name, method):
+def training_step(model_name, method, device="cpu"):
     """One training step's forward and backward (and the probe's result), warmed up."""
     torch.manual_seed(0)
     setup, batch, _ = SETUPS[model_name]
-    model, training_loss, target_loss = setup()
-    ids = torch.arange(batch) % K
+    model, training_loss, target_loss = setup(device)
+    ids = torch.arange(batch, device=device) % K
     probe = None if method == "plain" else AlignmentProbe(model, K, fused=method == "probe-fused")
     if probe is not None:
         target_loss().backward()
@@ -62,11 +63,12 @@ def training_step(model_name, method):
         model.zero_grad(set_to_none=True)
         if probe is None:
             training_loss().backward()
-            return
-        probe.reset()
-        with probe.record(ids):
-            training_loss().backward()
-        probe.result()
+        else:
+            probe.reset()
+            with probe.record(ids):
+                training_loss().backward()
+            probe.result()
+        synchronize(device)
 
     step()
     step()
@@ -74,11 +76,12 @@ def training_step(model_name, method):
     return step
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_name", sorted(SETUPS))
 @pytest.mark.parametrize("method", METHODS)
-def test_probe_fused_step(benchmark, model_name, method):
-    benchmark.group = f"probe around a training step, {SETUPS[model_name][2]}, k={K} (CPU fp32)"
-    step = training_step(model_name, method)
+def test_probe_fused_step(benchmark, device, model_name, method):
+    benchmark.group = f"probe around a training step, {SETUPS[model_name][2]}, k={K} ({device} fp32)"
+    step = training_step(model_name, method, device)
     if method == "plain":
         benchmark.extra_info["baseline"] = True
     benchmark(step)
@@ -86,10 +89,12 @@ def test_probe_fused_step(benchmark, model_name, method):
 
 def interleaved(rounds):
     """Each round times one step of every method in turn, so that a change in the machine's load
-    hits them alike; prints the medians and each probe method's median ratio to plain (quartiles)."""
+    hits them alike; prints the medians and each probe method's median ratio to plain (quartiles).
+    On a GPU when one is visible, else on the CPU."""
+    device = "cuda" if HAS_GPU else "cpu"
     for model_name in sorted(SETUPS):
-        times = interleaved_times({method: training_step(model_name, method) for method in METHODS}, rounds)
-        print(f"{model_name}: {SETUPS[model_name][2]}, k={K}, {rounds} interleaved rounds")
+        times = interleaved_times({method: training_step(model_name, method, device) for method in METHODS}, rounds)
+        print(f"{model_name}: {SETUPS[model_name][2]}, k={K}, {rounds} interleaved rounds on {device}")
         for method in METHODS:
             q1, median, q3 = ratio_quartiles(times[method], times["plain"])
             print(f"    {method:<14} {statistics.median(times[method]) * 1e3:9.1f} ms   {median:5.2f}x plain "

@@ -24,15 +24,15 @@ def run(benchmark, device, fn):
     benchmark.extra_info["calls_per_round"] = calls
 
 
-CASES = [(device, n, d, k) for device in DEVICES for n in (4096, 16384) for d in (256, 768, 1024)
-         for k in (1, 8, 64, 1024)]
+DTYPES = {"cpu": [torch.float32], "cuda": [torch.bfloat16, torch.float32]}  # the goals' dtypes per device
+CASES = [(device, dtype, n, d, k) for device in DEVICES for dtype in DTYPES[device] for n in (4096, 16384)
+         for d in (256, 768, 1024) for k in (1, 8, 64, 1024)]
 METHODS = ["mm", "mm+domain_grad_dots", "cpu", "cuda", "triton"]
 
 
-@pytest.mark.parametrize("device,n,d,k", CASES)
+@pytest.mark.parametrize("device,dtype,n,d,k", CASES, ids=lambda v: str(v).removeprefix("torch."))
 @pytest.mark.parametrize("method", METHODS)
-def test_weight_grad_dots(benchmark, device, n, d, k, method):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def test_weight_grad_dots(benchmark, device, dtype, n, d, k, method):
     benchmark.group = f"weight_grad_dots {device} {dtype} N={n} d={d} k={k}"
     x, grad_out = torch.randn(n, d, device=device, dtype=dtype), torch.randn(n, d, device=device, dtype=dtype)
     target = torch.randn(d, d, device=device, dtype=dtype)

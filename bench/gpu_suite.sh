@@ -52,7 +52,8 @@ stage_sanitize() {
 
 stage_bench-goals() {
     local status=0
-    "$PY" -m pytest bench -k "cuda and (b4096-64x64 or bench_alignment or bench_probe or streaming)" \
+    # the op against cuBLAS (bf16 and fp32), the probe around a step (bench_probe_fused) and the rest
+    "$PY" -m pytest bench -k "cuda and (b4096-64x64 or bench_alignment or bench_probe or streaming or (bench_weight_grad and not domain_grad_dots))" \
         --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds \
         --benchmark-json="$OUT/bench-goals.json" || status=1
     "$PY" bench/bench_mixing.py --pairs 15 > "$OUT/mixing.log" 2>&1 || status=1
@@ -62,7 +63,7 @@ stage_bench-goals() {
 }
 
 stage_bench-grid() {
-    "$PY" -m pytest bench -k "cuda and not (b4096-64x64 or bench_alignment or bench_probe or streaming)" \
+    "$PY" -m pytest bench -k "cuda and not (b4096-64x64 or bench_alignment or bench_probe or streaming or (bench_weight_grad and not domain_grad_dots))" \
         --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds \
         --benchmark-json="$OUT/bench-grid.json"
 }
