@@ -129,6 +129,22 @@ def test_crosses_every_tile_boundary(seed, device, backend, dtype, target_bias):
     assert_matches(got, explicit(x, grad_out, ids.cpu(), k, target, bias_target), dtype, bias=target_bias)
 
 
+# Many rows of a narrow layer, in segments under 128 rows (the C++ kernel, not at::mm): the CPU
+# kernel splits the rows between its threads, each with an output of its own, the boundary
+# inside a segment (csrc/kernels/weight_grad_cpu.cpp).
+TALL = {"full": (1000, 40, 30, 12), "interpreted": (100, 20, 10, 4)}  # (n, d_in, d_out, k)
+
+
+@pytest.mark.parametrize("device,backend", PARAMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tall_inputs_split_by_rows(seed, device, backend, dtype):
+    n, d_in, d_out, k = TALL["interpreted" if interpreted(backend) else "full"]
+    x, grad_out, target, target_bias = random_inputs((n,), d_in, d_out, dtype, device)
+    ids = rows_ids((n,), k, device)
+    got = ops.weight_grad_dots(x, grad_out, target, ids, k, target_bias=target_bias, bias=True, backend=backend)
+    assert_matches(got, explicit(x, grad_out, ids.cpu(), k, target, target_bias), dtype)
+
+
 @pytest.mark.parametrize("device,backend", PARAMS)
 def test_offsets_of_grouped_rows_and_rows_outside_them(seed, device, backend):
     """Rows before offsets[0] and after offsets[-1] count in the gradients, in no domain;

@@ -1,16 +1,17 @@
 // CPU kernel for weight_grad_dots (contract in weight_grad.h).
 //
 // A blocked GEMM, C = Gᵀ X with the row dimension N as the shared one. Each thread owns a
-// slice of the output rows and walks the rows kBlockRows at a time: the block's g (its slice)
-// and x are packed into panels of kMr and kNr columns (widened to the accumulation type), and
-// walked kL2Panels g panels at a time against each x panel, so the panels in use stay in L1/L2;
-// the output and the target are kept tile by tile, in the order the epilogues read them (a
-// row-major d_in = 1024 target put its tiles' rows 4 KiB apart, the same L1 sets). The
-// register tile of the micro-kernel starts from zero at every
-// segment boundary, so when a segment ends its piece of G_i is still in registers: it is
-// added to the output and dotted with the same tile of V there (the epilogue), and G_i never
-// reaches memory. On x86-64 (checked at run time) the float micro-kernel is written with
-// AVX-512 or AVX2+FMA intrinsics, accumulators that never spill; elsewhere, plain C++.
+// slice of the rows (small outputs: each thread its own output) or of the output rows, and
+// walks its rows kBlockRows at a time: the block's g (its slice of columns) and x are packed
+// into panels of kMr and kNr columns (widened to the accumulation type), and walked kL2Panels
+// g panels at a time against each x panel, so the panels in use stay in L1/L2; the output and
+// the target are kept tile by tile, in the order the epilogues read them (a row-major d_in =
+// 1024 target put its tiles' rows 4 KiB apart, the same L1 sets). The register tile of the
+// micro-kernel starts from zero at every segment boundary, so when a segment ends its piece of
+// G_i is still in registers: it is added to the output and dotted with the same tile of V
+// there (the epilogue), and G_i never reaches memory. On x86-64 (checked at run time) the
+// float micro-kernel is written with AVX-512 or AVX2+FMA intrinsics, accumulators that never
+// spill; elsewhere, plain C++.
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -29,9 +30,12 @@ constexpr int64_t kMr = 6;            // output rows (d_out) of a register tile
 constexpr int64_t kNr = 32;           // output columns (d_in) of a register tile
 constexpr int64_t kBlockRows = 256;   // rows walked at once: 16-32 KiB of an x panel in L1
 constexpr int64_t kL2Panels = 32;     // g panels (6 KiB each in a block) walked against each x panel
-// Below this many multiply-adds a call runs on one thread (waking the other costs more).
 constexpr int64_t kDotLanes = 16;     // lanes of a piece's dot, summed once per block and tile
+// Below this many multiply-adds a call runs on one thread (waking the other costs more).
 constexpr int64_t kParallelWork = int64_t(1) << 18;
+// Outputs of up to this many elements (512 KiB in float32) are computed by threads that split
+// the rows, each with an output of its own; larger ones by threads that split the output.
+constexpr int64_t kSplitRowsOutput = int64_t(1) << 17;
 
 int64_t round_up(int64_t value, int64_t step) { return (value + step - 1) / step * step; }
 
@@ -275,9 +279,7 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   const int64_t a_panels = out_rows / kMr, b_panels = ld / kNr, tile = kMr * kNr;
   auto tile_of = [&](int64_t o, int64_t i) { return ((i / kNr) * a_panels + o / kMr) * tile + (o % kMr) * kNr + i % kNr; };
   thread_local std::vector<Acc> out_buffer, target_buffer, pack_buffer;
-  Acc* out = scratch(out_buffer, out_rows * ld);
   Acc* v = scratch(target_buffer, out_rows * ld);
-  std::fill_n(out, out_rows * ld, Acc(0));
   std::fill_n(v, out_rows * ld, Acc(0));
   const auto* target_bytes = static_cast<const char*>(target);
   {
@@ -290,22 +292,32 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   }
   std::vector<Acc> bias_target(static_cast<size_t>(out_rows), Acc(0));
   if (target_bias) load_row<Acc>(dtype, static_cast<const char*>(target_bias), d_out, bias_target.data());
-  std::vector<Acc> bias_total(static_cast<size_t>(out_rows), Acc(0));
 
-  // Each thread owns a slice of the output rows (a_panels split evenly) and walks all rows a
-  // block at a time, packing (widened) its slice of g and all of x: a_pack[p][r][u] =
-  // g[n0 + r][(p0 + p) kMr + u], b_pack[q][r][j] = x[n0 + r][q kNr + j], zero past the edges,
-  // so each micro-kernel reads contiguous rows. The threads never wait for each other (x is
-  // packed once per thread): on a loaded machine a barrier per block stalled them all.
+  // The threads never wait for each other: on a loaded machine a barrier per block stalled them
+  // all. Each owns either a slice of the rows and all of the output, in an output of its own that
+  // is summed at the end (split_rows), or a slice of the output rows (a_panels split evenly) and
+  // all the rows; every thread packs the rows it walks. Splitting the rows packs each row once,
+  // splitting the output packs all of x in every thread but keeps one output: on 2 cores the
+  // first was 3-17% faster for outputs up to kSplitRowsOutput (widths 128-512), the second up
+  // to 7% faster for 768 x 768 and 1024 x 1024 ones at N <= 4·d_out (bench/RESULTS.md).
   const bool parallel = n_rows * d_in * d_out > kParallelWork;
-  const int threads = static_cast<int>(std::min<int64_t>(parallel ? max_threads() : 1, std::max<int64_t>(a_panels, 1)));
+  const bool split_rows = parallel && out_rows * ld <= kSplitRowsOutput;
+  const int threads = static_cast<int>(std::min<int64_t>(parallel ? max_threads() : 1,
+                                                         std::max<int64_t>(split_rows ? n_rows : a_panels, 1)));
+  const int outputs = split_rows ? threads : 1;
+  Acc* out = scratch(out_buffer, outputs * out_rows * ld);
+  std::fill_n(out, outputs * out_rows * ld, Acc(0));
   const int64_t block = std::min(kBlockRows, n_rows);
   const PiecesKernel<Acc> kernel = pieces_kernel<Acc>();
-  const int64_t slice = (a_panels + threads - 1) / std::max(threads, 1);
+  const int64_t slice = split_rows ? a_panels : (a_panels + threads - 1) / std::max(threads, 1);
+  // Per thread: a_pack[p][r][u] = g[n0 + r][(p0 + p) kMr + u] and b_pack[q][r][j] = x[n0 + r][q kNr + j]
+  // for a block of rows from n0, zero past the edges, so each micro-kernel reads contiguous rows;
+  // a row of x and g (widened) on the way.
   const int64_t per_thread = block * (slice * kMr + ld) + out_rows + ld;
   Acc* packs = scratch(pack_buffer, threads * per_thread);
   std::vector<double> local_dots(static_cast<size_t>(threads * num_segments), 0.0);
   const bool with_bias = grad_bias != nullptr || target_bias != nullptr;
+  std::vector<Acc> bias_totals(static_cast<size_t>(threads * out_rows), Acc(0));
   // Per thread: the pieces of the current block (at most block + 2) and their dots' lanes.
   std::vector<int64_t> piece_lists(static_cast<size_t>(threads * 2 * (block + 3)));
   std::vector<Acc> dot_lanes(static_cast<size_t>(threads * (block + 2) * kDotLanes), Acc(0));
@@ -313,19 +325,23 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     const auto t = static_cast<size_t>(thread_index());
-    const int64_t p0 = std::min(a_panels, static_cast<int64_t>(t) * slice);
-    const int64_t p1 = std::min(a_panels, p0 + slice);
+    const int64_t p0 = split_rows ? 0 : std::min(a_panels, static_cast<int64_t>(t) * slice);
+    const int64_t p1 = split_rows ? a_panels : std::min(a_panels, p0 + slice);
+    const int64_t r0 = split_rows ? n_rows * static_cast<int64_t>(t) / threads : 0;
+    const int64_t r1 = split_rows ? n_rows * static_cast<int64_t>(t + 1) / threads : n_rows;
+    Acc* my_out = out + (split_rows ? t * out_rows * ld : 0);
     Acc* a_pack = packs + t * per_thread;
     Acc* b_pack = a_pack + block * slice * kMr;
     Acc* row = b_pack + block * ld;
     double* my_dots = local_dots.data() + t * num_segments;
+    Acc* bias_total = bias_totals.data() + t * out_rows;
     int64_t* starts = piece_lists.data() + t * 2 * (block + 3);
     int64_t* piece_ids = starts + block + 3;
     Acc* piece_dots = dot_lanes.data() + t * (block + 2) * kDotLanes;
     std::fill_n(row, out_rows + ld, Acc(0));
     int64_t piece = 0;
-    for (int64_t n0 = 0; n0 < n_rows && p1 > p0; n0 += block) {
-      const int64_t n1 = std::min(n0 + block, n_rows), rows = n1 - n0;
+    for (int64_t n0 = r0; n0 < r1 && p1 > p0; n0 += block) {
+      const int64_t n1 = std::min(n0 + block, r1), rows = n1 - n0;
       for (int64_t r = 0; r < rows; ++r) {
         load_row<Acc>(dtype, x_bytes + (n0 + r) * d_in * size, d_in, row);
         for (int64_t q = 0; q < b_panels; ++q) {
@@ -370,7 +386,7 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
             const Acc* b_panel = b_pack + q * rows * kNr + column;
             for (int64_t p = chunk; p < std::min(p1, chunk + kL2Panels); ++p) {
               const int64_t offset = (q * a_panels + p) * tile + column;
-              kernel.run(a_pack + (p - p0) * rows * kMr, b_panel, starts, count, out + offset, v + offset,
+              kernel.run(a_pack + (p - p0) * rows * kMr, b_panel, starts, count, my_out + offset, v + offset,
                          kNr, piece_dots);
             }
           }
@@ -384,9 +400,21 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   }
 
   for (int64_t o = 0; o < d_out; ++o)
-    for (int64_t i = 0; i < d_in; i += kNr)
-      std::copy_n(out + tile_of(o, i), std::min(kNr, d_in - i), grad_weight + o * d_in + i);
-  if (grad_bias) std::copy_n(bias_total.begin(), d_out, grad_bias);
+    for (int64_t i = 0; i < d_in; i += kNr) {
+      Acc* dst = grad_weight + o * d_in + i;
+      const int64_t width = std::min(kNr, d_in - i);
+      std::copy_n(out + tile_of(o, i), width, dst);
+      for (int t = 1; t < outputs; ++t) {
+        const Acc* part = out + t * out_rows * ld + tile_of(o, i);
+        for (int64_t j = 0; j < width; ++j) dst[j] += part[j];
+      }
+    }
+  if (grad_bias)
+    for (int64_t o = 0; o < d_out; ++o) {
+      Acc total = 0;
+      for (int t = 0; t < threads; ++t) total += bias_totals[t * out_rows + o];
+      grad_bias[o] = total;
+    }
   for (int64_t i = 0; i < num_segments; ++i) {
     double total = 0;
     for (int t = 0; t < threads; ++t) total += local_dots[t * num_segments + i];
