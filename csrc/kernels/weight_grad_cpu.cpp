@@ -261,6 +261,22 @@ Acc* scratch(std::vector<Acc>& buffer, int64_t count) {
   return buffer.data();
 }
 
+// Row r of a block of `rows` rows, `count` elements, into `panels` panels of `width` columns:
+// dst[p][r][j] = src[p width + j], zero past count.
+template <typename Acc>
+FASTMIX_ALWAYS_INLINE void pack_row(const Acc* src, int64_t count, int64_t panels, int64_t width,
+                                    int64_t rows, int64_t r, Acc* dst) {
+  const int64_t whole = std::min(panels, count / width);
+  for (int64_t p = 0; p < whole; ++p) {
+    Acc* out = dst + (p * rows + r) * width;
+    for (int64_t j = 0; j < width; ++j) out[j] = src[p * width + j];
+  }
+  for (int64_t p = whole; p < panels; ++p) {
+    Acc* out = dst + (p * rows + r) * width;
+    for (int64_t j = 0; j < width; ++j) out[j] = p * width + j < count ? src[p * width + j] : Acc(0);
+  }
+}
+
 template <typename Acc>
 void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void* target,
                            const void* target_bias, int64_t n_rows, int64_t d_in, int64_t d_out,
@@ -339,22 +355,24 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
     int64_t* piece_ids = starts + block + 3;
     Acc* piece_dots = dot_lanes.data() + t * (block + 2) * kDotLanes;
     std::fill_n(row, out_rows + ld, Acc(0));
+    const bool direct = size == static_cast<int64_t>(sizeof(Acc));  // the input is of the accumulation type
     int64_t piece = 0;
     for (int64_t n0 = r0; n0 < r1 && p1 > p0; n0 += block) {
       const int64_t n1 = std::min(n0 + block, r1), rows = n1 - n0;
+      const int64_t cols = std::min(d_out, p1 * kMr) - p0 * kMr;  // this slice's columns of g
       for (int64_t r = 0; r < rows; ++r) {
-        load_row<Acc>(dtype, x_bytes + (n0 + r) * d_in * size, d_in, row);
-        for (int64_t q = 0; q < b_panels; ++q) {
-          Acc* dst = b_pack + (q * rows + r) * kNr;
-          for (int64_t j = 0; j < kNr; ++j) dst[j] = row[q * kNr + j];  // fixed size: no memmove call
+        const char* x_src = x_bytes + (n0 + r) * d_in * size;
+        const char* g_src = g_bytes + ((n0 + r) * d_out + p0 * kMr) * size;
+        if (direct) {  // packed straight from the input, the last panels' tails zero
+          pack_row(reinterpret_cast<const Acc*>(x_src), d_in, b_panels, kNr, rows, r, b_pack);
+          pack_row(reinterpret_cast<const Acc*>(g_src), cols, p1 - p0, kMr, rows, r, a_pack);
+          continue;
         }
-        const int64_t cols = std::min(d_out, p1 * kMr) - p0 * kMr;  // this slice's columns of g
-        load_row<Acc>(dtype, g_bytes + ((n0 + r) * d_out + p0 * kMr) * size, cols, row + ld);
+        load_row<Acc>(dtype, x_src, d_in, row);  // widened into a zero-padded row first
+        pack_row(row, ld, b_panels, kNr, rows, r, b_pack);
+        load_row<Acc>(dtype, g_src, cols, row + ld);
         std::fill_n(row + ld + cols, (p1 - p0) * kMr - cols, Acc(0));
-        for (int64_t p = 0; p < p1 - p0; ++p) {
-          Acc* dst = a_pack + (p * rows + r) * kMr;
-          for (int64_t u = 0; u < kMr; ++u) dst[u] = row[ld + p * kMr + u];
-        }
+        pack_row(row + ld, (p1 - p0) * kMr, p1 - p0, kMr, rows, r, a_pack);
       }
       while (bounds[piece + 1] <= n0) ++piece;  // the piece holding row n0
       // The block's non-empty pieces: rows [starts[i], starts[i + 1]) of it are piece piece_ids[i].
