@@ -295,17 +295,8 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   const int64_t a_panels = out_rows / kMr, b_panels = ld / kNr, tile = kMr * kNr;
   auto tile_of = [&](int64_t o, int64_t i) { return ((i / kNr) * a_panels + o / kMr) * tile + (o % kMr) * kNr + i % kNr; };
   thread_local std::vector<Acc> out_buffer, target_buffer, pack_buffer;
-  Acc* v = scratch(target_buffer, out_rows * ld);
-  std::fill_n(v, out_rows * ld, Acc(0));
+  Acc* v = scratch(target_buffer, out_rows * ld);  // written by the threads, below
   const auto* target_bytes = static_cast<const char*>(target);
-  {
-    std::vector<Acc> target_row(static_cast<size_t>(d_in));
-    for (int64_t o = 0; o < d_out; ++o) {
-      load_row<Acc>(dtype, target_bytes + o * d_in * size, d_in, target_row.data());
-      for (int64_t i = 0; i < d_in; i += kNr)
-        std::copy_n(target_row.data() + i, std::min(kNr, d_in - i), v + tile_of(o, i));
-    }
-  }
   std::vector<Acc> bias_target(static_cast<size_t>(out_rows), Acc(0));
   if (target_bias) load_row<Acc>(dtype, static_cast<const char*>(target_bias), d_out, bias_target.data());
 
@@ -321,8 +312,7 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   const int threads = static_cast<int>(std::min<int64_t>(parallel ? max_threads() : 1,
                                                          std::max<int64_t>(split_rows ? n_rows : a_panels, 1)));
   const int outputs = split_rows ? threads : 1;
-  Acc* out = scratch(out_buffer, outputs * out_rows * ld);
-  std::fill_n(out, outputs * out_rows * ld, Acc(0));
+  Acc* out = scratch(out_buffer, outputs * out_rows * ld);  // zeroed by the threads, below
   const int64_t block = std::min(kBlockRows, n_rows);
   const PiecesKernel<Acc> kernel = pieces_kernel<Acc>();
   const int64_t slice = split_rows ? a_panels : (a_panels + threads - 1) / std::max(threads, 1);
@@ -356,6 +346,20 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
     Acc* piece_dots = dot_lanes.data() + t * (block + 2) * kDotLanes;
     std::fill_n(row, out_rows + ld, Acc(0));
     const bool direct = size == static_cast<int64_t>(sizeof(Acc));  // the input is of the accumulation type
+    // The target's tiles, zero in the padding (its rows split between the threads; all done
+    // before any thread starts on the rows), and this thread's part of the output, zeroed.
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < out_rows; ++o)
+      for (int64_t i = 0; i < ld; i += kNr) {
+        Acc* dst = v + tile_of(o, i);
+        const int64_t width = o < d_out ? std::min(kNr, d_in - i) : 0;
+        if (width) load_row<Acc>(dtype, target_bytes + (o * d_in + i) * size, width, dst);
+        std::fill_n(dst + width, kNr - width, Acc(0));
+      }
+    if (split_rows)
+      std::fill_n(my_out, out_rows * ld, Acc(0));
+    else
+      for (int64_t q = 0; q < b_panels; ++q) std::fill_n(out + (q * a_panels + p0) * tile, (p1 - p0) * tile, Acc(0));
     int64_t piece = 0;
     for (int64_t n0 = r0; n0 < r1 && p1 > p0; n0 += block) {
       const int64_t n1 = std::min(n0 + block, r1), rows = n1 - n0;
@@ -415,18 +419,21 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
         if (piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
       }
     }
+    // grad_weight from the tiles (the threads' outputs summed), its rows split between the threads
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < d_out; ++o)
+      for (int64_t i = 0; i < d_in; i += kNr) {
+        Acc* dst = grad_weight + o * d_in + i;
+        const int64_t width = std::min(kNr, d_in - i);
+        std::copy_n(out + tile_of(o, i), width, dst);
+        for (int other = 1; other < outputs; ++other) {
+          const Acc* part = out + other * out_rows * ld + tile_of(o, i);
+          for (int64_t j = 0; j < width; ++j) dst[j] += part[j];
+        }
+      }
   }
 
-  for (int64_t o = 0; o < d_out; ++o)
-    for (int64_t i = 0; i < d_in; i += kNr) {
-      Acc* dst = grad_weight + o * d_in + i;
-      const int64_t width = std::min(kNr, d_in - i);
-      std::copy_n(out + tile_of(o, i), width, dst);
-      for (int t = 1; t < outputs; ++t) {
-        const Acc* part = out + t * out_rows * ld + tile_of(o, i);
-        for (int64_t j = 0; j < width; ++j) dst[j] += part[j];
-      }
-    }
   if (grad_bias)
     for (int64_t o = 0; o < d_out; ++o) {
       Acc total = 0;
