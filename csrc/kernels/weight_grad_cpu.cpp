@@ -261,6 +261,27 @@ Acc* scratch(std::vector<Acc>& buffer, int64_t count) {
   return buffer.data();
 }
 
+// total[c] += row[c] for c < count; returns Σ_c row[c]·b[c], kept in lanes (vectorized without
+// reassociating).
+template <typename Acc>
+FASTMIX_ALWAYS_INLINE Acc add_row_and_dot(const Acc* __restrict row, int64_t count, Acc* __restrict total,
+                                          const Acc* __restrict b) {
+  Acc lanes[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= count; c += 8)
+    for (int64_t lane = 0; lane < 8; ++lane) {
+      total[c + lane] += row[c + lane];
+      lanes[lane] += row[c + lane] * b[c + lane];
+    }
+  Acc dot = 0;
+  for (; c < count; ++c) {
+    total[c] += row[c];
+    dot += row[c] * b[c];
+  }
+  for (const Acc lane : lanes) dot += lane;
+  return dot;
+}
+
 // Row r of a block of `rows` rows, `count` elements, into `panels` panels of `width` columns:
 // dst[p][r][j] = src[p width + j], zero past count.
 template <typename Acc>
@@ -364,20 +385,6 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
     for (int64_t n0 = r0; n0 < r1 && p1 > p0; n0 += block) {
       const int64_t n1 = std::min(n0 + block, r1), rows = n1 - n0;
       const int64_t cols = std::min(d_out, p1 * kMr) - p0 * kMr;  // this slice's columns of g
-      for (int64_t r = 0; r < rows; ++r) {
-        const char* x_src = x_bytes + (n0 + r) * d_in * size;
-        const char* g_src = g_bytes + ((n0 + r) * d_out + p0 * kMr) * size;
-        if (direct) {  // packed straight from the input, the last panels' tails zero
-          pack_row(reinterpret_cast<const Acc*>(x_src), d_in, b_panels, kNr, rows, r, b_pack);
-          pack_row(reinterpret_cast<const Acc*>(g_src), cols, p1 - p0, kMr, rows, r, a_pack);
-          continue;
-        }
-        load_row<Acc>(dtype, x_src, d_in, row);  // widened into a zero-padded row first
-        pack_row(row, ld, b_panels, kNr, rows, r, b_pack);
-        load_row<Acc>(dtype, g_src, cols, row + ld);
-        std::fill_n(row + ld + cols, (p1 - p0) * kMr - cols, Acc(0));
-        pack_row(row + ld, (p1 - p0) * kMr, p1 - p0, kMr, rows, r, a_pack);
-      }
       while (bounds[piece + 1] <= n0) ++piece;  // the piece holding row n0
       // The block's non-empty pieces: rows [starts[i], starts[i + 1]) of it are piece piece_ids[i].
       int64_t count = 0;
@@ -388,16 +395,24 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
         piece_ids[count] = j;
         starts[++count] = hi;
       }
-      if (with_bias) {  // the bias of this slice: column sums of g per piece, and their dots
-        for (int64_t i = 0; i < count; ++i) {
-          Acc dot = 0;
-          for (int64_t p = 0; p < p1 - p0; ++p)
-            for (int64_t u = 0; u < kMr; ++u) {
-              Acc sum = 0;
-              for (int64_t r = starts[i]; r < starts[i + 1]; ++r) sum += a_pack[(p * rows + r) * kMr + u];
-              bias_total[(p0 + p) * kMr + u] += sum;
-              dot += sum * bias_target[(p0 + p) * kMr + u];
-            }
+      for (int64_t r = 0, i = 0; r < rows; ++r) {
+        const char* x_src = x_bytes + (n0 + r) * d_in * size;
+        const char* g_src = g_bytes + ((n0 + r) * d_out + p0 * kMr) * size;
+        const Acc* g_row = row + ld;
+        if (direct) {  // packed straight from the input, the last panels' tails zero
+          g_row = reinterpret_cast<const Acc*>(g_src);
+          pack_row(reinterpret_cast<const Acc*>(x_src), d_in, b_panels, kNr, rows, r, b_pack);
+          pack_row(g_row, cols, p1 - p0, kMr, rows, r, a_pack);
+        } else {  // widened into zero-padded rows first
+          load_row<Acc>(dtype, x_src, d_in, row);
+          pack_row(row, ld, b_panels, kNr, rows, r, b_pack);
+          load_row<Acc>(dtype, g_src, cols, row + ld);
+          std::fill_n(row + ld + cols, (p1 - p0) * kMr - cols, Acc(0));
+          pack_row(row + ld, (p1 - p0) * kMr, p1 - p0, kMr, rows, r, a_pack);
+        }
+        if (with_bias) {  // this slice of the bias gradient, and the row's dot with the target's bias
+          while (r >= starts[i + 1]) ++i;
+          const Acc dot = add_row_and_dot(g_row, cols, bias_total + p0 * kMr, bias_target.data() + p0 * kMr);
           if (target_bias && piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
         }
       }
