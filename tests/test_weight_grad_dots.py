@@ -163,17 +163,20 @@ def test_offsets_of_grouped_rows_and_rows_outside_them(seed, device, backend):
 
 # Segments of many rows next to runs of few: the CPU binding forms the large ones' pieces with
 # at::mm (from 128 rows, csrc/torch/weight_grad.cpp) and sends the runs to the raw kernel. The
-# rows outside the segments are a small run before them and a large piece after them.
+# rows outside the segments are a small run before them and a large piece after them. Ten large
+# segments in a row: the first written straight into grad_weight, the others added to it.
 MIXED_OFFSETS = [7, 307, 310, 310, 331, 631, 640, 1000]
+LARGE_OFFSETS = list(range(0, 1281, 128))
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("target_bias", [True, False], ids=["bias-target", "no-bias-target"])
-@pytest.mark.parametrize("offsets", [MIXED_OFFSETS, [0, 300], [140, 290]], ids=["mixed", "one", "outside"])
+@pytest.mark.parametrize("offsets", [MIXED_OFFSETS, [0, 300], [140, 290], LARGE_OFFSETS],
+                         ids=["mixed", "one", "outside", "large"])
 def test_large_and_small_segments(seed, device, backend, dtype, target_bias, offsets):
     scale = 10 if interpreted(backend) else 1  # the same layout in a tenth of the rows: the split is the CPU binding's
-    n, d_in, d_out = 1200 // scale, 70, 40
+    n, d_in, d_out = 1400 // scale, 70, 40
     x, grad_out, target, bias_target = random_inputs((n,), d_in, d_out, dtype, device)
     bias_target = bias_target if target_bias else None
     offsets = torch.tensor(offsets, device=device) // scale
