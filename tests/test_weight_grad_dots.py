@@ -110,7 +110,7 @@ def test_matches_the_explicit_gradients(seed, device, backend, dtype, shape, d_i
 
 
 # Sizes that cross every tile boundary with ragged tails: the C++ kernel's 6 x 32 register
-# tiles, 96-row thread tiles and 256-row blocks (csrc/kernels/weight_grad_cpu.cpp), the CUDA
+# tiles and 256-row blocks (csrc/kernels/weight_grad_cpu.cpp), the CUDA
 # kernel's 64-wide tiles and 16-row slices, Triton's GPU tiles (up to 128, 64 rows deep);
 # under the interpreter Triton runs 16-wide blocks, which the smaller sizes cross as often.
 CROSSING = {"full": (600, 70, 200, 9), "interpreted": (60, 40, 35, 4)}  # (n, d_in, d_out, k)
@@ -129,16 +129,22 @@ def test_crosses_every_tile_boundary(seed, device, backend, dtype, target_bias):
     assert_matches(got, explicit(x, grad_out, ids.cpu(), k, target, bias_target), dtype, bias=target_bias)
 
 
-# Many rows of a narrow layer, in segments under 128 rows (the C++ kernel, not at::mm): the CPU
-# kernel splits the rows between its threads, each with an output of its own, the boundary
-# inside a segment (csrc/kernels/weight_grad_cpu.cpp).
-TALL = {"full": (1000, 40, 30, 12), "interpreted": (100, 20, 10, 4)}  # (n, d_in, d_out, k)
+# The CPU kernel's two ways of splitting the work between its threads (csrc/kernels/
+# weight_grad_cpu.cpp), in segments under 128 rows (the kernel, not at::mm): many rows of a
+# narrow layer split by rows, each thread with an output of its own, a boundary inside a
+# segment; a wide layer (more than 2^17 output elements) split by output rows, each thread
+# with a slice of the bias and of the dots' columns.
+THREAD_SPLITS = {  # (n, d_in, d_out, k): full size, under the Triton interpreter
+    "rows": {"full": (1000, 40, 30, 12), "interpreted": (100, 20, 10, 4)},
+    "output": {"full": (300, 400, 350, 6), "interpreted": (40, 30, 20, 3)},
+}
 
 
 @pytest.mark.parametrize("device,backend", PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tall_inputs_split_by_rows(seed, device, backend, dtype):
-    n, d_in, d_out, k = TALL["interpreted" if interpreted(backend) else "full"]
+@pytest.mark.parametrize("split", sorted(THREAD_SPLITS))
+def test_both_thread_splits(seed, device, backend, dtype, split):
+    n, d_in, d_out, k = THREAD_SPLITS[split]["interpreted" if interpreted(backend) else "full"]
     x, grad_out, target, target_bias = random_inputs((n,), d_in, d_out, dtype, device)
     ids = rows_ids((n,), k, device)
     got = ops.weight_grad_dots(x, grad_out, target, ids, k, target_bias=target_bias, bias=True, backend=backend)

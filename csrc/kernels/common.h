@@ -45,6 +45,16 @@ inline int thread_index() {
 #endif
 }
 
+// The threads of the current region's team (1 outside a region or without OpenMP): it may be
+// fewer than asked for.
+inline int team_size() {
+#if defined(_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 // Element type of the floating-point inputs. Results are float32 for f32/bf16/f16
 // inputs and float64 for f64 inputs; accumulation is float32 or wider.
 enum class DType : int { f32 = 0, f64 = 1, bf16 = 2, f16 = 3 };

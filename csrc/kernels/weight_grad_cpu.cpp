@@ -321,17 +321,21 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
   std::vector<Acc> bias_target(static_cast<size_t>(out_rows), Acc(0));
   if (target_bias) load_row<Acc>(dtype, static_cast<const char*>(target_bias), d_out, bias_target.data());
 
-  // The threads never wait for each other: on a loaded machine a barrier per block stalled them
-  // all. Each owns either a slice of the rows and all of the output, in an output of its own that
-  // is summed at the end (split_rows), or a slice of the output rows (a_panels split evenly) and
-  // all the rows; every thread packs the rows it walks. Splitting the rows packs each row once,
-  // splitting the output packs all of x in every thread but keeps one output: on 2 cores the
-  // first was 3-17% faster for outputs up to kSplitRowsOutput (widths 128-512), the second up
-  // to 7% faster for 768 x 768 and 1024 x 1024 ones at N <= 4·d_out (bench/RESULTS.md).
+  // No barrier per block (on a loaded machine one stalled every thread): one after the target's
+  // tiles and one before the copy out. Each thread owns either a slice of the rows and all of
+  // the output, in an output of its own that is summed at the end (split_rows), or a slice of
+  // the output rows (a_panels split evenly) and all the rows; every thread packs the rows it
+  // walks. Splitting the rows packs each row once, splitting the output packs all of x in every
+  // thread but keeps one output: on 2 cores the first was 3-17% faster for outputs up to
+  // kSplitRowsOutput (widths 128-512), the second up to 7% faster for 768 x 768 and 1024 x 1024
+  // ones at N <= 4·d_out (bench/RESULTS.md).
   const bool parallel = n_rows * d_in * d_out > kParallelWork;
   const bool split_rows = parallel && out_rows * ld <= kSplitRowsOutput;
-  const int threads = static_cast<int>(std::min<int64_t>(parallel ? max_threads() : 1,
-                                                         std::max<int64_t>(split_rows ? n_rows : a_panels, 1)));
+  // Threads: at most one per kParallelWork multiply-adds (each has an output or a slice to zero
+  // and sum), per row or per output panel.
+  const int64_t work_threads = std::max<int64_t>(n_rows * d_in * d_out / kParallelWork, 1);
+  const int threads = static_cast<int>(std::min({static_cast<int64_t>(parallel ? max_threads() : 1), work_threads,
+                                                std::max<int64_t>(split_rows ? n_rows : a_panels, 1)}));
   const int outputs = split_rows ? threads : 1;
   Acc* out = scratch(out_buffer, outputs * out_rows * ld);  // zeroed by the threads, below
   const int64_t block = std::min(kBlockRows, n_rows);
@@ -351,24 +355,9 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    const auto t = static_cast<size_t>(thread_index());
-    const int64_t p0 = split_rows ? 0 : std::min(a_panels, static_cast<int64_t>(t) * slice);
-    const int64_t p1 = split_rows ? a_panels : std::min(a_panels, p0 + slice);
-    const int64_t r0 = split_rows ? n_rows * static_cast<int64_t>(t) / threads : 0;
-    const int64_t r1 = split_rows ? n_rows * static_cast<int64_t>(t + 1) / threads : n_rows;
-    Acc* my_out = out + (split_rows ? t * out_rows * ld : 0);
-    Acc* a_pack = packs + t * per_thread;
-    Acc* b_pack = a_pack + block * slice * kMr;
-    Acc* row = b_pack + block * ld;
-    double* my_dots = local_dots.data() + t * num_segments;
-    Acc* bias_total = bias_totals.data() + t * out_rows;
-    int64_t* starts = piece_lists.data() + t * 2 * (block + 3);
-    int64_t* piece_ids = starts + block + 3;
-    Acc* piece_dots = dot_lanes.data() + t * (block + 2) * kDotLanes;
-    std::fill_n(row, out_rows + ld, Acc(0));
     const bool direct = size == static_cast<int64_t>(sizeof(Acc));  // the input is of the accumulation type
     // The target's tiles, zero in the padding (its rows split between the threads; all done
-    // before any thread starts on the rows), and this thread's part of the output, zeroed.
+    // before any thread starts on the rows).
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < out_rows; ++o)
       for (int64_t i = 0; i < ld; i += kNr) {
@@ -377,61 +366,79 @@ void weight_grad_dots_impl(DType dtype, const void* x, const void* g, const void
         if (width) load_row<Acc>(dtype, target_bytes + (o * d_in + i) * size, width, dst);
         std::fill_n(dst + width, kNr - width, Acc(0));
       }
-    if (split_rows)
-      std::fill_n(my_out, out_rows * ld, Acc(0));
-    else
-      for (int64_t q = 0; q < b_panels; ++q) std::fill_n(out + (q * a_panels + p0) * tile, (p1 - p0) * tile, Acc(0));
-    int64_t piece = 0;
-    for (int64_t n0 = r0; n0 < r1 && p1 > p0; n0 += block) {
-      const int64_t n1 = std::min(n0 + block, r1), rows = n1 - n0;
-      const int64_t cols = std::min(d_out, p1 * kMr) - p0 * kMr;  // this slice's columns of g
-      while (bounds[piece + 1] <= n0) ++piece;  // the piece holding row n0
-      // The block's non-empty pieces: rows [starts[i], starts[i + 1]) of it are piece piece_ids[i].
-      int64_t count = 0;
-      starts[0] = 0;
-      for (int64_t j = piece; j < n_pieces && bounds[j] < n1; ++j) {
-        const int64_t hi = std::min(bounds[j + 1], n1) - n0;
-        if (hi <= starts[count]) continue;
-        piece_ids[count] = j;
-        starts[++count] = hi;
-      }
-      for (int64_t r = 0, i = 0; r < rows; ++r) {
-        const char* x_src = x_bytes + (n0 + r) * d_in * size;
-        const char* g_src = g_bytes + ((n0 + r) * d_out + p0 * kMr) * size;
-        const Acc* g_row = row + ld;
-        if (direct) {  // packed straight from the input, the last panels' tails zero
-          g_row = reinterpret_cast<const Acc*>(g_src);
-          pack_row(reinterpret_cast<const Acc*>(x_src), d_in, b_panels, kNr, rows, r, b_pack);
-          pack_row(g_row, cols, p1 - p0, kMr, rows, r, a_pack);
-        } else {  // widened into zero-padded rows first
-          load_row<Acc>(dtype, x_src, d_in, row);
-          pack_row(row, ld, b_panels, kNr, rows, r, b_pack);
-          load_row<Acc>(dtype, g_src, cols, row + ld);
-          std::fill_n(row + ld + cols, (p1 - p0) * kMr - cols, Acc(0));
-          pack_row(row + ld, (p1 - p0) * kMr, p1 - p0, kMr, rows, r, a_pack);
+    // Part t (of the rows, or of the output rows) is walked by one thread; a team smaller than
+    // asked for (a nested region, OMP_DYNAMIC) walks the parts in turn.
+    for (int64_t t = thread_index(); t < threads; t += team_size()) {
+      const int64_t p0 = split_rows ? 0 : std::min(a_panels, t * slice);
+      const int64_t p1 = split_rows ? a_panels : std::min(a_panels, p0 + slice);
+      const int64_t r0 = split_rows ? n_rows * t / threads : 0;
+      const int64_t r1 = split_rows ? n_rows * (t + 1) / threads : n_rows;
+      Acc* my_out = out + (split_rows ? t * out_rows * ld : 0);
+      Acc* a_pack = packs + t * per_thread;
+      Acc* b_pack = a_pack + block * slice * kMr;
+      Acc* row = b_pack + block * ld;
+      double* my_dots = local_dots.data() + t * num_segments;
+      Acc* bias_total = bias_totals.data() + t * out_rows;
+      int64_t* starts = piece_lists.data() + t * 2 * (block + 3);
+      int64_t* piece_ids = starts + block + 3;
+      Acc* piece_dots = dot_lanes.data() + t * (block + 2) * kDotLanes;
+      std::fill_n(row, out_rows + ld, Acc(0));
+      if (split_rows)  // this part's output, zeroed
+        std::fill_n(my_out, out_rows * ld, Acc(0));
+      else
+        for (int64_t q = 0; q < b_panels; ++q) std::fill_n(out + (q * a_panels + p0) * tile, (p1 - p0) * tile, Acc(0));
+      int64_t piece = 0;
+      for (int64_t n0 = r0; n0 < r1 && p1 > p0; n0 += block) {
+        const int64_t n1 = std::min(n0 + block, r1), rows = n1 - n0;
+        const int64_t cols = std::min(d_out, p1 * kMr) - p0 * kMr;  // this slice's columns of g
+        while (bounds[piece + 1] <= n0) ++piece;  // the piece holding row n0
+        // The block's non-empty pieces: rows [starts[i], starts[i + 1]) of it are piece piece_ids[i].
+        int64_t count = 0;
+        starts[0] = 0;
+        for (int64_t j = piece; j < n_pieces && bounds[j] < n1; ++j) {
+          const int64_t hi = std::min(bounds[j + 1], n1) - n0;
+          if (hi <= starts[count]) continue;
+          piece_ids[count] = j;
+          starts[++count] = hi;
         }
-        if (with_bias) {  // this slice of the bias gradient, and the row's dot with the target's bias
-          while (r >= starts[i + 1]) ++i;
-          const Acc dot = add_row_and_dot(g_row, cols, bias_total + p0 * kMr, bias_target.data() + p0 * kMr);
-          if (target_bias && piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
-        }
-      }
-      // kL2Panels of g's panels at a time (they stay in L2), against each part of x's panels.
-      for (int64_t chunk = p0; chunk < p1; chunk += kL2Panels)
-        for (int64_t q = 0; q < b_panels; ++q)
-          for (int64_t column = 0; column < kNr; column += kernel.width) {
-            const Acc* b_panel = b_pack + q * rows * kNr + column;
-            for (int64_t p = chunk; p < std::min(p1, chunk + kL2Panels); ++p) {
-              const int64_t offset = (q * a_panels + p) * tile + column;
-              kernel.run(a_pack + (p - p0) * rows * kMr, b_panel, starts, count, my_out + offset, v + offset,
-                         kNr, piece_dots);
-            }
+        for (int64_t r = 0, i = 0; r < rows; ++r) {
+          const char* x_src = x_bytes + (n0 + r) * d_in * size;
+          const char* g_src = g_bytes + ((n0 + r) * d_out + p0 * kMr) * size;
+          const Acc* g_row = row + ld;
+          if (direct) {  // packed straight from the input, the last panels' tails zero
+            g_row = reinterpret_cast<const Acc*>(g_src);
+            pack_row(reinterpret_cast<const Acc*>(x_src), d_in, b_panels, kNr, rows, r, b_pack);
+            pack_row(g_row, cols, p1 - p0, kMr, rows, r, a_pack);
+          } else {  // widened into zero-padded rows first
+            load_row<Acc>(dtype, x_src, d_in, row);
+            pack_row(row, ld, b_panels, kNr, rows, r, b_pack);
+            load_row<Acc>(dtype, g_src, cols, row + ld);
+            std::fill_n(row + ld + cols, (p1 - p0) * kMr - cols, Acc(0));
+            pack_row(row + ld, (p1 - p0) * kMr, p1 - p0, kMr, rows, r, a_pack);
           }
-      for (int64_t i = 0; i < count; ++i) {
-        Acc dot = 0;
-        for (int64_t lane = 0; lane < kDotLanes; ++lane) dot += piece_dots[i * kDotLanes + lane];
-        std::fill_n(piece_dots + i * kDotLanes, kDotLanes, Acc(0));
-        if (piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
+          if (with_bias) {  // this slice of the bias gradient, and the row's dot with the target's bias
+            while (r >= starts[i + 1]) ++i;
+            const Acc dot = add_row_and_dot(g_row, cols, bias_total + p0 * kMr, bias_target.data() + p0 * kMr);
+            if (target_bias && piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
+          }
+        }
+        // kL2Panels of g's panels at a time (they stay in L2), against each part of x's panels.
+        for (int64_t chunk = p0; chunk < p1; chunk += kL2Panels)
+          for (int64_t q = 0; q < b_panels; ++q)
+            for (int64_t column = 0; column < kNr; column += kernel.width) {
+              const Acc* b_panel = b_pack + q * rows * kNr + column;
+              for (int64_t p = chunk; p < std::min(p1, chunk + kL2Panels); ++p) {
+                const int64_t offset = (q * a_panels + p) * tile + column;
+                kernel.run(a_pack + (p - p0) * rows * kMr, b_panel, starts, count, my_out + offset, v + offset,
+                           kNr, piece_dots);
+              }
+            }
+        for (int64_t i = 0; i < count; ++i) {
+          Acc dot = 0;
+          for (int64_t lane = 0; lane < kDotLanes; ++lane) dot += piece_dots[i * kDotLanes + lane];
+          std::fill_n(piece_dots + i * kDotLanes, kDotLanes, Acc(0));
+          if (piece_ids[i] >= 1 && piece_ids[i] <= num_segments) my_dots[piece_ids[i] - 1] += dot;
+        }
       }
     }
     // grad_weight from the tiles (the threads' outputs summed), its rows split between the threads
