@@ -111,9 +111,10 @@ def test_exact_vs_stratified_in_k(benchmark, stores, k, mode, device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU goal's model: minutes a step on a CPU")
+@pytest.mark.parametrize("device", ["cuda"])
 @pytest.mark.parametrize("mode", ["plain", "inline"])
-def test_inline_on_a_12_layer_gpt(benchmark, stores, mode):
-    _bench(benchmark, stores, 10, 1, mode, "cuda", "gpt12x768")
+def test_inline_on_a_12_layer_gpt(benchmark, stores, mode, device):
+    _bench(benchmark, stores, 10, 1, mode, device, "gpt12x768")
 
 
 def interleaved(pairs=15):

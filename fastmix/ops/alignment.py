@@ -164,8 +164,8 @@ FUSED_BLAS_SEGMENT_COST = 32
 def fused_extra_cost(n_rows, num_segments, d_in, d_out, device_type="cpu"):
     """Multiply-adds weight_grad_dots costs beyond the weight-gradient GEMM of the backward, for
     segments of n_rows / num_segments rows: on the CPU with segments of FUSED_BLAS_ROWS or more,
-    a pass per segment; else its slower GEMM and the epilogue per domain. Plus the grouping
-    permutation's copy of the rows."""
+    a pass per segment; else its slower GEMM and the epilogue per domain. Plus a copy of the
+    rows (the grouping permutation's, where one is needed)."""
     weights = d_in * d_out
     if device_type == "cpu" and num_segments > 0 and n_rows >= FUSED_BLAS_ROWS * num_segments:
         extra = FUSED_BLAS_SEGMENT_COST * num_segments
@@ -293,10 +293,11 @@ class RowGrouping(NamedTuple):
         return t if self.order is None else t.index_select(0, self.order)  # 3-7x faster than t[order] on the CPU
 
     def domain_dots(self, piece_dots, num_segments):
-        """The (num_segments,) dots of the domains from those of the pieces."""
+        """The (num_segments,) dots of the domains from those of the pieces, in their dtype (the
+        pieces summed in float64)."""
         if self.piece_domains is None:
             return piece_dots
-        return reference.segment_sum(piece_dots, self.piece_domains, num_segments)
+        return reference.segment_sum(piece_dots.to(torch.float64), self.piece_domains, num_segments).to(piece_dots.dtype)
 
 
 def row_grouping(segment_ids, num_segments):
@@ -305,6 +306,9 @@ def row_grouping(segment_ids, num_segments):
     RUN_ROWS rows or more on average (one id per sequence of that many tokens: each run is a
     piece, scored in place); else one permutation (group_rows). Looks at the ids on the host
     (a sync on GPUs)."""
+    check_segment_ids(segment_ids, num_segments, validate_ids=False)
+    if segment_ids.dim() != 1:
+        raise ValueError(f"segment_ids must be flat (one id per row), got shape {tuple(segment_ids.shape)}")
     n_rows = segment_ids.numel()
     key = _padding_last(segment_ids, num_segments)
     if n_rows > 1 and not bool((key[1:] >= key[:-1]).all()):

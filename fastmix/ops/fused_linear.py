@@ -78,7 +78,7 @@ class DomainDots:
     def add_pieces(self, piece_dots, grouping):
         """Adds one backward's dots, given per piece of its RowGrouping (called by
         fused_linear's backward)."""
-        dots = grouping.domain_dots(piece_dots, self.num_segments).to(torch.float64)
+        dots = grouping.domain_dots(piece_dots.to(torch.float64), self.num_segments)
         self._sum = dots if self._sum is None else self._sum + dots
 
     def grouping(self, leading_shape):
