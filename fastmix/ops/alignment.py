@@ -154,9 +154,10 @@ def ghost_is_cheaper(n_rows, n_target_rows, d_in, d_out, target_formed=False):
 # 2048 or k = 1). Smaller segments run the op's own kernel: its GEMM costs FUSED_GEMM_OVERHEAD
 # GEMMs more (0.25 on the CPU, 1.1-1.3x torch.mm at 64 rows; GPU: not measured, no device was
 # lent, 0.1 assumes the Triton kernel within 10% of cuBLAS), and each domain boundary about
-# FUSED_EPILOGUE_COST multiply-adds per weight entry (1.8-2.0x torch.mm at 4 rows per domain).
+# FUSED_EPILOGUE_COST multiply-adds per weight entry (1.8-2.0x torch.mm at 4 rows per domain,
+# nearer 3; kept at 5, which leaves domains of 6 rows or fewer to the current form).
 FUSED_GEMM_OVERHEAD = {"cpu": 0.25, "cuda": 0.1}
-FUSED_EPILOGUE_COST = 3
+FUSED_EPILOGUE_COST = 5
 FUSED_BLAS_ROWS = 128
 FUSED_BLAS_SEGMENT_COST = 32
 

@@ -6,7 +6,7 @@ and the current form's extra GEMM-sized product (rowwise_bilinear) is not run.
 `AlignmentProbe(fused=...)` says where:
 - "auto" (the default): where the cost model says it is cheaper, call by call
   (fastmix.ops.alignment.fused_is_cheaper: fused_extra_cost against the current form's product).
-  On a CPU that is domains of more than 4 rows on average (the op costs 1.0-1.3x the GEMM from
+  On a CPU that is domains of more than 6 rows on average (the op costs 1.0-1.3x the GEMM from
   64 rows a domain, 1.8-2x at 4; the current form's product one GEMM more); a layer no number
   of rows would make cheaper is left untouched.
 - True: every call that can take it, whatever it costs;
