@@ -42,7 +42,10 @@ BASES = [[1] * 5 + [0] * 5, [0] * 5 + [1] * 5, [1] * 10]
     ("dga", {"mode": "stratified"}), ("dga", {"mode": "inline", "precondition": "adam"}),
     ("dga", {"bases": BASES, "rows_per_basis": 2}),
     ("universal", {"mode": "inline", "interval": 1}), ("chameleon", {"interval": 2}),
-], ids=["dga-stratified", "dga-inline-adam", "dga-bases", "universal-inline", "chameleon-online"])
+    # the fused form on the tiny model (auto leaves it unfused): a resumed probe must not watch again
+    ("dga", {"mode": "inline", "fused": True}),
+], ids=["dga-stratified", "dga-inline-adam", "dga-bases", "universal-inline", "chameleon-online",
+        "dga-inline-fused"])
 def test_resume_is_exact(store_dir, tmp_path, mixer, options):
     common = dict(mixer=mixer, mixer_options={"interval": 2, **options}, log_interval=1, eval_interval=4,
                   checkpoint_interval=3, lr_decay_steps=8)

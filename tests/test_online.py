@@ -72,6 +72,7 @@ MIXERS = {
     "dga-exact": ("dga", dict(mode="exact", interval=3)),
     "dga-inline": ("dga", dict(mode="inline", interval=2, target_every=3)),
     "universal-inline": ("universal", dict(mode="inline", interval=2)),
+    "dga-inline-fused": ("dga", dict(mode="inline", interval=2, target_every=3, fused=True)),
     "universal-stratified": ("universal", dict(mode="stratified", interval=3)),
     "chameleon-online": ("chameleon", dict(interval=3, rows_per_domain=1)),
 }
@@ -104,7 +105,7 @@ def test_own_loop_gives_the_builtin_loops_weights(store_dir, tmp_path, case):
     assert torch.allclose(own, builtin, rtol=0, atol=1e-10), (own, builtin)
 
 
-@pytest.mark.parametrize("case", ["dga-inline", "universal-inline", "chameleon-online"])
+@pytest.mark.parametrize("case", ["dga-inline", "universal-inline", "chameleon-online", "dga-inline-fused"])
 def test_resume_from_state_dict_is_exact(store_dir, case):
     name, options = MIXERS[case]
     store = DomainStore(store_dir)

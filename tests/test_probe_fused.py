@@ -89,6 +89,55 @@ def assert_close(got, want, rtol, what):
     assert err <= rtol * max(want.abs().max().item(), 1e-300), f"{what}: error {err} against {want.abs().max()}"
 
 
+class HeadOnTheEmbedding(nn.Module):
+    """An embedding whose table is also applied with F.linear outside any hooked layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(VOCAB, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return F.cross_entropy(F.linear(self.lin(self.emb(x)), self.emb.weight).flatten(0, 1), x.flatten())
+
+
+def test_a_probe_given_the_watch_state_takes_the_fused_form_in_its_first_record(seed):
+    """What the first record learns by watching (a weight used outside its layer) is saved and
+    given back, so a second probe's first record scores as the first probe's later ones do."""
+    target, batches = data(seed, per_token=False, batches=1, batch_size=4)
+    x, ids = batches[0]
+
+    def probe_on_a_fresh_model(watch=None):
+        torch.manual_seed(0)
+        model = HeadOnTheEmbedding()
+        probe = AlignmentProbe(model, K, fused=True)
+        if watch is not None:
+            probe.load_watch_state_dict(watch)
+        model(target).backward()
+        probe.set_target()
+        return model, probe
+
+    def scored(model, probe):
+        model.zero_grad()
+        probe.reset()
+        with probe.record(ids):
+            model(x).backward()
+        return probe.result().dots, probe.fused_layers
+
+    model, probe = probe_on_a_fresh_model()
+    assert probe.watch_state_dict() is None
+    with pytest.warns(UserWarning, match="also used outside their hooked layers"):
+        assert scored(model, probe)[1] == []  # the first record watches: the current form
+    watch = probe.watch_state_dict()
+    assert watch == {"used_outside": ["emb.weight"]}
+    dots, fused_layers = scored(model, probe)
+    assert fused_layers == ["lin"]
+    model, restored = probe_on_a_fresh_model(watch)
+    restored_dots, restored_layers = scored(model, restored)  # no warning: it does not watch again
+    assert restored_layers == ["lin"] and torch.equal(restored_dots, dots)
+    with pytest.raises(ValueError, match=r"no trainable parameter \['head.weight'\]"):
+        restored.load_watch_state_dict({"used_outside": ["head.weight"]})
+
+
 @pytest.mark.parametrize("make_model", [fastmix_gpt, hf_gpt2], ids=["fastmix-gpt", "hf-gpt2"])
 @pytest.mark.parametrize("dtype,dots_rtol,grad_rtol", [(torch.float64, 1e-10, 1e-12), (torch.float32, 1e-6, 1e-6)],
                          ids=["fp64", "fp32"])

@@ -230,6 +230,7 @@ class DGA(Mixer):
         self._target_step = None  # inline: the step the probe's target was taken at
         self._target_state = None  # inline: the target restored from a checkpoint, not yet on the probe
         self._target_final = True  # False for a target taken before the preconditioner existed
+        self._watch_state = None  # the probe's watch_state_dict, restored from a checkpoint or kept by close()
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -268,6 +269,7 @@ class DGA(Mixer):
         if self._probe is not None:
             if self.mode == "inline" and self._target_step is not None and self._target_state is None:
                 self._target_state = self._probe.target_state_dict()
+            self._watch_state = self._probe.watch_state_dict() or self._watch_state
             self._probe.remove()
         self._probe = self._probe_model = None
 
@@ -310,6 +312,9 @@ class DGA(Mixer):
             # the target is reused by later updates: keep it for an exact resume
             target = self._target_state if self._target_state is not None else self._probe.target_state_dict()
             state.update(target_step=self._target_step, target=target)
+        watch = self._probe.watch_state_dict() if self._probe is not None else None
+        if watch is not None or self._watch_state is not None:  # a resumed probe does not watch again
+            state["probe_watch"] = watch if watch is not None else self._watch_state
         return state
 
     def load_state_dict(self, state):
@@ -325,6 +330,7 @@ class DGA(Mixer):
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self._target_step = state.get("target_step")
         self._target_state = state.get("target")
+        self._watch_state = state.get("probe_watch")
 
     def _check_same_bases(self, saved):
         """ValueError unless the state was saved with the bases (or without) that this mixer has:
@@ -387,6 +393,8 @@ class DGA(Mixer):
             # where the fused form saves nothing
             self._probe = AlignmentProbe(model, self.num_scored, fused=self.fused if self.mode == "inline" else False)
             self._probe_model = model
+            if self._watch_state is not None:
+                self._probe.load_watch_state_dict(self._watch_state)
         return self._probe
 
     def _precondition(self, ctx):

@@ -453,6 +453,25 @@ class AlignmentProbe:
                              for n, (x, g) in state["rows"].items()}
         self._untargeted = set()
 
+    def watch_state_dict(self):
+        """What the first record learnt by watching the model (the parameters it found used
+        outside their hooked layers), to save with a checkpoint, or None before the first
+        record. A probe given it back (load_watch_state_dict) does not watch again: its first
+        record takes the fused form where the saved probe's later records did, so a resumed
+        run scores as the uninterrupted one."""
+        if not self._recorded:
+            return None
+        return {"used_outside": sorted(self._names[pid] for pid in self._used_outside)}
+
+    def load_watch_state_dict(self, state):
+        """Takes the watch_state_dict() of a probe on the same model, before the first record."""
+        params = {self._names[id(p)]: p for p in self._trainable}
+        unknown = sorted(set(state["used_outside"]) - set(params))
+        if unknown:
+            raise ValueError(f"load_watch_state_dict: the model has no trainable parameter {unknown}")
+        self._used_outside = {id(params[name]) for name in state["used_outside"]}
+        self._recorded = True
+
     @property
     def target_memory(self):
         """TargetMemory: what the target costs this rank, beside the model's size."""
