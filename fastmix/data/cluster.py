@@ -173,7 +173,11 @@ def fit_kmeans(embeddings, k, seed=0, quiet=True):
         return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=max(1024, 2 * k)).fit(
             np.asarray(embeddings))
     chunk = max(IN_MEMORY_DOCS // 2, 2 * k)
-    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=chunk)
+    # the start: k-means on rows spread over the whole file, as many as fit in memory (a start
+    # from the first chunk alone could put two centres in one group, which the passes keep)
+    sample = np.asarray(embeddings[::-(-n // IN_MEMORY_DOCS)])  # at most IN_MEMORY_DOCS rows
+    initial = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=max(1024, 2 * k)).fit(sample)
+    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, init=initial.cluster_centers_, n_init=1, batch_size=chunk)
     for _ in tqdm(range(3), desc="k-means passes", disable=quiet):  # a few passes over the file
         for start in range(0, n - k + 1, chunk):  # every partial_fit gets at least k rows
             kmeans.partial_fit(np.asarray(embeddings[start:min(start + chunk, n)]))
