@@ -48,10 +48,12 @@ def explicit_rows(a, m, b):
 
 def explicit_ghost_dots(x, grad_out, target_x, target_grad_out, ids, k):
     """The domain dots with the target Σ_t δ_t x_tᵀ formed explicitly in float64, and the
-    scale of the ghost form: Σ_{n∈i} Σ_t |x_n·x_t| |δ_n·δ_t| per domain."""
+    scale of the ghost form's rounding: Σ_{n∈i} Σ_t (|x_n|·|x_t|) (|δ_n|·|δ_t|) per domain (a
+    computed dot errs relative to the sum of its terms' sizes, not to its own size, which
+    cancellation can make tiny)."""
     x, g, tx, tg = (as_rows(t).cpu().double() for t in (x, grad_out, target_x, target_grad_out))
     want, _ = explicit_domain_dots(x, g, ids, k, tg.T @ tx)
-    terms = ((x @ tx.T).abs() * (g @ tg.T).abs()).sum(-1)
+    terms = ((x.abs() @ tx.abs().T) * (g.abs() @ tg.abs().T)).sum(-1)
     return want, sum_by_domain(terms, ids, k)
 
 
